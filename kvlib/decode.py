@@ -1,0 +1,185 @@
+"""Greedy decoding, naive and cached, with prefill and every decode step timed on their own.
+
+Always exactly `max_new_tokens` new tokens: there is no end-of-sequence check, because a study that stops early
+on EOS compares runs of different lengths.
+
+- naive ("none"): every step runs the whole sequence so far through the model, recomputing every key and value
+  (nanoGPT's `generate`). Step 0 is the same work as a prefill.
+- cached ("dynamic", "static", or any registered layout): one prefill of the prompt fills the cache, then each
+  decode step feeds one token at an explicit slot and attends over the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlib.cache import KVCache, make_cache
+from kvlib.config import KvlibError
+from kvlib.model import GPT
+
+NAIVE = "none"
+
+
+class Clock:
+    """perf_counter, after waiting for the GPU on CUDA so that a time covers the work, not its launch."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, max_new_tokens): the new tokens only
+    prefill_s: float  # time to first token: the prompt's forward pass and the choice of the first token
+    decode_s: list[float]  # one per decode step (max_new_tokens - 1 of them), each producing one token
+    step_logits: torch.Tensor | None = None  # (max_new_tokens, B, V) float32, when asked for
+    cache: KVCache | None = field(default=None, repr=False)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + sum(self.decode_s)
+
+
+def prepare_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids and key validity for the whole final sequence (prompt + new tokens), each (B, P + N).
+
+    Prompts of different lengths must be left-padded (attention_mask 0 on the left). As in Hugging Face,
+    a token's position counts only the real tokens before it. key_valid is None when nothing is padding.
+    """
+    B, P = input_ids.shape
+    total = P + max_new_tokens
+    if attention_mask is None or bool(attention_mask.all()):
+        positions = torch.arange(total, device=input_ids.device).expand(B, total)
+        return positions, None
+    if attention_mask.shape != input_ids.shape:
+        raise KvlibError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    mask = attention_mask.to(torch.long)
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise KvlibError("prompts must be left-padded: attention_mask may only go from 0 to 1 along a row")
+    if bool((mask[:, -1] == 0).any()):
+        raise KvlibError("a prompt in the batch is empty (its attention_mask is all 0)")
+    full = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # (B, P + N)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)
+    return positions, full.bool()
+
+
+def check_lengths(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
+    if prompt_len < 1 or max_new_tokens < 1:
+        raise KvlibError(f"prompt_len and max_new_tokens must be >= 1, got {prompt_len} and {max_new_tokens}")
+    if prompt_len + max_new_tokens > model.cfg.n_positions:
+        raise KvlibError(
+            f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} exceeds "
+            f"the {model.cfg.name} context of {model.cfg.n_positions} positions"
+        )
+
+
+def prefill(
+    model: GPT,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    key_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run the prompt (B, P) through the model, filling slots [0, P) of the cache; return last logits (B, V)."""
+    P = input_ids.shape[1]
+    valid = None if key_valid is None else key_valid[:, :P]
+    return model(input_ids, positions[:, :P], cache, 0, valid)[:, -1]
+
+
+def decode_step(
+    model: GPT,
+    token: torch.Tensor,
+    slot: int,
+    positions: torch.Tensor,
+    cache: KVCache,
+    key_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Feed one token per sequence (B, 1) at cache slot `slot`; return its logits (B, V)."""
+    valid = None if key_valid is None else key_valid[:, : slot + 1]
+    return model(token, positions[:, slot : slot + 1], cache, slot, valid)[:, -1]
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    cache: str = "static",
+    attention_mask: torch.Tensor | None = None,
+    keep_logits: bool = False,
+    cache_options: dict | None = None,
+) -> Generation:
+    """Greedy decoding of exactly `max_new_tokens` tokens; `cache` is "none" (naive) or a layout name."""
+    B, P = input_ids.shape
+    check_lengths(model, P, max_new_tokens)
+    positions, key_valid = prepare_positions(input_ids, attention_mask, max_new_tokens)
+    clock = Clock(input_ids.device)
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
+    logits_log = torch.empty(max_new_tokens, B, model.cfg.vocab_size, device=input_ids.device) if keep_logits else None
+    if cache == NAIVE:
+        return _generate_naive(model, input_ids, positions, key_valid, out, logits_log, clock)
+
+    kv = make_cache(
+        cache,
+        model.cfg,
+        B,
+        P + max_new_tokens,
+        input_ids.device,
+        model.wte.weight.dtype,
+        **(cache_options or {}),
+    )
+    t0 = clock.now()
+    logits = prefill(model, input_ids, positions, kv, key_valid)
+    out[:, 0] = logits.argmax(-1)
+    if logits_log is not None:
+        logits_log[0] = logits
+    prev = clock.now()
+    prefill_s, decode_s = prev - t0, []
+    for i in range(1, max_new_tokens):
+        logits = decode_step(model, out[:, i - 1 : i], P + i - 1, positions, kv, key_valid)
+        out[:, i] = logits.argmax(-1)
+        if logits_log is not None:
+            logits_log[i] = logits
+        now = clock.now()
+        decode_s.append(now - prev)
+        prev = now
+    return Generation(out, prefill_s, decode_s, logits_log, kv)
+
+
+def _generate_naive(
+    model: GPT,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    out: torch.Tensor,
+    logits_log: torch.Tensor | None,
+    clock: Clock,
+) -> Generation:
+    B, P = input_ids.shape
+    N = out.shape[1]
+    seq = torch.empty(B, P + N, dtype=torch.long, device=input_ids.device)
+    seq[:, :P] = input_ids
+    times = []
+    prev = clock.now()
+    for i in range(N):
+        L = P + i  # the whole sequence so far, every key and value recomputed
+        valid = None if key_valid is None else key_valid[:, :L]
+        logits = model(seq[:, :L], positions[:, :L], None, 0, valid)[:, -1]
+        seq[:, L] = out[:, i] = logits.argmax(-1)
+        if logits_log is not None:
+            logits_log[i] = logits
+        now = clock.now()
+        times.append(now - prev)
+        prev = now
+    return Generation(out, times[0], times[1:], logits_log, None)

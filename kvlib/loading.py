@@ -1,0 +1,229 @@
+"""Loading a model: pretrained weights when they can be had, seeded random weights otherwise, always said which.
+
+    weights="pretrained"  Hugging Face `from_pretrained` (a preset's hub id, or a local folder); honours
+                          HF_HUB_OFFLINE and fails with a one-line error when the weights can't be had.
+    weights="random"      the same architecture from its config, seeded, with no network at all.
+    weights="auto"        pretrained from the local cache, else from the hub if it answers within a few seconds,
+                          else random, with a loud warning. Timing and memory don't depend on weight values, but
+                          generated text does: random weights produce gibberish, and results say so.
+
+Both the Hugging Face model and kvlib's are built (kvlib's takes the HF weights), so they compute the same
+function; a grouped-query config exists only in kvlib, with its own seeded initialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlib.config import GPTConfig, KvlibError, config_from_hf, get_preset, hf_config_from
+from kvlib.model import GPT
+
+WEIGHT_CHOICES = ("pretrained", "random", "auto")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+HUB_HOST = "huggingface.co"
+
+
+@dataclass
+class LoadedModel:
+    cfg: GPTConfig
+    model: GPT  # kvlib's model, in eval mode on `device` in `dtype`
+    hf: Any | None  # transformers GPT2LMHeadModel with the same weights (None for grouped-query configs)
+    weights: str  # what was actually used: "pretrained" or "random"
+    source: str  # where the weights came from: a hub id, a folder, or "random(seed=N)"
+    tokenizer: Any | None
+    device: torch.device
+    dtype: torch.dtype
+    warning: str | None = None  # set when weights=auto fell back to random
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present); a clear error when CUDA is asked for but absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KvlibError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise KvlibError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KvlibError(
+                f"device {device!r} asked for, but this machine has no CUDA device (torch {torch.__version__})"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KvlibError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """A dtype name (float32/fp32, bfloat16/bf16, float16/fp16), checked to run on `device`."""
+    try:
+        dt = DTYPES[dtype]
+    except KeyError:
+        raise KvlibError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+    if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise KvlibError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use float16 or float32")
+    try:  # the operations the model needs, on a few elements
+        x = torch.ones(2, 4, 8, device=device, dtype=dt)
+        torch.nn.functional.layer_norm(x, (8,))
+        torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None])
+        torch.nn.functional.linear(x, torch.ones(8, 8, device=device, dtype=dt))
+    except RuntimeError as e:
+        raise KvlibError(f"dtype {dtype} does not run on {device}: {str(e).splitlines()[0]}") from None
+    return dt
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout_s` (False when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_model(model: str) -> tuple[GPTConfig | None, str]:
+    """(preset config or None, pretrained source): a preset's hub id, or a local folder saved by save_pretrained."""
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").exists():
+        return None, str(path)
+    cfg = get_preset(model)
+    return cfg, cfg.hf_id or ""
+
+
+def _from_pretrained(source: str, local_only: bool) -> Any:
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line messages
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return GPT2LMHeadModel.from_pretrained(
+                source, local_files_only=local_only, dtype=torch.float32, attn_implementation="sdpa"
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _try_pretrained(source: str, allow_network: bool) -> tuple[Any | None, str]:
+    """(HF model or None, why not). Local files first; the network only when allowed and the hub answers."""
+    if not source:
+        return None, "this preset has no pretrained weights"
+    try:
+        return _from_pretrained(source, local_only=True), ""
+    except OSError as e:
+        why = str(e).splitlines()[0]
+    if Path(source).is_dir():
+        return None, why
+    if not allow_network or not hub_reachable():
+        return (
+            None,
+            f"{source} is not in the local Hugging Face cache and the hub ({HUB_HOST}) cannot be reached",
+        )
+    try:
+        return _from_pretrained(source, local_only=False), ""
+    except OSError as e:
+        return None, str(e).splitlines()[0]
+
+
+def _random_hf(cfg: GPTConfig, seed: int) -> Any:
+    from transformers import GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(hf_config_from(cfg))
+
+
+def _load_tokenizer(source: str) -> Any | None:
+    try:
+        from transformers import AutoTokenizer
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def load(
+    model: str = "distilgpt2",
+    weights: str = "auto",
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    n_kv_head: int | None = None,
+    with_hf: bool = True,
+) -> LoadedModel:
+    """Load `model` (a preset name or a local folder) with the chosen weights; see the module docstring."""
+    if weights not in WEIGHT_CHOICES:
+        raise KvlibError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    preset, source = _resolve_model(model)
+    if n_kv_head is not None and preset is not None and n_kv_head != preset.n_head:
+        if weights == "pretrained":
+            raise KvlibError(f"{model} has no pretrained weights with n_kv_head={n_kv_head}; use weights=random")
+        weights = "random"
+
+    hf, warning = None, None
+    if weights in ("pretrained", "auto"):
+        hf, why = _try_pretrained(source, allow_network=True)
+        if hf is None and weights == "pretrained":
+            raise KvlibError(f"pretrained weights for {model} unavailable: {why}")
+        if hf is None:
+            warning = f"RANDOM WEIGHTS: pretrained {model} unavailable ({why}); using seeded random weights"
+            warnings.warn(warning, stacklevel=2)
+
+    if hf is not None:
+        cfg = preset or config_from_hf(hf.config, name=Path(source).name)
+        used, src, tokenizer = "pretrained", source, _load_tokenizer(source)
+    else:
+        if preset is None:  # a local folder: its config.json gives the architecture
+            from transformers import AutoConfig
+
+            preset = config_from_hf(AutoConfig.from_pretrained(source), name=Path(source).name)
+        cfg = preset if n_kv_head is None else preset.with_kv_heads(n_kv_head)
+        used, src, tokenizer = "random", f"random(seed={seed})", None
+        hf = None if cfg.is_gqa else _random_hf(cfg, seed)
+
+    kv_model = GPT(cfg)
+    if hf is not None:
+        kv_model.load_hf_state(hf)
+    else:
+        kv_model.init_random(seed)
+    kv_model = kv_model.to(device=dev, dtype=dt).eval()
+    if hf is not None and with_hf:
+        hf = hf.to(device=dev, dtype=dt).eval()
+        # Greedy, and never an early stop: exact token counts are part of every measurement.
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = None
+    else:
+        hf = None
+    return LoadedModel(cfg, kv_model, hf, used, src, tokenizer, dev, dt, warning)
