@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one-line error (or --help)
+        return int(e.code or 0)
     try:
         return args.func(args)
     except KvlibError as e:

@@ -213,7 +213,8 @@ def load(
         used, src, tokenizer = "random", f"random(seed={seed})", None
         hf = None if cfg.is_gqa else _random_hf(cfg, seed)
 
-    kv_model = GPT(cfg)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's default init would draw from the caller's RNG
+        kv_model = GPT(cfg)
     if hf is not None:
         kv_model.load_hf_state(hf)
     else:

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny models with seeded random weights; nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No test may reach the hub: loading code falls back or fails fast, never waits on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny preset with seeded random weights, both kvlib's model and HF's, fp32 on CPU."""
+    from kvlib.loading import load
+
+    return load("tiny", weights="random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_saved(tmp_path_factory, tiny):
+    """A folder written by HF's save_pretrained: the real from_pretrained path loads it."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny.hf.save_pretrained(path)
+    return path
