@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from kvlib.config import KvlibError
 
-COMMAND_MODULES = ("kvlib.verify",)
+COMMAND_MODULES = ("kvlib.verify", "kvlib.run_cli", "kvlib.bench")
 
 
 def positive_int(text: str) -> int:

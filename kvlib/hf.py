@@ -76,6 +76,10 @@ def hf_generate(
             f"prompt_len {P} + max_new_tokens {max_new_tokens} exceeds the context of {hf_model.config.n_positions}"
         )
     gen_cfg = generation_config(hf_model, max_new_tokens, cache, keep_logits)
+    if cache == "static":
+        # generate sizes a new static cache by max(this call, every earlier call) to spare torch.compile a
+        # recompile: after a longer run, the cache (and the attention over it) would be larger than this run's.
+        hf_model.__dict__.pop("_previous_max_cache_length", None)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     clock = Clock(input_ids.device)

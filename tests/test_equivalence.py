@@ -127,3 +127,12 @@ def test_exactly_max_new_tokens_even_when_eos_is_the_greedy_choice(tiny):
         tiny.hf.config.eos_token_id = tiny.cfg.vocab_size - 1
     for c in KVLIB:
         assert generate(tiny.model, ids, 9, cache=c).tokens.shape == (1, 9)
+
+
+def test_regression_hf_static_cache_sized_by_this_call_not_the_longest_earlier_one(tiny):
+    """HF generate reuses the largest static-cache length seen so far; hf_generate must size each call alone."""
+    long_ids = synthetic_prompts(tiny.cfg.vocab_size, 1, 60, seed=1)
+    short_ids = synthetic_prompts(tiny.cfg.vocab_size, 1, 6, seed=2)
+    hf_generate(tiny.hf, long_ids, 30, cache="static")
+    cache = hf_generate(tiny.hf, short_ids, 4, cache="static").cache
+    assert max(layer.keys.shape[2] for layer in cache.layers) < 60
