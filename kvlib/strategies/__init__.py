@@ -1,0 +1,67 @@
+"""Measurements for notebook 07: the cache layouts side by side (memory, speed, agreement with the exact path).
+
+Every function returns a tidy pandas DataFrame (one row per measured thing) with units in the column names:
+`_bytes`, `_ms`, `_pct`. Definitions used throughout:
+
+- held_bytes: what the layout holds for the batch at the end of the run. Contiguous and quantized layouts:
+  nbytes() (their preallocated tensors); paged: allocated_bytes() (the blocks the sequences hold; the pool
+  behind them is shared by all sequences an engine serves, and is reported as pool_bytes).
+- used_bytes: the part of held_bytes that stores real tokens; waste_pct = 100 x (1 - used / held).
+- ttft_ms: prefill of the prompt plus the choice of the first token; tpot_ms: the median decode step of a run.
+  Both are medians over `repeats` runs after `warmup` runs, variants interleaved within every repeat, with the
+  spread over repeats as _min / _max columns.
+- Error of a lossy layout, against the static cache (exact) on the same prompts:
+  max_abs_logit_diff over every step, with teacher forcing (the lossy cache is fed the exact path's tokens, so
+  every step compares logits for the same sequence); token_agreement_pct: the share of those steps whose argmax
+  is the exact token; tokens_equal: whether free-running greedy decoding produced exactly the same tokens;
+  first_divergence_step: the first step where it did not (NA when none).
+"""
+
+from kvlib.strategies.common import (
+    Variant,
+    bytes_per_token,
+    error_vs_exact,
+    held_bytes,
+    interleaved_runs,
+    teacher_forced_logits,
+    timing_summary,
+    used_bytes,
+)
+from kvlib.strategies.comparison import (
+    best_saving_at_equal_tokens,
+    comparison_table,
+    default_variants,
+    memory_by_length,
+    window_memory,
+)
+from kvlib.strategies.gqa import default_kv_heads, gqa_reduction
+from kvlib.strategies.paged import MixedRun, mixed_batch, paged_latency, paged_waste, run_mixed_batch, waste_pct
+from kvlib.strategies.prefix import prefix_sharing
+from kvlib.strategies.quantized import default_quantized_variants, quantized_error
+
+__all__ = [
+    "MixedRun",
+    "Variant",
+    "best_saving_at_equal_tokens",
+    "bytes_per_token",
+    "comparison_table",
+    "default_kv_heads",
+    "default_quantized_variants",
+    "default_variants",
+    "error_vs_exact",
+    "gqa_reduction",
+    "held_bytes",
+    "interleaved_runs",
+    "memory_by_length",
+    "mixed_batch",
+    "paged_latency",
+    "paged_waste",
+    "prefix_sharing",
+    "quantized_error",
+    "run_mixed_batch",
+    "teacher_forced_logits",
+    "timing_summary",
+    "used_bytes",
+    "waste_pct",
+    "window_memory",
+]
