@@ -31,11 +31,41 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 test: $(STAMP) lint ## Lint, then the test suite (CPU, tiny models)
 	$(PY) -m pytest -q
 
-report: $(STAMP) ## Run every notebook with papermill and build reports/$(PROFILE)/index.html
-	@echo "make report: the notebooks are not written yet (issue 4)" >&2; exit 1
+# ---- the report: notebooks -> papermill -> executed notebook -> nbconvert HTML -> index.html ------------------
+# Each executed notebook depends on its notebook, its profile's parameter files and kvlib, so only what changed
+# re-runs. A notebook runs into a staging folder and replaces the report's copy only on success; a failure stops
+# make with papermill's error and keeps REPORTS/PROFILE/<notebook>.failed.ipynb for inspection.
+REPORTS ?= reports
+PARAMS ?= params
+OUT := $(REPORTS)/$(PROFILE)
+NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb))))
+KVLIB_SRC := $(wildcard kvlib/*.py kvlib/*/*.py)
+REPORT_PY = $(PY) -m kvlib.report --reports $(REPORTS) --params $(PARAMS)
 
-lab: $(STAMP) ## JupyterLab on the project's environment
+ifneq ($(filter report,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(PARAMS)/$(PROFILE).yaml),)
+$(error unknown PROFILE=$(PROFILE): no $(PARAMS)/$(PROFILE).yaml (profiles: $(basename $(notdir $(wildcard $(PARAMS)/*.yaml)))))
+endif
+endif
+
+report: $(OUT)/index.html ## Run every notebook with papermill; build reports/$(PROFILE)/index.html (PROFILE=smoke|default|gpu)
+	@echo "report: $(OUT)/index.html"
+
+$(OUT)/index.html: $(foreach n,$(NOTEBOOKS),$(OUT)/$(n).ipynb $(OUT)/$(n).html) $(KVLIB_SRC) | $(STAMP)
+	@$(REPORT_PY) index --profile $(PROFILE)
+
+$(OUT)/%.html: $(OUT)/%.ipynb | $(STAMP)
+	@$(VENV)/bin/jupyter nbconvert --to html --log-level ERROR --output-dir $(OUT) $<
+
+.SECONDEXPANSION:
+$(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $(KVLIB_SRC) | $(STAMP)
+	@$(REPORT_PY) run $* --profile $(PROFILE)
+
+lab: $(STAMP) ## JupyterLab on the project's environment (notebooks run top to bottom with their defaults)
 	cd notebooks && ../$(VENV)/bin/jupyter lab
+
+bench: $(STAMP) ## kvlib's decode vs HF generate and the memory floor; writes reports/bench.csv (QUICK=1: ~1 min)
+	$(PY) -m kvlib bench $(if $(filter-out 0,$(QUICK)),--quick)
 
 clean: ## Remove generated reports (keeps .venv)
 	rm -rf reports/*/

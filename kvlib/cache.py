@@ -122,12 +122,16 @@ class StaticCache(KVCache):
         shape = (c.n_layer, self.batch_size, c.n_kv_head, self.max_len, c.head_dim)  # (L, B, n_kv, S_max, hd)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # One view per layer, made once: a decode step then writes and reads with `narrow` (one cheap call)
+        # instead of parsing a 4-part index into the 5-d tensor twice per layer.
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)  # each (B, n_kv, S_max, hd)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = self._check_write(layer, k, start, capacity=self.max_len)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self._k_layers[layer], self._v_layers[layer]
+        k_all.narrow(2, start, end - start).copy_(k)  # in place: no allocation while decoding
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]

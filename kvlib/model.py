@@ -5,6 +5,10 @@ logit) and can take that model's weights. Two differences of layout, not of func
 is an nn.Linear (HF's Conv1D stores the transpose), and attention may have fewer key/value heads than query heads
 (`n_kv_head`), which GPT-2 itself never does.
 
+Speed: every matrix is a kvlib.fastpath.Linear, an nn.Linear that uses faster kernels for CPU inference, and one
+new token's attention in half precision on CPU is written out (kvlib.fastpath.one_query_attention). Both compute
+the same function; README "Speed" has the measurements.
+
 Shapes: B batch, T new positions in this call, S positions visible to attention (cached + new), C = n_embd,
 nh / nkv query / key-value heads, hd head_dim.
 """
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.cache import KVCache
-from kvlib.config import GPTConfig
+from kvlib.config import GPTConfig, KvlibError
+from kvlib.fastpath import Linear, one_query_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -31,8 +36,8 @@ class CausalSelfAttention(nn.Module):
             cfg.n_kv_head * cfg.head_dim,
             cfg.n_kv_head * cfg.head_dim,
         )
-        self.c_attn = nn.Linear(cfg.n_embd, sum(self.split_sizes))  # fused q, k, v projection
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, sum(self.split_sizes))  # fused q, k, v projection
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None, start: int, mask: torch.Tensor | None, is_causal: bool
@@ -46,18 +51,25 @@ class CausalSelfAttention(nn.Module):
             # The whole point of the study: store this step's keys/values, attend over all of them.
             k, v = cache.update(self.layer_idx, k, v, start)  # (B, nkv, S, hd)
         if mask is not None and mask.shape[-1] != k.shape[2]:
-            mask = mask[..., -k.shape[2] :]  # a layout that keeps fewer keys (a window) keeps the newest ones
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
-        )  # (B, nh, T, hd)
+            # A layout that keeps fewer keys than slots (a window with sinks) cannot say which kept key is padding.
+            raise KvlibError(
+                f"{cache.name} cache returned {k.shape[2]} of {mask.shape[-1]} keys: it cannot be used with "
+                "left padding (attention_mask) or a multi-token write after the prompt"
+            )
+        if T == 1 and q.is_cpu and q.dtype != torch.float32:
+            y = one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+            )  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2's "gelu_new" is the tanh approximation; F.gelu computes it in one fused kernel.
@@ -112,7 +124,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
 
     def forward(

@@ -1,0 +1,273 @@
+"""The fast decode path (kvlib.fastpath, the static cache, greedy) computes what the naive path computes."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import kvlib.fastpath as fastpath
+import kvlib.model as kvmodel
+from kvlib.bench import agreement
+from kvlib.cache import make_cache
+from kvlib.decode import generate, greedy
+from kvlib.fastpath import Linear, one_query_attention, prepare_for_inference
+from kvlib.inputs import left_padded_prompts, synthetic_prompts
+from kvlib.loading import load
+from kvlib.model import GPT
+
+LOGIT_ATOL = 1e-4  # fp32 kernels differ only in the order of their sums
+
+
+@pytest.mark.parametrize(
+    ("seed", "batch_size", "prompt_len", "new_tokens"), [(0, 1, 9, 12), (1, 2, 30, 10), (2, 5, 4, 16)]
+)
+def test_fast_path_tokens_equal_naive_tokens_fp32(seed, batch_size, prompt_len, new_tokens):
+    lm = load("tiny", weights="random", seed=seed, with_hf=False)
+    ids = synthetic_prompts(lm.cfg.vocab_size, batch_size, prompt_len, seed)
+    fast = generate(lm.model, ids, new_tokens, cache="static", keep_logits=True)
+    naive = generate(lm.model, ids, new_tokens, cache="none", keep_logits=True)
+    assert torch.equal(fast.tokens, naive.tokens)
+    assert (fast.step_logits - naive.step_logits).abs().max().item() <= LOGIT_ATOL
+
+
+def test_fast_path_tokens_equal_naive_tokens_with_left_padding(tiny):
+    ids, mask = left_padded_prompts(tiny.cfg.vocab_size, [14, 3, 9, 1], seed=5)
+    fast = generate(tiny.model, ids, 12, cache="static", attention_mask=mask)
+    naive = generate(tiny.model, ids, 12, cache="none", attention_mask=mask)
+    assert torch.equal(fast.tokens, naive.tokens)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_packed_linears_match_plain_f_linear(tiny, monkeypatch, batch_size):
+    """The oneDNN-packed path against plain F.linear on the same weights: same tokens, logits within fp32 noise."""
+    ids = synthetic_prompts(tiny.cfg.vocab_size, batch_size, 20, seed=11)
+    packed = generate(tiny.model, ids, 10, cache="static", keep_logits=True)
+    monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
+    plain = generate(tiny.model, ids, 10, cache="static", keep_logits=True)
+    assert torch.equal(packed.tokens, plain.tokens)
+    assert (packed.step_logits - plain.step_logits).abs().max().item() <= LOGIT_ATOL
+
+
+def test_linear_keeps_nn_linear_parameters_and_the_tie():
+    layer = Linear(6, 10)
+    assert layer.weight.shape == (10, 6) and layer.weight.is_contiguous()  # exactly nn.Linear's parameters
+    assert list(layer.state_dict()) == ["weight", "bias"]  # the packed copy is not state
+    model = GPT(load("tiny", weights="random", with_hf=False).cfg)
+    assert model.wte.weight is model.lm_head.weight  # still tied
+
+
+@torch.no_grad()
+def test_linear_packed_path_matches_f_linear_and_steps_aside_for_autograd():
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    rows = torch.randn(5, 32)
+    ref = torch.nn.functional.linear(rows, layer.weight, layer.bias)
+    assert layer.packed_weight() is not None
+    assert torch.allclose(layer(rows), ref, atol=1e-5)
+    assert torch.allclose(layer(rows[:1]), ref[:1], atol=1e-5)
+    with torch.enable_grad():
+        assert layer(rows).requires_grad  # autograd: plain F.linear (the packed kernel has no backward)
+
+
+def test_linear_trains_through_autograd():
+    layer = Linear(4, 3)
+    layer(torch.randn(2, 4)).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (3, 4)
+
+
+def test_regression_packed_weight_follows_in_place_change(tiny):
+    """A packed copy made before the weights change must not survive the change (a stale copy would silently
+    decode with the old weights): init_random writes in place, so its result must equal a freshly built model."""
+    model = copy.deepcopy(tiny.model)
+    ids = synthetic_prompts(tiny.cfg.vocab_size, 3, 12, seed=2)
+    before = generate(model, ids, 6, cache="static", keep_logits=True)  # packs every Linear
+    model.init_random(seed=99)  # in place
+    fresh = GPT(tiny.cfg).init_random(seed=99).eval()
+    after = generate(model, ids, 6, cache="static", keep_logits=True)
+    expected = generate(fresh, ids, 6, cache="static", keep_logits=True)
+    assert torch.equal(after.tokens, expected.tokens)
+    assert (after.step_logits - expected.step_logits).abs().max().item() <= LOGIT_ATOL
+    assert (after.step_logits - before.step_logits).abs().max().item() > LOGIT_ATOL
+
+
+def test_regression_packed_weight_follows_dtype_round_trip(tiny, monkeypatch):
+    """float32 -> bfloat16 -> float32 gives new tensors (possibly at the old addresses) with rounded values."""
+    model = copy.deepcopy(tiny.model)
+    ids = synthetic_prompts(tiny.cfg.vocab_size, 2, 10, seed=4)
+    generate(model, ids, 4, cache="static")  # packs the float32 weights
+    model = model.to(torch.bfloat16).to(torch.float32)
+    rounded = copy.deepcopy(model)
+    got = generate(model, ids, 6, cache="static", keep_logits=True)
+    monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
+    want = generate(rounded, ids, 6, cache="static", keep_logits=True)
+    assert torch.equal(got.tokens, want.tokens)
+    assert (got.step_logits - want.step_logits).abs().max().item() <= LOGIT_ATOL
+
+
+def test_regression_packed_model_can_be_copied_and_saved(tiny):
+    """oneDNN's packed tensors can be neither deep-copied nor pickled: the cache of them must not travel."""
+    ids = synthetic_prompts(tiny.cfg.vocab_size, 2, 8, seed=1)
+    generate(tiny.model, ids, 3, cache="static")  # make sure packed copies exist
+    clone = copy.deepcopy(tiny.model)
+    torch.save(tiny.model.state_dict(), io.BytesIO())
+    torch.save(tiny.model, io.BytesIO())
+    assert torch.equal(generate(clone, ids, 5).tokens, generate(tiny.model, ids, 5).tokens)
+
+
+def test_model_built_under_inference_mode_falls_back_to_plain_linear(tiny):
+    with torch.inference_mode():
+        model = GPT(tiny.cfg)
+        model.load_state_dict(tiny.model.state_dict())
+        ids = synthetic_prompts(tiny.cfg.vocab_size, 2, 8, seed=3)
+        assert model.h[0].attn.c_attn.packed_weight() is None  # no version counter: changes would go unseen
+    assert torch.equal(generate(model.eval(), ids, 5).tokens, generate(tiny.model, ids, 5).tokens)
+
+
+def test_static_cache_writes_in_place_and_returns_views():
+    cfg = load("tiny", weights="random", with_hf=False).cfg
+    cache = make_cache("static", cfg, 2, 10, "cpu", torch.float32)
+    k = torch.randn(2, cfg.n_kv_head, 3, cfg.head_dim)
+    v = torch.randn_like(k)
+    k_all, _ = cache.update(1, k, v, 0)
+    assert k_all.data_ptr() == cache.k[1].data_ptr() and k_all.shape[2] == 3  # a view, not a copy
+    k1 = torch.randn(2, cfg.n_kv_head, 1, cfg.head_dim)
+    k_all, _ = cache.update(1, k1, k1, 3)
+    assert torch.equal(cache.k[1, :, :, :3], k) and torch.equal(cache.v[1, :, :, :3], v)
+    assert torch.equal(k_all[:, :, 3:], k1) and k_all.shape[2] == 4
+    assert cache.k[0].abs().sum() == 0  # other layers untouched
+
+
+def test_greedy_in_float32_is_argmax_for_half_precision():
+    logits = torch.randn(4, 1000).to(torch.bfloat16)
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the lowest id wins either way
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    assert greedy(logits)[1] == 10
+
+
+def test_bf16_agreement_with_fp32_is_reported():
+    """bfloat16 is not expected to match float32 token for token: the agreement is measured, and is 1.0 only
+    when it should be (a model against itself)."""
+    fp32 = load("tiny", weights="random", seed=0, with_hf=False)
+    bf16 = load("tiny", weights="random", seed=0, dtype="bfloat16", with_hf=False)
+    ids = synthetic_prompts(fp32.cfg.vocab_size, 3, 16, seed=0)
+    assert agreement(fp32.model, fp32.model, ids, 8) == (1.0, None)
+    share, first = agreement(bf16.model, fp32.model, ids, 8)
+    print(f"tiny bf16 vs fp32: teacher-forced agreement {share:.0%}, first free-running divergence at step {first}")
+    assert 0.0 <= share <= 1.0
+    assert first is None or 0 <= first < 8
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_equals_sdpa(n_kv_head, masked):
+    """The written-out attention used for one query in half precision on CPU, checked in float32 against SDPA,
+    with grouped-query heads and a padding mask."""
+    gen = torch.Generator().manual_seed(n_kv_head)
+    q = torch.randn(3, 4, 1, 16, generator=gen)
+    k, v = torch.randn(2, 3, n_kv_head, 9, 16, generator=gen)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 1, 1, 9, generator=gen) > 0.4
+        mask[..., -1] = True  # a token always sees itself
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv_head != 4)
+    assert (one_query_attention(q, k, v, mask) - want).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_half_precision_decode_uses_one_query_attention_with_padding(monkeypatch, n_kv_head):
+    """bfloat16 decode steps go through one_query_attention (checked against SDPA above), masks and groups
+    included; their tokens are compared with the naive path and the agreement printed, not asserted."""
+    calls = []
+
+    def counted(q, k, v, mask=None):
+        calls.append((tuple(q.shape), None if mask is None else tuple(mask.shape)))
+        return one_query_attention(q, k, v, mask)
+
+    monkeypatch.setattr(kvmodel, "one_query_attention", counted)
+    lm = load("tiny", weights="random", dtype="bfloat16", n_kv_head=n_kv_head, with_hf=False)
+    ids, mask = left_padded_prompts(lm.cfg.vocab_size, [10, 4, 7], seed=3)
+    fast = generate(lm.model, ids, 8, cache="static", attention_mask=mask)
+    assert len(calls) == lm.cfg.n_layer * 7  # every layer of every decode step (the prefill uses SDPA)
+    assert calls[-1] == ((3, lm.cfg.n_head, 1, lm.cfg.head_dim), (3, 1, 1, 10 + 7))
+    naive = generate(lm.model, ids, 8, cache="none", attention_mask=mask)
+    agree = (fast.tokens == naive.tokens).float().mean().item()
+    print(f"tiny bf16 (n_kv_head={n_kv_head}) fast vs naive, padded: {agree:.0%} of tokens equal")
+
+
+def test_compiled_one_row_kernel_tokens_equal_naive_fp32(monkeypatch):
+    """Batch-1 decoding with the torch.compile'd matrix-vector kernel (optional, KVLIB_COMPILE=1)."""
+    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", True)
+    lm = load("tiny", weights="random", seed=3, with_hf=False)
+    ids = synthetic_prompts(lm.cfg.vocab_size, 1, 12, seed=3)
+    setup_s = prepare_for_inference(lm.model, batch_size=1)  # compiles (once per process) outside any timing
+    assert prepare_for_inference(lm.model, batch_size=1) < min(0.5, setup_s + 0.5)  # then there is nothing to do
+    calls = []
+    real = fastpath.one_row_matvec
+    monkeypatch.setattr(fastpath, "one_row_matvec", lambda *a: calls.append(1) or real(*a))
+    fast = generate(lm.model, ids, 10, cache="static", keep_logits=True)
+    assert (
+        len(calls) == 9 * (4 * lm.cfg.n_layer + 1) + 1
+    )  # every matrix of every decode step, and the prefill's LM head
+    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)
+    naive = generate(lm.model, ids, 10, cache="none", keep_logits=True)
+    assert torch.equal(fast.tokens, naive.tokens)
+    assert (fast.step_logits - naive.step_logits).abs().max().item() <= LOGIT_ATOL
+
+
+def test_one_row_matvec_matches_f_linear():
+    gen = torch.Generator().manual_seed(0)
+    w, x, b = torch.randn(37, 19, generator=gen), torch.randn(19, generator=gen), torch.randn(37, generator=gen)
+    with torch.inference_mode():
+        got = fastpath.one_row_matvec(x, w, b)
+        assert got is not None and torch.allclose(got, torch.nn.functional.linear(x, w, b), atol=1e-5)
+        assert torch.allclose(fastpath.one_row_matvec(x, w, None), x @ w.T, atol=1e-5)  # the LM head has no bias
+
+
+def test_regression_compile_failure_falls_back_to_packed_kernel(monkeypatch):
+    """Where torch.compile cannot work (no C++ compiler, ...), batch-1 decoding must still run, on oneDNN,
+    after one warning, instead of failing."""
+
+    def broken(*args):
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", True)
+    monkeypatch.setattr(fastpath, "_compiled_matvec", broken)
+    monkeypatch.setattr(fastpath, "_compile_failed", False)
+    lm = load("tiny", weights="random", seed=1, with_hf=False)
+    ids = synthetic_prompts(lm.cfg.vocab_size, 1, 6, seed=1)
+    with pytest.warns(UserWarning, match="no working C\\+\\+ compiler"):
+        got = generate(lm.model, ids, 5)
+    assert fastpath._compile_failed
+    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)
+    assert torch.equal(got.tokens, generate(lm.model, ids, 5, cache="none").tokens)
+
+
+def test_regression_compiled_kernel_is_not_recompiled_per_matrix_shape(monkeypatch):
+    """Given nn.Parameters, torch.compile specialises on their shapes: one compilation per matrix shape, and past
+    its limit of 8 (distilgpt2 in float32 and bfloat16 has 10) a silent fall-back to eager, 10x slower. The
+    kernel gets detached weights, so a model with new shapes must not compile anything new."""
+    from torch._dynamo.utils import counters
+
+    from kvlib.config import GPTConfig
+
+    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", True)
+    prepare_for_inference(load("tiny", weights="random", with_hf=False).model, batch_size=1)
+    graphs = counters["stats"]["unique_graphs"]
+    other = GPT(GPTConfig(name="other", vocab_size=300, n_positions=64, n_embd=48, n_layer=1, n_head=3)).eval()
+    prepare_for_inference(other, batch_size=1)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_packed_bytes_counts_the_memory_the_fast_path_adds(monkeypatch):
+    lm = load("tiny", weights="random", with_hf=False)
+    assert fastpath.packed_bytes(lm.model) == 0  # nothing packed before the first inference
+    prepare_for_inference(lm.model)
+    linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
+    assert fastpath.packed_bytes(lm.model) == sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    fresh = GPT(lm.cfg).eval()
+    monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
+    generate(fresh, synthetic_prompts(lm.cfg.vocab_size, 2, 5), 3)
+    assert fastpath.packed_bytes(fresh) == 0  # switched off: no copies
