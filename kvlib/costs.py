@@ -241,9 +241,16 @@ def memory_breakdown(
     with PeakTracker(lm.device) as tracker:
         g = generate(lm.model, ids, new_tokens, cache=layout)
     peak = tracker.result
-    weights = lm.model.weight_bytes()
+    from kvlib.fastpath import packed_bytes
+
+    weights, packed = lm.model.weight_bytes(), packed_bytes(lm.model)
     cache = held_cache_bytes(g.cache)
-    parts = {"weights": weights, "KV cache": cache, "rest": max(0, peak.peak_bytes - weights - cache)}
+    parts = {
+        "weights": weights,
+        "packed weight copy": packed,  # the CPU fast path's oneDNN layout of the same weights (0 when unused)
+        "KV cache": cache,
+        "rest": max(0, peak.peak_bytes - weights - packed - cache),
+    }
     return pd.DataFrame(
         [
             {

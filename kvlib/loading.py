@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kvlib.config import GPTConfig, KvlibError, config_from_hf, get_preset, hf_config_from
+from kvlib.fastpath import prepare_for_inference
 from kvlib.model import GPT
 
 WEIGHT_CHOICES = ("pretrained", "random", "auto")
@@ -220,6 +221,9 @@ def load(
     else:
         kv_model.init_random(seed)
     kv_model = kv_model.to(device=dev, dtype=dt).eval()
+    # Pack the weights for the CPU fast path's kernels now, so the model's memory is what it will be while
+    # measured (compiling the batch-1 kernel, when enabled, waits for generate: batch_size 0 asks for none).
+    prepare_for_inference(kv_model, batch_size=0)
     if hf is not None and with_hf:
         hf = hf.to(device=dev, dtype=dt).eval()
         # Greedy, and never an early stop: exact token counts are part of every measurement.

@@ -98,10 +98,13 @@ def held_cache_bytes(cache: Any) -> int:
 
 
 def module_weight_bytes(module: torch.nn.Module | None) -> int:
-    """Bytes of a module's parameters; a tied parameter (GPT-2's embedding / LM head) is counted once."""
+    """Bytes of a module's parameters (a tied parameter, GPT-2's embedding / LM head, counted once), plus the
+    copies kvlib's CPU fast path packs for its kernels (kvlib.fastpath): weights the process holds."""
     if module is None:
         return 0
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    from kvlib.fastpath import packed_bytes
+
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + packed_bytes(module)
 
 
 # ---- peak memory of one run ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import kvlib.fastpath as fastpath
 import kvlib.model as kvmodel
 from kvlib.bench import agreement
 from kvlib.cache import make_cache
+from kvlib.config import get_preset
 from kvlib.decode import generate, greedy
 from kvlib.fastpath import Linear, one_query_attention, prepare_for_inference
 from kvlib.inputs import left_padded_prompts, synthetic_prompts
@@ -262,9 +263,8 @@ def test_regression_compiled_kernel_is_not_recompiled_per_matrix_shape(monkeypat
 
 
 def test_packed_bytes_counts_the_memory_the_fast_path_adds(monkeypatch):
-    lm = load("tiny", weights="random", with_hf=False)
-    assert fastpath.packed_bytes(lm.model) == 0  # nothing packed before the first inference
-    prepare_for_inference(lm.model)
+    assert fastpath.packed_bytes(GPT(get_preset("tiny")).eval()) == 0  # nothing packed before inference
+    lm = load("tiny", weights="random", with_hf=False)  # load packs, so memory is steady before any measurement
     linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
     assert fastpath.packed_bytes(lm.model) == sum(m.weight.numel() * m.weight.element_size() for m in linears)
     fresh = GPT(lm.cfg).eval()
