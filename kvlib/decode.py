@@ -75,14 +75,19 @@ def prepare_positions(
     return positions, full.bool()
 
 
+def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse prompt + new tokens beyond the model's context (its position embeddings end there)."""
+    if prompt_len + max_new_tokens > n_positions:
+        raise KvlibError(
+            f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} exceeds "
+            f"the {model} context of {n_positions} positions"
+        )
+
+
 def check_lengths(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
     if prompt_len < 1 or max_new_tokens < 1:
         raise KvlibError(f"prompt_len and max_new_tokens must be >= 1, got {prompt_len} and {max_new_tokens}")
-    if prompt_len + max_new_tokens > model.cfg.n_positions:
-        raise KvlibError(
-            f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} exceeds "
-            f"the {model.cfg.name} context of {model.cfg.n_positions} positions"
-        )
+    check_context(model.cfg.n_positions, model.cfg.name, prompt_len, max_new_tokens)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -154,16 +159,33 @@ def generate(
     if logits_log is not None:
         logits_log[0] = logits
     prev = clock.now()
-    prefill_s, decode_s = prev - t0, []
-    for i in range(1, max_new_tokens):
-        logits = decode_step(model, out[:, i - 1 : i], P + i - 1, positions, kv, key_valid)
+    decode_s = decode_loop(model, out, P, positions, kv, key_valid, logits_log, clock, prev)
+    return Generation(out, prev - t0, decode_s, logits_log, kv)
+
+
+def decode_loop(
+    model: GPT,
+    out: torch.Tensor,
+    prompt_len: int,
+    positions: torch.Tensor,
+    cache: KVCache,
+    key_valid: torch.Tensor | None,
+    logits_log: torch.Tensor | None,
+    clock: Clock,
+    start_time: float,
+) -> list[float]:
+    """The decode steps after a prefill that chose out[:, 0]: fills out[:, 1:] greedily, one token per step at
+    slot prompt_len + i - 1, and returns each step's time (measured from `start_time`, the end of the prefill)."""
+    decode_s, prev = [], start_time
+    for i in range(1, out.shape[1]):
+        logits = decode_step(model, out[:, i - 1 : i], prompt_len + i - 1, positions, cache, key_valid)
         out[:, i] = greedy(logits)
         if logits_log is not None:
             logits_log[i] = logits
         now = clock.now()
         decode_s.append(now - prev)
         prev = now
-    return Generation(out, prefill_s, decode_s, logits_log, kv)
+    return decode_s
 
 
 def _generate_naive(

@@ -42,7 +42,7 @@ import torch
 
 from kvlib.cache import CACHE_LAYOUTS
 from kvlib.config import PRESETS, KvlibError
-from kvlib.decode import generate
+from kvlib.decode import check_context, generate
 from kvlib.hf import HF_CACHE_MODES, hf_generate
 from kvlib.inputs import synthetic_prompts
 from kvlib.loading import DTYPES, WEIGHT_CHOICES, LoadedModel, load, resolve_device
@@ -194,14 +194,6 @@ class RunSpec:
             check_context(cfg.n_positions, self.model, self.prompt_len, self.max_new_tokens)
         elif not (Path(self.model).is_dir() and (Path(self.model) / "config.json").exists()):
             raise KvlibError(f"unknown model {self.model!r}; choose one of {', '.join(PRESETS)} or a local folder")
-
-
-def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens: int) -> None:
-    if prompt_len + max_new_tokens > n_positions:
-        raise KvlibError(
-            f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} exceeds "
-            f"the {model} context of {n_positions} positions"
-        )
 
 
 class ModelPool:

@@ -17,7 +17,7 @@ import math
 import torch
 
 from kvlib.config import KvlibError
-from kvlib.decode import Clock, Generation, check_lengths, decode_step
+from kvlib.decode import Clock, Generation, check_lengths, decode_loop, greedy
 from kvlib.layouts.paged import BlockPool, PagedCache
 from kvlib.model import GPT
 
@@ -70,17 +70,9 @@ def generate_with_shared_prefix(
     kv = head.fork(B, total)
     head.release_all()  # the batch now holds the only references to the prefix's blocks
     logits = model(suffix_ids, positions[:, Pp:P], kv, Pp, None)[:, -1]  # each suffix attends over the prefix
-    out[:, 0] = logits.argmax(-1)
+    out[:, 0] = greedy(logits)
     if logits_log is not None:
         logits_log[0] = logits
     prev = clock.now()
-    prefill_s, decode_s = prev - t0, []
-    for i in range(1, max_new_tokens):
-        logits = decode_step(model, out[:, i - 1 : i], P + i - 1, positions, kv, None)
-        out[:, i] = logits.argmax(-1)
-        if logits_log is not None:
-            logits_log[i] = logits
-        now = clock.now()
-        decode_s.append(now - prev)
-        prev = now
-    return Generation(out, prefill_s, decode_s, logits_log, kv)
+    decode_s = decode_loop(model, out, P, positions, kv, None, logits_log, clock, prev)
+    return Generation(out, prev - t0, decode_s, logits_log, kv)
