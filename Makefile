@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= default
 
-.PHONY: help setup test lint format report lab bench clean
+.PHONY: help setup test lint format report check-report lab bench clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,8 @@ OUT := $(REPORTS)/$(PROFILE)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb))))
 KVLIB_SRC := $(wildcard kvlib/*.py kvlib/*/*.py)
 REPORT_PY = $(PY) -m kvlib.report --reports $(REPORTS) --params $(PARAMS)
+# nbconvert's lab template without its CDN scripts (require.js, MathJax, mermaid): every page opens offline
+PAGE_TEMPLATE := kvlib/templates/offline.html.j2
 
 ifneq ($(filter report,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(PARAMS)/$(PROFILE).yaml),)
@@ -54,17 +56,20 @@ report: $(OUT)/index.html ## Run every notebook with papermill; build reports/$(
 $(OUT)/index.html: $(foreach n,$(NOTEBOOKS),$(OUT)/$(n).ipynb $(OUT)/$(n).html) $(KVLIB_SRC) | $(STAMP)
 	@$(REPORT_PY) index --profile $(PROFILE)
 
-$(OUT)/%.html: $(OUT)/%.ipynb | $(STAMP)
-	@$(VENV)/bin/jupyter nbconvert --to html --log-level ERROR --output-dir $(OUT) $<
+$(OUT)/%.html: $(OUT)/%.ipynb $(PAGE_TEMPLATE) | $(STAMP)
+	@$(VENV)/bin/jupyter nbconvert --to html --template-file $(PAGE_TEMPLATE) --log-level ERROR --output-dir $(OUT) $<
 
 .SECONDEXPANSION:
 $(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $(KVLIB_SRC) | $(STAMP)
 	@$(REPORT_PY) run $* --profile $(PROFILE)
 
+check-report: $(STAMP) ## Open every page of reports/$(PROFILE) in headless Chromium; fail on broken images/links; screenshots
+	@$(PY) -m kvlib.browser_check $(OUT)
+
 lab: $(STAMP) ## JupyterLab on the project's environment (notebooks run top to bottom with their defaults)
 	cd notebooks && ../$(VENV)/bin/jupyter lab
 
-bench: $(STAMP) ## kvlib's decode vs HF generate and the memory floor; writes reports/bench.csv (QUICK=1: ~1 min)
+bench: $(STAMP) ## kvlib's decode vs HF generate and the memory floor; appends to reports/bench.csv (QUICK=1: ~1 min)
 	$(PY) -m kvlib bench $(if $(filter-out 0,$(QUICK)),--quick)
 
 clean: ## Remove generated reports (keeps .venv)

@@ -18,6 +18,12 @@ precision is not expected to be identical, so it is measured, not claimed.
 
 The targets of issue 6 are checked on every row and printed as met or missed. The exit code is 0 either way (a
 benchmark is a measurement), unless --strict.
+
+Results follow the same contract as `run` (kvlib.results): --csv is checked before anything is loaded (its folder
+must exist, the file must be writable, and an existing file must hold bench rows with this header; anything else
+is refused with one line and exit 2, never rewritten), then each row is appended as soon as it is measured.
+Other processes' CPU use is measured over every row (kvlib.machine_load) and printed with the torch thread count;
+a row measured on a busy machine says so in the table and in its `other_cpu_cores` column.
 """
 
 from __future__ import annotations
@@ -31,17 +37,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
-from kvlib import fastpath
+from kvlib import checks, fastpath
 from kvlib.cache import make_cache
 from kvlib.config import KvlibError
 from kvlib.decode import decode_step, generate, greedy, prefill, prepare_positions
 from kvlib.fastpath import prepare_for_inference
 from kvlib.harness import Measurement, ModelPool, RunSpec, measure_grid
 from kvlib.loading import DTYPES, dtype_name, resolve_device
+from kvlib.machine_load import LoadMonitor, LoadReading
 from kvlib.model import GPT
+from kvlib.results import append_rows, check_outputs
 
 ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
     ("kvlib", "kvlib", "static"),
@@ -51,6 +58,7 @@ ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
 QUICK = {"max_new_tokens": 16, "repeats": 2, "warmup": 1}
 FULL = {"max_new_tokens": 64, "repeats": 3, "warmup": 1}
 DEFAULT_CSV = "reports/bench.csv"
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # --threads beyond this oversubscribes the cores past any use
 
 COLUMNS = (
     "model", "weights", "device", "dtype", "batch_size", "prompt_len", "max_new_tokens", "repeats", "threads",
@@ -61,6 +69,7 @@ COLUMNS = (
     "kvlib_ttft_ms", "hf_dynamic_ttft_ms", "decode_step_bytes", "bandwidth_gb_per_s", "floor_step_ms", "mbu",
     "agreement_vs_fp32", "first_divergence_step",
     "target_b1_fp32_vs_hf_dynamic", "target_vs_hf_best", "target_b1_mbu",
+    "other_cpu_cores", "busy_machine", "loadavg_before", "loadavg_after",
     "device_name", "torch_version", "transformers_version", "git_commit", "timestamp",
 )  # fmt: skip
 
@@ -85,6 +94,13 @@ TARGETS = (
     Target("vs_hf_best", "ratio_hf_best", 1.0, lambda r: True, "every row: best HF TPOT / kvlib TPOT >= 1.0"),
     Target("b1_mbu", "mbu", 0.5, lambda r: r["batch_size"] == 1, "batch 1: kvlib MBU >= 0.5"),
 )
+
+
+def csv_columns() -> list[str]:
+    """The CSV's columns: COLUMNS with one `target_<name>` column per target of TARGETS, in place of the defaults."""
+    cols = [c for c in COLUMNS if not c.startswith("target_")]
+    at = cols.index("other_cpu_cores")
+    return [*cols[:at], *(f"target_{t.name}" for t in TARGETS), *cols[at:]]
 
 
 def check_targets(row: dict[str, Any]) -> dict[str, str]:
@@ -159,7 +175,7 @@ def summarize(m: Measurement) -> dict[str, Any]:
         "kvlib_compile": False,
         "kvlib_setup_s": math.nan,
         "agreement_vs_fp32": math.nan,
-        "first_divergence_step": pd.NA,
+        "first_divergence_step": None,
         "device_name": first["device_name"],
         "torch_version": first["torch_version"],
         "transformers_version": first["transformers_version"],
@@ -208,6 +224,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_fmt(r['ratio_hf_dynamic'], '.2f'):>8}x {_fmt(r['ratio_hf_best'], '.2f'):>9}x "
             f"{_fmt(r['kvlib_tokens_per_s'], '.1f'):>11} {_fmt(r['mbu'], '.2f'):>5} "
             f"{_fmt(r['agreement_vs_fp32'], '.0%'):>6}  {'met' if all(v == 'pass' for v in verdicts) else 'MISSED'}"
+            + ("  (BUSY machine)" if r["busy_machine"] else "")
         )
     return "\n".join(lines)
 
@@ -225,14 +242,6 @@ def target_report(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:
         figures = ", ".join(f"{r['dtype']} b{r['batch_size']}: {_fmt(r[t.column], '.2f')}" for r in checked)
         lines.append(f"  {'MISSED' if failed else 'met':<6} {t.text} ({figures})")
     return "\n".join(lines), all_met
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """All rows so far, written to a temporary file then renamed: an interrupted run leaves a whole CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame(list(rows), columns=list(COLUMNS)).to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
@@ -284,7 +293,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch.compile kvlib's one-row kernel for batch-1 rows (kvlib.fastpath.COMPILE_ONE_ROW) [on]",
     )
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: about a minute on 2 CPU cores")
-    p.add_argument("--csv", default=DEFAULT_CSV, help=f"where to write the table [{DEFAULT_CSV}]")
+    p.add_argument("--csv", default=DEFAULT_CSV, help=f"append one row per bench row to this CSV [{DEFAULT_CSV}]")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.set_defaults(func=run)
 
@@ -303,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise KvlibError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
     dtypes = list(dict.fromkeys(dtype_name(DTYPES[d]) for d in names))  # canonical names, duplicates dropped
-    if args.threads:
+    if args.threads:  # torch takes absurd counts and then crashes (100000 threads: a segmentation fault)
+        checks.whole("--threads", args.threads, maximum=MAX_THREADS)
         torch.set_num_threads(args.threads)
     grid = {
         (dt, b): row_specs(args.model, args.weights, args.device, dt, b, args.prompt_len, max_new_tokens, args.seed)
@@ -314,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
         for spec in specs:
             spec.validate()
     csv_path = Path(args.csv)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    columns = csv_columns()
+    check_outputs({"--csv": (csv_path, columns)})  # before anything is loaded or measured
 
     bandwidth = measure_bandwidth_bytes_per_s(device) if roofline_enabled() else math.nan
     print(
@@ -324,18 +335,20 @@ def run(args: argparse.Namespace) -> int:
         f"cache, fast path{', torch.compile for batch 1' if args.compile and device.type == 'cpu' else ''}",
         flush=True,
     )
-    pool, rows = ModelPool(), []
+    pool, rows, load = ModelPool(), [], LoadReading()
     compile_before = fastpath.COMPILE_ONE_ROW
     fastpath.COMPILE_ONE_ROW = args.compile
     try:
         for (dt, batch), specs in grid.items():
-            rows.append(measure_row(specs, pool, repeats, warmup))
-            write_csv(rows, csv_path)
-            row = rows[-1]
+            row, reading = measure_row(specs, pool, repeats, warmup)
+            rows.append(row)
+            load = load.add(reading)
+            append_rows(csv_path, [{c: row[c] for c in columns}], columns)
             print(
                 f"  {dt} batch {batch}: kvlib {row['kvlib_tpot_p50_ms']:.2f} ms, HF dynamic "
                 f"{row['hf_dynamic_tpot_p50_ms']:.2f} ms, HF static {row['hf_static_tpot_p50_ms']:.2f} ms "
-                f"(kvlib set-up {row['kvlib_setup_s']:.1f} s, not timed)",
+                f"(kvlib set-up {row['kvlib_setup_s']:.1f} s, not timed; other processes "
+                f"{reading.other_cores:.2f} cores{', BUSY' if reading.busy else ''})",
                 flush=True,
             )
     finally:
@@ -344,20 +357,30 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     report, all_met = target_report(rows)
     print(f"\ntargets ({'all met' if all_met else 'some MISSED'}):\n{report}")
-    print(f"\nwrote {csv_path}")
+    print(f"\n{torch.get_num_threads()} torch threads; {load.text()}")
+    print(f"appended {len(rows)} rows to {csv_path}")
     return 1 if args.strict and not all_met else 0
 
 
-def measure_row(specs: list[RunSpec], pool: ModelPool, repeats: int, warmup: int) -> dict[str, Any]:
+def measure_row(specs: list[RunSpec], pool: ModelPool, repeats: int, warmup: int) -> tuple[dict[str, Any], LoadReading]:
     """One row: kvlib's set-up (weight packing, compilation) timed on its own, then the three engines measured
-    interleaved by the harness, then (half precision) the agreement with float32."""
+    interleaved by the harness (with other processes' CPU use over that time), then (half precision) the
+    agreement with float32. Returns the row and the load reading of its measurement."""
     from kvlib.inputs import synthetic_prompts
 
     spec = specs[0]
     lm = pool.get(spec.model_key(), need_kvlib=True, need_hf=True)
     setup_s = prepare_for_inference(lm.model, spec.batch_size)
-    m = measure_grid(specs, repeats=repeats, warmup=warmup, progress=sys.stderr.isatty(), pool=pool)
+    with LoadMonitor() as monitor:
+        m = measure_grid(specs, repeats=repeats, warmup=warmup, progress=sys.stderr.isatty(), pool=pool)
+    reading = monitor.reading
     row = summarize(m)
+    row.update(
+        other_cpu_cores=reading.other_cores,
+        busy_machine=reading.busy,
+        loadavg_before=reading.loadavg_before,
+        loadavg_after=reading.loadavg_after,
+    )
     row["kvlib_compile"] = bool(fastpath.COMPILE_ONE_ROW and spec.batch_size == 1 and lm.device.type == "cpu")
     row["kvlib_setup_s"] = setup_s
     if spec.dtype != "float32":
@@ -365,6 +388,6 @@ def measure_row(specs: list[RunSpec], pool: ModelPool, repeats: int, warmup: int
         ids = synthetic_prompts(lm.cfg.vocab_size, spec.batch_size, spec.prompt_len, spec.seed, lm.device)
         share, first = agreement(lm.model, ref.model, ids, spec.max_new_tokens)
         row["agreement_vs_fp32"] = share
-        row["first_divergence_step"] = pd.NA if first is None else first
+        row["first_divergence_step"] = first
     row.update(check_targets(row))
-    return row
+    return row, reading

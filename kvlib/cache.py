@@ -13,11 +13,15 @@ Layouts register themselves by name, so callers (decoding, the harness, the note
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
+from kvlib import checks
 from kvlib.config import GPTConfig, KvlibError
 
 
@@ -32,10 +36,15 @@ class KVCache(ABC):
     def __init__(
         self, cfg: GPTConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
+        where = f"{self.name} cache:"
+        if not isinstance(cfg, GPTConfig):
+            raise checks.fail("cfg", cfg, "a kvlib.config.GPTConfig", where)
         self.cfg = cfg
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.device = torch.device(device)
+        self.batch_size = checks.whole("batch_size", batch_size, where=where)
+        self.max_len = checks.whole("max_len", max_len, where=where)
+        self.device = checks.torch_device("device", device, where=where)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise checks.fail("dtype", dtype, "a floating-point torch.dtype (torch.float32, ...)", where)
         self.dtype = dtype
         self.lengths = [0] * cfg.n_layer  # slots written so far, per layer
 
@@ -141,6 +150,43 @@ class StaticCache(KVCache):
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+BASE_ARGUMENTS = ("self", "cfg", "batch_size", "max_len", "device", "dtype")  # every layout's; not options
+
+
+def layout_options(layout: str | type[KVCache]) -> dict[str, Any]:
+    """The options a layout takes (its constructor's keyword arguments after the common ones) and their defaults,
+    read from the constructor itself, so a new layout is described without being listed anywhere."""
+    if isinstance(layout, str):
+        check_layout(layout)
+        layout = CACHE_LAYOUTS[layout]
+    return dict(_options_of(layout))
+
+
+@functools.cache  # inspect.signature takes tens of microseconds, and make_cache runs inside the TTFT clock
+def _options_of(cls: type[KVCache]) -> tuple[tuple[str, Any], ...]:
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:  # a constructor taking **kwargs passes them on to its parent's
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.name not in BASE_ARGUMENTS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                found.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return tuple(found.items())
+
+
+def check_layout(layout: Any, options: Mapping[str, Any] | None = None, name: str = "cache") -> dict[str, Any]:
+    """Refuse an unknown layout, options that are not a mapping, or an option the layout does not have (before
+    any work); returns the options as a dict. The layout checks the options' values when it is made."""
+    if not isinstance(layout, str) or layout not in CACHE_LAYOUTS:
+        raise KvlibError(f"unknown cache layout {layout!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
+    allowed = [k for k, _ in _options_of(CACHE_LAYOUTS[layout])]
+    return checks.options(f"{name}_options", options, allowed, where=f"cache layout {layout!r}")
+
+
 def make_cache(
     layout: str,
     cfg: GPTConfig,
@@ -150,9 +196,7 @@ def make_cache(
     dtype: torch.dtype,
     **options: object,
 ) -> KVCache:
-    """A cache of the named layout for `batch_size` sequences of at most `max_len` positions."""
-    try:
-        cls = CACHE_LAYOUTS[layout]
-    except KeyError:
-        raise KvlibError(f"unknown cache layout {layout!r}; choose one of {', '.join(CACHE_LAYOUTS)}") from None
-    return cls(cfg, batch_size, max_len, device, dtype, **options)
+    """A cache of the named layout for `batch_size` sequences of at most `max_len` positions; `options` are the
+    layout's own (`layout_options(layout)`), checked by name here and by value by the layout."""
+    check_layout(layout, options)
+    return CACHE_LAYOUTS[layout](cfg, batch_size, max_len, device, dtype, **options)

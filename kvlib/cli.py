@@ -10,30 +10,33 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kvlib import checks
 from kvlib.config import KvlibError
 
 COMMAND_MODULES = ("kvlib.verify", "kvlib.run_cli", "kvlib.bench")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
+def whole_arg(text: str, minimum: int, allowed: str) -> int:
+    """argparse type: a whole number >= minimum, checked by kvlib.checks.whole (argparse names the flag)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
+    try:
+        return checks.whole("value", value, minimum)
+    except KvlibError:
+        too_big = value > checks.WHOLE_MAX
+        raise argparse.ArgumentTypeError(f"{text!r} must be {'at most 2^63 - 1' if too_big else allowed}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return whole_arg(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+    """argparse type: a whole number >= 0."""
+    return whole_arg(text, 0, ">= 0")
 
 
 class Parser(argparse.ArgumentParser):

@@ -28,11 +28,16 @@ class GPTConfig:
     hf_id: str | None = None  # hub id of the pretrained weights, when there are any
 
     def __post_init__(self) -> None:
-        if self.n_kv_head == 0:
+        # (kvlib.checks imports this module, so its rules are spelled out here: bools are not sizes)
+        if self.n_kv_head == 0 and not isinstance(self.n_kv_head, bool):
             object.__setattr__(self, "n_kv_head", self.n_head)
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise KvlibError(f"config {self.name}: {name} must be a positive integer, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise KvlibError(f"config {self.name}: {name} must be a positive integer, got {v!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            raise KvlibError(f"config {self.name}: layer_norm_eps must be a finite number > 0, got {eps!r}")
         if self.n_embd % self.n_head:
             raise KvlibError(f"config {self.name}: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -80,7 +85,7 @@ PRESETS: dict[str, GPTConfig] = {
 def get_preset(name: str) -> GPTConfig:
     try:
         return PRESETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name, such as a list
         raise KvlibError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 

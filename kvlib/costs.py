@@ -20,11 +20,13 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvlib import checks
 from kvlib.config import PRESETS, GPTConfig
 
 
 def linear_flops_per_token(cfg: GPTConfig) -> int:
     """Matmul FLOPs of the transformer blocks for one token: fused q/k/v, output projection and MLP."""
+    checks.config("cfg", cfg, where="linear_flops_per_token:")
     d, hd = cfg.n_embd, cfg.head_dim
     macs = d * (cfg.n_head + 2 * cfg.n_kv_head) * hd + d * d + 2 * d * 4 * d
     return 2 * macs * cfg.n_layer
@@ -32,6 +34,9 @@ def linear_flops_per_token(cfg: GPTConfig) -> int:
 
 def attention_flops(cfg: GPTConfig, n_queries: int, start: int) -> int:
     """QK^T and AV FLOPs for `n_queries` queries at positions start, start+1, ...; query j sees j + 1 keys."""
+    checks.config("cfg", cfg, where="attention_flops:")
+    checks.whole("n_queries", n_queries, minimum=0, where="attention_flops:")
+    checks.whole("start", start, minimum=0, where="attention_flops:")
     keys_seen = n_queries * start + n_queries * (n_queries + 1) // 2
     return 4 * cfg.head_dim * cfg.n_head * cfg.n_layer * keys_seen
 
@@ -42,6 +47,9 @@ def decode_work(cfg: GPTConfig, prompt_len: int, max_new_tokens: int) -> pd.Data
     `position` is the number of tokens attention sees at that step (P + step). The LM head runs on the last
     position only, in both modes (all greedy decoding needs).
     """
+    checks.config("cfg", cfg, where="decode_work:")
+    checks.whole("prompt_len", prompt_len, where="decode_work:")
+    checks.whole("max_new_tokens", max_new_tokens, where="decode_work:")
     head = 2 * cfg.n_embd * cfg.vocab_size
     rows = []
     for mode in ("naive", "cached"):
@@ -104,6 +112,9 @@ PUBLISHED: tuple[Architecture, ...] = (
 
 def kv_bytes_table(bytes_per_element: int, architectures: tuple[Architecture, ...] = PUBLISHED) -> pd.DataFrame:
     """KV-cache bytes per token of each architecture at the given element size: one row per architecture."""
+    checks.whole("bytes_per_element", bytes_per_element, where="kv_bytes_table:")
+    if not isinstance(architectures, (tuple, list)) or not all(isinstance(a, Architecture) for a in architectures):
+        raise checks.fail("architectures", architectures, "a sequence of kvlib.costs.Architecture", "kv_bytes_table:")
     rows = []
     for a in architectures:
         c = a.cfg
@@ -130,6 +141,11 @@ def kv_bytes_table(bytes_per_element: int, architectures: tuple[Architecture, ..
 
 def max_context_tokens(budget_bytes: float, weight_bytes: float, kv_bytes_per_token: float, batch_size: int = 1) -> int:
     """The most tokens per sequence whose KV cache fits in what the budget leaves after the weights (0 if none)."""
+    where = "max_context_tokens:"
+    checks.number("budget_bytes", budget_bytes, minimum=0, where=where)
+    checks.number("weight_bytes", weight_bytes, minimum=0, where=where)
+    checks.number("kv_bytes_per_token", kv_bytes_per_token, minimum=0, above=True, where=where)
+    checks.whole("batch_size", batch_size, where=where)
     free = budget_bytes - weight_bytes
     if free <= 0:
         return 0
@@ -151,6 +167,14 @@ def context_budget(
     One row per (model, batch size); `measured` tells the study's own model from the computed ones, and
     `limited_by` whether memory or the model's context length comes first.
     """
+    where = "context_budget:"
+    batch_sizes = checks.whole_list("batch_sizes", batch_sizes, where=where)
+    checks.number("budget_bytes", budget_bytes, minimum=0, where=where)
+    checks.number("weight_bytes", weight_bytes, minimum=0, where=where)
+    checks.number("kv_bytes_per_token", kv_bytes_per_token, minimum=0, above=True, where=where)
+    checks.whole("context_limit", context_limit, where=where)
+    if architectures is not None and not isinstance(architectures, pd.DataFrame):
+        raise checks.fail("architectures", architectures, "None or a DataFrame from kv_bytes_table", where)
     entries = [(model, True, weight_bytes, kv_bytes_per_token, context_limit)]
     if architectures is not None:
         for _, a in architectures[architectures["params"].notna()].iterrows():
@@ -188,7 +212,15 @@ def measured_cache_bytes(
 ) -> pd.DataFrame:
     """Fill a cache of each layout with a real prefill of B x T tokens; count the bytes its tensors hold and
     compare with the formula 2 x layers x B x T x kv heads x head_dim x bytes. One row per (layout, B, T)."""
-    from kvlib.cache import make_cache
+    from kvlib.cache import check_layout, make_cache
+
+    where = "measured_cache_bytes:"
+    layouts = checks.name_list("layouts", layouts, where=where)
+    for layout in layouts:
+        check_layout(layout)
+    batch_sizes = checks.whole_list("batch_sizes", batch_sizes, where=where)
+    seq_lens = checks.whole_list("seq_lens", seq_lens, where=where)
+    checks.seed("seed", seed, where=where)
     from kvlib.decode import prefill, prepare_positions
     from kvlib.inputs import synthetic_prompts
     from kvlib.memory import held_cache_bytes, kv_cache_bytes_formula
@@ -233,6 +265,12 @@ def memory_breakdown(
     and the allocator's free memory; on CUDA it is torch's peak allocation, so "rest" is activations and
     workspace.
     """
+    where = "memory_breakdown:"
+    if not isinstance(layout, str):
+        raise checks.fail("layout", layout, 'a cache layout name, or "none"', where)
+    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        checks.whole(name, value, where=where)
+    checks.seed("seed", seed, where=where)
     from kvlib.decode import generate
     from kvlib.inputs import synthetic_prompts
     from kvlib.memory import PeakTracker, held_cache_bytes

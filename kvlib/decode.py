@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlib.cache import KVCache, make_cache
+from kvlib import checks
+from kvlib.cache import KVCache, check_layout, make_cache
 from kvlib.config import KvlibError
 from kvlib.fastpath import prepare_for_inference
 from kvlib.model import GPT
 
 NAIVE = "none"
+TOKEN_DTYPES = (torch.int64, torch.int32)  # what an embedding takes
 
 
 class Clock:
@@ -40,7 +42,8 @@ class Clock:
 @dataclass
 class Generation:
     tokens: torch.Tensor  # (B, max_new_tokens): the new tokens only
-    prefill_s: float  # time to first token: the prompt's forward pass and the choice of the first token
+    # time to first token: the cache's creation, the prompt's forward pass and the choice of the first token
+    prefill_s: float
     decode_s: list[float]  # one per decode step (max_new_tokens - 1 of them), each producing one token
     step_logits: torch.Tensor | None = None  # (max_new_tokens, B, V) float32, when asked for
     cache: KVCache | None = field(default=None, repr=False)
@@ -85,9 +88,38 @@ def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens:
 
 
 def check_lengths(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
-    if prompt_len < 1 or max_new_tokens < 1:
-        raise KvlibError(f"prompt_len and max_new_tokens must be >= 1, got {prompt_len} and {max_new_tokens}")
+    checks.whole("prompt_len", prompt_len)
+    checks.whole("max_new_tokens", max_new_tokens)
     check_context(model.cfg.n_positions, model.cfg.name, prompt_len, max_new_tokens)
+
+
+def check_inputs(
+    model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, name: str = "input_ids"
+) -> None:
+    """Refuse prompts the model cannot run: not a (batch, prompt_len) tensor of token ids, ids outside the
+    vocabulary (the embedding would fail with an IndexError), or a mask of another shape."""
+    if not isinstance(model, GPT):
+        raise checks.fail("model", model, "a kvlib.model.GPT (LoadedModel.model)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in TOKEN_DTYPES:
+        what = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else input_ids
+        raise checks.fail(name, what, "a (batch, prompt_len) tensor of token ids (torch.long or torch.int)")
+    if input_ids.numel() == 0:
+        raise checks.fail(name, tuple(input_ids.shape), "a tensor of at least one sequence of at least one token")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= model.cfg.vocab_size:
+        raise checks.fail(f"{name} (token ids)", (lo, hi), f"within [0, {model.cfg.vocab_size - 1}]")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+        raise checks.fail("attention_mask", shape, f"None or a tensor of the shape of {name}, {tuple(input_ids.shape)}")
+
+
+def check_cache(cache: str, cache_options: dict | None) -> dict:
+    """The cache mode ("none" or a registered layout) and its options, checked by name (values: by the layout)."""
+    if cache == NAIVE:
+        return checks.options("cache_options", cache_options, [], where="cache 'none' (no cache)")
+    return check_layout(cache, cache_options)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -134,6 +166,8 @@ def generate(
     cache_options: dict | None = None,
 ) -> Generation:
     """Greedy decoding of exactly `max_new_tokens` tokens; `cache` is "none" (naive) or a layout name."""
+    check_inputs(model, input_ids, attention_mask)
+    cache_options = check_cache(cache, cache_options)
     B, P = input_ids.shape
     check_lengths(model, P, max_new_tokens)
     positions, key_valid = prepare_positions(input_ids, attention_mask, max_new_tokens)
@@ -144,6 +178,9 @@ def generate(
     if cache == NAIVE:
         return _generate_naive(model, input_ids, positions, key_valid, out, logits_log, clock)
 
+    # TTFT starts before the cache is created (allocated and, for the static layouts, zeroed), as Hugging Face's
+    # starts before generate creates its cache: both engines are timed from the same point (README "Rows").
+    t0 = clock.now()
     kv = make_cache(
         cache,
         model.cfg,
@@ -153,7 +190,6 @@ def generate(
         model.wte.weight.dtype,
         **(cache_options or {}),
     )
-    t0 = clock.now()
     logits = prefill(model, input_ids, positions, kv, key_valid)
     out[:, 0] = greedy(logits)
     if logits_log is not None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvlib import checks
 from kvlib.cache import CACHE_LAYOUTS
 from kvlib.config import PRESETS, KvlibError
 from kvlib.decode import check_context, generate
 from kvlib.hf import HF_CACHE_MODES, hf_generate
 from kvlib.inputs import synthetic_prompts
-from kvlib.loading import DTYPES, WEIGHT_CHOICES, LoadedModel, load, resolve_device
+from kvlib.loading import DTYPES, WEIGHT_CHOICES, LoadedModel, check_model_name, load, resolve_device
 from kvlib.memory import (
     PeakTracker,
     bytes_per_element,
@@ -171,26 +172,28 @@ class RunSpec:
         """Raise KvlibError for anything that cannot run, before any model is loaded."""
         for name in ("batch_size", "prompt_len", "max_new_tokens"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not checks.is_whole(v) or not 1 <= v <= checks.WHOLE_MAX:
                 raise KvlibError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise KvlibError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.n_kv_head is not None and (not isinstance(self.n_kv_head, int) or self.n_kv_head < 1):
+        checks.seed("seed", self.seed)
+        if self.n_kv_head is not None and (not checks.is_whole(self.n_kv_head) or self.n_kv_head < 1):
             raise KvlibError(f"n_kv_head must be a positive integer or None, got {self.n_kv_head!r}")
-        if self.engine not in ENGINES:
+        if not isinstance(self.engine, str) or self.engine not in ENGINES:
             raise KvlibError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         modes = HF_CACHE_MODES if self.engine == "hf" else ("none", *CACHE_LAYOUTS)
-        if self.cache not in modes:
+        if not isinstance(self.cache, str) or self.cache not in modes:
             raise KvlibError(f"unknown cache {self.cache!r} for engine {self.engine}; choose one of {', '.join(modes)}")
-        if self.weights not in WEIGHT_CHOICES:
+        if not isinstance(self.weights, str) or self.weights not in WEIGHT_CHOICES:
             raise KvlibError(f"unknown weights {self.weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise KvlibError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         resolve_device(self.device)
+        check_model_name(self.model)
         if self.model in PRESETS:
             cfg = PRESETS[self.model]
             if self.engine == "hf" and self.n_kv_head not in (None, cfg.n_head):
                 raise KvlibError(f"engine hf has no grouped-query attention (n_kv_head={self.n_kv_head}); use kvlib")
+            if self.n_kv_head is not None and cfg.n_head % self.n_kv_head:
+                raise KvlibError(f"n_kv_head must divide {self.model}'s n_head ({cfg.n_head}), got {self.n_kv_head}")
             check_context(cfg.n_positions, self.model, self.prompt_len, self.max_new_tokens)
         elif not (Path(self.model).is_dir() and (Path(self.model) / "config.json").exists()):
             raise KvlibError(f"unknown model {self.model!r}; choose one of {', '.join(PRESETS)} or a local folder")
@@ -399,13 +402,14 @@ def measure_grid(
     for 2 s. `roofline=False` (or KVLIB_NO_ROOFLINE=1) skips the bandwidth and matmul measurements (mbu is NaN).
     `pool` shares loaded models between calls.
     """
-    specs = list(specs)
+    items = list(specs) if isinstance(specs, Iterable) and not isinstance(specs, (str, bytes, RunSpec)) else None
+    if items is None or not all(isinstance(s, RunSpec) for s in items):
+        raise checks.fail("specs", specs, "a list of kvlib.harness.RunSpec")
+    specs = items
     if not specs:
         raise KvlibError("nothing to measure: the grid is empty")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise KvlibError(f"repeats must be a positive integer, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise KvlibError(f"warmup must be a non-negative integer, got {warmup!r}")
+    repeats = checks.whole("repeats", repeats, minimum=1)
+    warmup = checks.whole("warmup", warmup, minimum=0)
     for spec in specs:
         spec.validate()
     pool = ModelPool() if pool is None else pool

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from kvlib import checks
 from kvlib.config import KvlibError
 from kvlib.decode import Clock, Generation
 
@@ -70,6 +71,12 @@ def hf_generate(
     """Greedy `generate` of exactly `max_new_tokens` tokens, with prefill and each decode step timed."""
     if hf_model.generation_config.eos_token_id is not None:
         raise KvlibError("the Hugging Face model still has an eos_token_id; load it with kvlib.loading.load")
+    checks.whole("max_new_tokens", max_new_tokens, where="hf_generate:")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise checks.fail("input_ids", input_ids, "a non-empty (batch, prompt_len) tensor of token ids", "hf_generate:")
+    lo, hi, vocab = int(input_ids.min()), int(input_ids.max()), hf_model.config.vocab_size
+    if lo < 0 or hi >= vocab:
+        raise checks.fail("input_ids (token ids)", (lo, hi), f"within [0, {vocab - 1}]", "hf_generate:")
     P = input_ids.shape[1]
     if P + max_new_tokens > hf_model.config.n_positions:
         raise KvlibError(

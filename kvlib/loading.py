@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kvlib import checks
 from kvlib.config import GPTConfig, KvlibError, config_from_hf, get_preset, hf_config_from
 from kvlib.fastpath import prepare_for_inference
 from kvlib.model import GPT
@@ -63,11 +64,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def resolve_device(device: str) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present); a clear error when CUDA is asked for but absent."""
+    if isinstance(device, torch.device):
+        device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        if not isinstance(device, str):
+            raise TypeError
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise KvlibError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
         raise KvlibError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
@@ -85,7 +90,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """A dtype name (float32/fp32, bfloat16/bf16, float16/fp16), checked to run on `device`."""
     try:
         dt = DTYPES[dtype]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable value, such as a list
         raise KvlibError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
     if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise KvlibError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use float16 or float32")
@@ -110,9 +115,18 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def check_model_name(model: Any) -> str:
+    """A model is a preset's name or a folder (str or path); anything else is refused before any lookup."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model:
+        raise checks.fail("model", model, "a preset name (tiny, distilgpt2, gpt2, gpt2-medium) or a local folder")
+    return model
+
+
 def _resolve_model(model: str) -> tuple[GPTConfig | None, str]:
     """(preset config or None, pretrained source): a preset's hub id, or a local folder saved by save_pretrained."""
-    path = Path(model)
+    path = Path(check_model_name(model))
     if path.is_dir() and (path / "config.json").exists():
         return None, str(path)
     cfg = get_preset(model)
@@ -183,8 +197,10 @@ def load(
     with_hf: bool = True,
 ) -> LoadedModel:
     """Load `model` (a preset name or a local folder) with the chosen weights; see the module docstring."""
-    if weights not in WEIGHT_CHOICES:
+    if not isinstance(weights, str) or weights not in WEIGHT_CHOICES:
         raise KvlibError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
+    seed = checks.seed("seed", seed)
+    n_kv_head = checks.optional_whole("n_kv_head", n_kv_head)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     preset, source = _resolve_model(model)

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import torch
 
+from kvlib import checks
 from kvlib.config import GPTConfig, KvlibError
 
 MIB = 2**20
@@ -51,12 +52,17 @@ def bytes_per_element(dtype: torch.dtype | str) -> int:
         try:
             dtype = DTYPES[dtype]
         except KeyError:
-            raise KvlibError(f"unknown dtype {dtype!r}") from None
+            raise KvlibError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+    if not isinstance(dtype, torch.dtype):
+        raise checks.fail("dtype", dtype, "a torch.dtype or a dtype name (float32, bfloat16, float16, ...)")
     return torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_bytes_formula(cfg: GPTConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
     """2 x layers x batch x tokens x n_kv_head x head_dim x bytes per element."""
+    checks.config("cfg", cfg, where="kv_cache_bytes_formula:")
+    checks.whole("batch_size", batch_size, where="kv_cache_bytes_formula:")
+    checks.whole("tokens", tokens, minimum=0, where="kv_cache_bytes_formula:")
     return 2 * cfg.n_layer * batch_size * tokens * cfg.n_kv_head * cfg.head_dim * bytes_per_element(dtype)
 
 
@@ -67,6 +73,11 @@ def cache_tokens(engine: str, cache: str, prompt_len: int, max_new_tokens: int) 
     other layout (paged, quantized, windowed, ...) this is the logical length, prompt + new - 1: the formula is
     then the dense cache those tokens would need, and the bytes held may differ (block rounding, compression).
     """
+    checks.one_of("engine", engine, ("kvlib", "hf"), where="cache_tokens:")
+    if not isinstance(cache, str):
+        raise checks.fail("cache", cache, 'a cache mode: "none" or a layout name', "cache_tokens:")
+    checks.whole("prompt_len", prompt_len, where="cache_tokens:")
+    checks.whole("max_new_tokens", max_new_tokens, where="cache_tokens:")
     if cache == "none":
         return 0
     if engine == "kvlib" and cache == "static":
@@ -171,8 +182,8 @@ class PeakTracker:
     """`with PeakTracker(device) as t: ...` then `t.result`, a PeakMemory of what happened inside the block."""
 
     def __init__(self, device: torch.device | str, sample_interval_s: float = 0.001) -> None:
-        self.device = torch.device(device)
-        self.sample_interval_s = sample_interval_s
+        self.device = checks.torch_device("device", device, where="PeakTracker:")
+        self.sample_interval_s = checks.positive_number("sample_interval_s", sample_interval_s, where="PeakTracker:")
         self.result: PeakMemory | None = None
         self._sampler: _RssSampler | None = None
 

@@ -132,6 +132,21 @@ def _keep_failed(staged_nb: Path, failed: Path, stage: Path) -> None:
     _clean_stage(stage)
 
 
+def check_reports_dir(reports_dir: str | Path) -> None:
+    """Before any notebook runs: the reports folder, or for a new one its parent, must exist (a mistyped parent is
+    not created) and take files."""
+    from kvlib.results import check_folder_writable
+
+    folder = Path(reports_dir)
+    if not folder.is_dir():
+        if not folder.parent.is_dir():
+            raise KvlibError(
+                f"reports folder {folder}: folder {folder.parent} does not exist (it is not created for you)"
+            )
+        folder.mkdir()
+    check_folder_writable(folder, "cannot write the report")
+
+
 def run_notebook(
     notebook: str,
     profile: str,
@@ -149,6 +164,7 @@ def run_notebook(
         raise KvlibError(f"no notebook {source}")
     params = profile_params(params_dir, profile, notebook)
     check_keys(source, params, f"profile {profile}")
+    check_reports_dir(reports_dir)
     out = Path(reports_dir) / profile
     stage = out / ".build" / notebook
     shutil.rmtree(stage, ignore_errors=True)

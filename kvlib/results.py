@@ -4,7 +4,10 @@
 - An existing file with a different header (or a last line cut short) is refused, never rewritten.
 - Each row is one `write` of a whole line on a file opened in append mode, flushed and fsynced before the next
   run starts, so a crash or Ctrl-C leaves every earlier row intact.
-- `check_writable` answers, before any model work, whether rows could be appended, without touching the file.
+- `check_writable` answers, before any model work, whether rows could be appended, without changing the file;
+  `check_outputs` does it for every output of a command at once and refuses two outputs that are one file.
+- A missing parent folder is an error (a mistyped path is not created silently); so is a folder or file that
+  cannot be written (permissions, a read-only file system), found by trying, not by reading permission bits.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import csv
 import io
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -59,12 +63,48 @@ def check_writable(path: str | Path, columns: Sequence[str]) -> None:
             )
         if size and last != b"\n":
             raise KvlibError(f"{p} ends with an incomplete line; it is left untouched: write to a new file")
+        try:  # opening for append without writing changes neither the content nor the modification time
+            with p.open("ab"):
+                pass
+        except OSError as e:
+            raise KvlibError(f"cannot write results to {p}: {e.strerror or e}") from None
         return
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise KvlibError(f"cannot write results to {p}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise KvlibError(f"cannot write results to {p}: folder {parent} is not writable")
+        raise KvlibError(f"cannot write results to {p}: folder {parent} does not exist (it is not created for you)")
+    check_folder_writable(parent, f"cannot write results to {p}")
+
+
+def check_folder_writable(folder: str | Path, what: str) -> None:
+    """Raise KvlibError(`what`: why) unless a file can be created in `folder`, by creating and removing one."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kvlib-probe-"):
+            pass
+    except OSError as e:
+        raise KvlibError(f"{what}: folder {folder} is not writable ({e.strerror or e})") from None
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links, `..` or different spellings), existing or not."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def check_outputs(outputs: Mapping[str, tuple[str | Path | None, Sequence[str]]]) -> None:
+    """Check every output of a command before any work: {option: (path or None, columns)}.
+
+    Raises KvlibError when two options name one file, or when any file could not take rows with its columns
+    (`check_writable`). Options whose path is None are not written and not checked.
+    """
+    given = [(opt, path, cols) for opt, (path, cols) in outputs.items() if path is not None]
+    for i, (opt_a, a, _) in enumerate(given):
+        for opt_b, b, _ in given[i + 1 :]:
+            if same_file(a, b):
+                raise KvlibError(f"{opt_a} and {opt_b} name the same file ({a}); give each its own file")
+    for _, path, cols in given:
+        check_writable(path, cols)
 
 
 def _cell(value: object) -> object:

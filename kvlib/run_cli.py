@@ -20,7 +20,8 @@ import pandas as pd
 
 from kvlib.config import KvlibError
 from kvlib.harness import ENGINES, RUN_COLUMNS, STEP_COLUMNS, Measurement, ModelPool, RunSpec, measure_grid
-from kvlib.results import append_rows, check_writable
+from kvlib.machine_load import LoadMonitor, LoadReading
+from kvlib.results import append_rows, check_outputs
 
 CSV_COLUMNS = (*RUN_COLUMNS, "experiment")  # `experiment` is "run" for rows of the run command
 STEPS_CSV_COLUMNS = (*STEP_COLUMNS, "experiment")
@@ -98,9 +99,7 @@ def _one_line_warnings() -> Iterator[None]:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for path, columns in ((args.csv, CSV_COLUMNS), (args.steps_csv, STEPS_CSV_COLUMNS)):
-        if path is not None:
-            check_writable(path, columns)
+    check_outputs({"--csv": (args.csv, CSV_COLUMNS), "--steps-csv": (args.steps_csv, STEPS_CSV_COLUMNS)})
 
 
 def _writer(args: argparse.Namespace, experiment: str):
@@ -151,13 +150,20 @@ def run(args: argparse.Namespace) -> int:
     )
     spec.validate()
     _check_outputs(args)
-    with _one_line_warnings():
+    with _one_line_warnings(), LoadMonitor() as load:
         m = measure_grid(
             [spec], args.repeats, args.warmup, progress=True, roofline=not args.no_roofline, on_run=_writer(args, "run")
         )
     where = f"; {len(m.runs)} rows appended to {args.csv}" if args.csv else ""
     print(summary_line(m) + where)
+    _warn_if_busy(load.reading)
     return 0
+
+
+def _warn_if_busy(reading: LoadReading) -> None:
+    """A warning line when other processes took CPU time while we measured (kvlib.machine_load)."""
+    if reading.busy:
+        print(f"warning: {reading.text()}", file=sys.stderr)
 
 
 def experiment_specs(args: argparse.Namespace) -> list[tuple[str, str, list[RunSpec]]]:
@@ -189,47 +195,79 @@ def _ratio(a: float, b: float, better: str, worse: str) -> str:
     return f"{a / b:.2f}x {better}" if a >= b else f"{b / a:.2f}x {worse}"
 
 
+def _times(a: float, b: float) -> str:
+    """'1.41x' for a / b; 'n/a' when either is missing or not positive (never 'nanx')."""
+    if pd.isna(a) or pd.isna(b) or a <= 0 or b <= 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def _f(value: float, spec: str = ".1f") -> str:
+    """A measured number, or 'n/a' when it is missing (never 'nan')."""
+    return "n/a" if pd.isna(value) else format(value, spec)
+
+
 def answers(results: dict[str, pd.DataFrame]) -> list[str]:
-    """Plain-text answers to the assignment's three questions, from the medians over repeats of measured rows."""
+    """Plain-text answers to the assignment's three questions, from the medians over repeats of measured rows.
+
+    Each answer first checks that its rows can carry it: a comparison needs both sides measured, a trend at least
+    two distinct batch sizes or prompt lengths; otherwise it says what is missing instead of comparing a value with
+    itself. Every ratio names its denominator."""
     lines = []
     keys = ["use_cache", "batch_size", "prompt_len"]
-    med = {name: df.groupby(keys).median(numeric_only=True) for name, df in results.items()}
+    med = {name: df.groupby(keys).median(numeric_only=True) for name, df in results.items() if len(df)}
     if "exp1_cache" in med:
         d = med["exp1_cache"]
-        on, off = d.xs(1, level="use_cache").iloc[0], d.xs(0, level="use_cache").iloc[0]
-        lines.append(
-            f"1. Cache on vs off (prompt {int(d.index[0][2])}): per-token decode p50 {_ms(on.tpot_p50_s)} with vs "
-            f"{_ms(off.tpot_p50_s)} without, {_ratio(off.tpot_p50_s, on.tpot_p50_s, 'faster', 'slower')} per "
-            f"token with the cache; end to end {on.tokens_per_s:.1f} vs {off.tokens_per_s:.1f} tok/s "
-            f"({_ratio(on.tokens_per_s, off.tokens_per_s, 'more', 'less')}); TTFT {_ms(on.ttft_s)} vs "
-            f"{_ms(off.ttft_s)}; peak memory {on.peak_mem_mib:.1f} vs {off.peak_mem_mib:.1f} MiB, of which the "
-            f"KV cache holds {on.kv_cache_bytes / 2**20:.2f} MiB."
-        )
+        modes = set(d.index.get_level_values("use_cache"))
+        if modes != {0, 1}:
+            which = "with" if 1 in modes else "without"
+            lines.append(
+                f"1. Cache on vs off: only runs {which} the cache were measured, so there is nothing to compare."
+            )
+        else:
+            on, off = d.xs(1, level="use_cache").iloc[0], d.xs(0, level="use_cache").iloc[0]
+            lines.append(
+                f"1. Cache on vs off (prompt {int(d.index[0][2])}): per-token decode p50 {_ms(on.tpot_p50_s)} with vs "
+                f"{_ms(off.tpot_p50_s)} without, {_ratio(off.tpot_p50_s, on.tpot_p50_s, 'faster', 'slower')} per "
+                f"token with the cache; end to end {_f(on.tokens_per_s)} vs {_f(off.tokens_per_s)} tok/s "
+                f"({_ratio(on.tokens_per_s, off.tokens_per_s, 'more', 'less')} with the cache); TTFT "
+                f"{_ms(on.ttft_s)} vs {_ms(off.ttft_s)}; peak memory {_f(on.peak_mem_mib)} vs "
+                f"{_f(off.peak_mem_mib)} MiB, of which the KV cache holds {_f(on.kv_cache_bytes / 2**20, '.2f')} MiB."
+            )
     if "exp2_batch" in med:
         d = med["exp2_batch"].reset_index().sort_values("batch_size")
         base = d.iloc[0]
-        tput = ", ".join(
-            f"batch {int(r.batch_size)}: {r.tokens_per_s:.1f} tok/s ({r.tokens_per_s / base.tokens_per_s:.2f}x)"
-            for r in d.itertuples()
-        )
-        lat = ", ".join(f"{_ms(r.tpot_p50_s)}" for r in d.itertuples())
-        mem = ", ".join(f"{r.peak_mem_mib:.1f}" for r in d.itertuples())
-        kv = ", ".join(f"{r.kv_cache_bytes / 2**20:.2f}" for r in d.itertuples())
-        lines.append(
-            f"2. Batch size (prompt {int(base.prompt_len)}): end-to-end throughput {tput}; per-token decode p50 "
-            f"{lat}; peak memory {mem} MiB; KV cache {kv} MiB."
-        )
+        mem = ", ".join(_f(r.peak_mem_mib) for r in d.itertuples())
+        kv = ", ".join(_f(r.kv_cache_bytes / 2**20, ".2f") for r in d.itertuples())
+        if d["batch_size"].nunique() < 2:
+            lines.append(
+                f"2. Batch size (prompt {int(base.prompt_len)}): only batch {int(base.batch_size)} was measured "
+                f"({_f(base.tokens_per_s)} tok/s end to end, per-token decode p50 {_ms(base.tpot_p50_s)}), so "
+                "there is no trend with the batch size to report."
+            )
+        else:
+            tput = ", ".join(
+                f"batch {int(r.batch_size)}: {_f(r.tokens_per_s)} tok/s ({_times(r.tokens_per_s, base.tokens_per_s)})"
+                for r in d.itertuples()
+            )
+            lat = ", ".join(f"{_ms(r.tpot_p50_s)}" for r in d.itertuples())
+            lines.append(
+                f"2. Batch size (prompt {int(base.prompt_len)}): end-to-end throughput (x: relative to batch "
+                f"{int(base.batch_size)}) {tput}; per-token decode p50 {lat}; peak memory {mem} MiB; KV cache {kv} MiB."
+            )
     if "exp3_prompt" in med:
         d = med["exp3_prompt"].reset_index().sort_values("prompt_len")
         lens = "/".join(str(int(p)) for p in d.prompt_len)
         lat = ", ".join(_ms(r.tpot_p50_s) for r in d.itertuples())
         ttft = ", ".join(_ms(r.ttft_s) for r in d.itertuples())
-        tput = ", ".join(f"{r.tokens_per_s:.1f}" for r in d.itertuples())
-        kv = ", ".join(f"{r.kv_cache_bytes / 2**20:.2f}" for r in d.itertuples())
-        mem = ", ".join(f"{r.peak_mem_mib:.1f}" for r in d.itertuples())
+        tput = ", ".join(_f(r.tokens_per_s) for r in d.itertuples())
+        kv = ", ".join(_f(r.kv_cache_bytes / 2**20, ".2f") for r in d.itertuples())
+        mem = ", ".join(_f(r.peak_mem_mib) for r in d.itertuples())
+        one = d["prompt_len"].nunique() < 2
         lines.append(
             f"3. Prompt length {lens} (batch 1): per-token decode p50 {lat}; TTFT {ttft}; end to end {tput} "
-            f"tok/s; KV cache {kv} MiB; peak memory {mem} MiB."
+            f"tok/s; KV cache {kv} MiB; peak memory {mem} MiB"
+            + (": one prompt length only, so there is no trend with the length to report." if one else ".")
         )
     return lines
 
@@ -242,7 +280,7 @@ def experiments(args: argparse.Namespace) -> int:
     _check_outputs(args)
     pool = ModelPool()
     results: dict[str, pd.DataFrame] = {}
-    with _one_line_warnings():
+    with _one_line_warnings(), LoadMonitor() as load:
         for n, (name, title, specs) in enumerate(plan, start=1):
             print(f"Experiment {n}/{len(plan)}: {title}, {EXPERIMENT_NEW_TOKENS} new tokens", flush=True)
             m = measure_grid(
@@ -262,4 +300,5 @@ def experiments(args: argparse.Namespace) -> int:
         print(line)
     if args.csv:
         print(f"{sum(len(df) for df in results.values())} rows appended to {args.csv}")
+    _warn_if_busy(load.reading)
     return 0

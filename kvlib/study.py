@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from kvlib import checks
 from kvlib.config import GPTConfig, KvlibError
 
 # transformers imports tqdm.auto, which in a notebook without ipywidgets warns on every import; the study's
@@ -36,8 +38,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # ---- parameters ----------------------------------------------------------------------------------------------
 
 
+NULL_TEXTS = ("None",)  # Python's spelling; YAML's (null, Null, NULL, ~, empty) are read by yaml itself
+
+
 def _parse(name: str, value: Any) -> Any:
+    """A parameter's value; text (papermill's -p passes "[1, 2]", "null", ... as strings) is read as YAML, and
+    YAML null and Python's None both become None, so `-p x null`, `-p x None` and `x: null` in a file agree."""
     if isinstance(value, str):
+        if value.strip() in NULL_TEXTS:
+            return None
         try:
             return yaml.safe_load(value)
         except yaml.YAMLError:
@@ -45,67 +54,41 @@ def _parse(name: str, value: Any) -> Any:
     return value
 
 
+def optional(check: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """None when `value` is null (None, or the text null, ~ or None), else `check(name, value, ...)`: for the
+    parameters documented with None as a choice, e.g. `optional(int_list, "gqa_kv_heads", gqa_kv_heads)`."""
+    value = _parse(name, value)
+    return None if value is None else check(name, value, *args, **kwargs)
+
+
 def positive_int(name: str, value: Any, minimum: int = 1) -> int:
     """A whole number >= minimum (bools are refused: True is not a batch size)."""
-    value = _parse(name, value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise KvlibError(f"parameter {name} must be a whole number >= {minimum}, got {value!r}")
-    return value
+    return checks.whole(name, _parse(name, value), minimum, where="parameter")
 
 
 def positive_number(name: str, value: Any) -> float:
-    value = _parse(name, value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise KvlibError(f"parameter {name} must be a positive number, got {value!r}")
-    return float(value)
+    """A finite number > 0."""
+    return checks.positive_number(name, _parse(name, value), where="parameter")
 
 
 def int_list(name: str, value: Any, minimum: int = 1) -> list[int]:
     """A non-empty list of whole numbers >= minimum, sorted and without repeats; accepts "[1, 2]" and 4."""
-    value = _parse(name, value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise KvlibError(f"parameter {name} must be a non-empty list of whole numbers, got {value!r}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise KvlibError(f"parameter {name} must hold whole numbers >= {minimum}, got {value!r}")
-    return sorted(set(value))
+    return sorted(set(checks.whole_list(name, _parse(name, value), minimum, where="parameter")))
 
 
 def fraction_list(name: str, value: Any) -> list[float]:
     """A non-empty list of numbers from 0 to 1, sorted and without repeats; accepts "[0, 0.5]" and 0.5."""
-    value = _parse(name, value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise KvlibError(f"parameter {name} must be a non-empty list of numbers from 0 to 1, got {value!r}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            raise KvlibError(f"parameter {name} must hold numbers from 0 to 1, got {value!r}")
-    return sorted({float(v) for v in value})
+    return sorted(set(checks.fraction_list(name, _parse(name, value), where="parameter")))
 
 
 def str_list(name: str, value: Any, choices: Iterable[str] | None = None) -> list[str]:
-    """A non-empty list of names (order kept); accepts "[a, b]" and a single name."""
-    value = _parse(name, value)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-        raise KvlibError(f"parameter {name} must be a non-empty list of names, got {value!r}")
-    if choices is not None:
-        allowed = list(choices)
-        bad = [v for v in value if v not in allowed]
-        if bad:
-            raise KvlibError(f"parameter {name}: unknown {bad}; choose from {allowed}")
-    return list(dict.fromkeys(value))
+    """A non-empty list of names (order kept, repeats dropped); accepts "[a, b]" and a single name."""
+    return list(dict.fromkeys(checks.name_list(name, _parse(name, value), choices, where="parameter")))
 
 
 def choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    allowed = list(choices)
-    if value not in allowed:
-        raise KvlibError(f"parameter {name} must be one of {allowed}, got {value!r}")
-    return value
+    """One of `choices`."""
+    return checks.one_of(name, _parse(name, value), choices, where="parameter")
 
 
 def check_context(
@@ -121,13 +104,26 @@ def check_context(
 def model_config(model: str) -> GPTConfig:
     """The shapes of a preset or of a local folder saved by save_pretrained, without loading any weights."""
     from kvlib.config import config_from_hf, get_preset
+    from kvlib.loading import check_model_name
 
-    path = Path(model)
+    path = Path(check_model_name(model))
     if path.is_dir() and (path / "config.json").exists():
         from transformers import AutoConfig
 
         return config_from_hf(AutoConfig.from_pretrained(path), name=path.name)
     return get_preset(model)
+
+
+def require_sweep(name: str, values: Sequence[Any]) -> list[Any]:
+    """`values` (already checked) unchanged, or a one-line KvlibError when they hold fewer than two distinct values:
+    a sweep's trend ("from batch 1 to batch 8 ...") needs at least two points to compare."""
+    distinct = sorted(set(values))
+    if len(distinct) < 2:
+        raise KvlibError(
+            f"parameter {name} must hold at least two different values (a trend needs two points to compare), "
+            f"got {list(values)!r}"
+        )
+    return list(values)
 
 
 # ---- summaries ------------------------------------------------------------------------------------------------
@@ -166,6 +162,30 @@ class Spread:
         """'12.3 ms (IQR 11.9–12.8, n=3)'."""
         u = f" {unit}" if unit else ""
         return f"{self.median:{fmt}}{u} (IQR {self.q25:{fmt}}–{self.q75:{fmt}}, n={self.n})"
+
+    def excludes(self, value: float) -> bool | None:
+        """Whether `value` lies outside the interquartile range (a paired ratio's IQR excluding 1: a real
+        difference); None when fewer than two values were measured, so there is no spread to judge by."""
+        if self.n < 2 or math.isnan(self.median):
+            return None
+        return not self.q25 <= value <= self.q75
+
+    def separated(self, other: Spread) -> bool | None:
+        """Whether the two interquartile ranges do not overlap, so the medians differ by more than the spread of
+        either; None when either rests on fewer than two values (no spread to judge a difference by)."""
+        if min(self.n, other.n) < 2 or math.isnan(self.median) or math.isnan(other.median):
+            return None
+        return self.q75 < other.q25 or other.q75 < self.q25
+
+
+def spread_caveat(beyond_spread: bool | None, what: str = "repeats", spread: str = "interquartile ranges") -> str:
+    """What a sentence comparing measured values must add: '' when the difference is beyond the spread (the result
+    of Spread.separated / Spread.excludes), else why the difference may be noise."""
+    if beyond_spread is None:
+        return f"one measurement each, so no spread over {what} to tell this difference from noise"
+    if beyond_spread:
+        return ""
+    return f"within the spread: the {spread} over {what} overlap, so this difference may be noise"
 
 
 def summarise(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
@@ -249,17 +269,50 @@ class Outputs:
 
     def __post_init__(self) -> None:
         self.prefix = self.notebook.split("_", 1)[0]
+        out_dir = self.out_dir  # a path is taken as written (not read as YAML), but null is not a folder
+        nulls = ("", "~", "null", "Null", "NULL", "None")
+        if not isinstance(out_dir, (str, Path)) or (isinstance(out_dir, str) and out_dir.strip() in nulls):
+            raise KvlibError(f"parameter out_dir must be a folder (a path), got {self.out_dir!r}")
         # A relative out_dir is taken from the project folder, not the working directory, so that the default
         # lands in reports/ whether the notebook runs in JupyterLab (cwd notebooks/) or by papermill from the root.
-        self.out_dir = PROJECT_ROOT / Path(self.out_dir).expanduser()
+        self.out_dir = PROJECT_ROOT / Path(out_dir).expanduser()
         self.data_dir = self.out_dir / "data"
         self.figures_dir = self.out_dir / "figures"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.figures_dir.mkdir(parents=True, exist_ok=True)
+        self._check_out_dir()
+
+    def _check_out_dir(self) -> None:
+        """Before any model is loaded: out_dir (or its parent, for a new one) must exist and every folder the
+        notebook writes must take files. A mistyped parent is an error, never created silently."""
+        from kvlib.results import check_folder_writable
+
+        parent = self.out_dir.parent
+        if not self.out_dir.is_dir() and not parent.is_dir():
+            raise KvlibError(f"parameter out_dir: folder {parent} does not exist (it is not created for you)")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise KvlibError(f"parameter out_dir: {self.out_dir} is a file, not a folder")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.figures_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or e
+            raise KvlibError(f"parameter out_dir: cannot create folders in {self.out_dir} ({why})") from None
+        for folder in (self.data_dir, self.figures_dir):
+            check_folder_writable(folder, "parameter out_dir")
+
+    def _replace(self, path: Path, write: Any) -> None:
+        """Write through a temporary file and rename it over `path`: an interrupted write never leaves half a file."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
 
     def csv(self, df: pd.DataFrame, name: str) -> Path:
+        """Save `df` as data/NN_<name>.csv (the notebook's result of this execution; replaced whole, atomically)."""
         path = self.data_dir / f"{self.prefix}_{name}.csv"
-        df.to_csv(path, index=False)
+        self._replace(path, lambda tmp: df.to_csv(tmp, index=False))
         return path
 
     def figure(self, fig: Any, name: str, caption: str, key: bool = False) -> None:
@@ -268,7 +321,7 @@ class Outputs:
         from IPython.display import Markdown, display
 
         path = self.figures_dir / f"{self.prefix}_{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        self._replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         title = fig._suptitle.get_text() if fig._suptitle is not None else (fig.axes[0].get_title() if fig.axes else "")
         self.figures = [f for f in self.figures if f["file"] != path.name]
         self.figures.append({"file": path.name, "title": title, "caption": caption, "key": key})
@@ -331,8 +384,8 @@ class Outputs:
 
     def save(self) -> None:
         columns = ["notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note"]
-        pd.DataFrame(self.headline_rows, columns=columns).to_csv(
-            self.data_dir / f"{self.prefix}_headline.csv", index=False
-        )
+        headline = pd.DataFrame(self.headline_rows, columns=columns)
+        self._replace(self.data_dir / f"{self.prefix}_headline.csv", lambda tmp: headline.to_csv(tmp, index=False))
         meta = {"notebook": self.notebook, **self.meta, "figures": self.figures}
-        (self.data_dir / f"{self.prefix}_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        text = json.dumps(meta, indent=1, default=str) + "\n"
+        self._replace(self.data_dir / f"{self.prefix}_meta.json", lambda tmp: tmp.write_text(text))

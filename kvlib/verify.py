@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlib import checks
 from kvlib.config import KvlibError
 from kvlib.decode import generate
 from kvlib.hf import hf_generate
@@ -55,6 +56,12 @@ def compare(
     return PathResult(path, first is None, first, diff, tolerance)
 
 
+def check_sizes(batch_size: int, prompt_len: int, max_new_tokens: int, seed: int) -> None:
+    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens)):
+        checks.whole(name, value, where="verify:")
+    checks.seed("seed", seed, where="verify:")
+
+
 def verify(
     lm: LoadedModel,
     batch_size: int,
@@ -64,6 +71,9 @@ def verify(
     padded: bool = False,
 ) -> list[PathResult]:
     """Run every path; return one result per path (the reference first, compared with itself)."""
+    check_sizes(batch_size, prompt_len, max_new_tokens, seed)
+    if not isinstance(lm, LoadedModel):
+        raise checks.fail("lm", lm, "a kvlib.loading.LoadedModel (from kvlib.loading.load)", "verify:")
     if lm.hf is None:
         raise KvlibError(f"{lm.cfg.name} has no Hugging Face counterpart to verify against")
     vocab = lm.cfg.vocab_size
@@ -108,6 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sizes(args.batch_size, args.prompt_len, args.max_new_tokens, args.seed)  # before loading anything
     lm = load(args.model, args.weights, args.device, args.dtype, args.seed)
     if lm.hf is not None:  # context overflow is checked before any work
         from kvlib.decode import check_lengths

@@ -102,6 +102,22 @@ def test_index_is_self_contained_with_headline_table(report):
     assert "git_commit" in page and "Provenance" in page
 
 
+def test_offline_pages_load_nothing_from_the_network(report):
+    """Regression (issue 14, "offline pages"): nbconvert's pages loaded require.js and MathJax from a CDN."""
+    for page in [report["out"] / "index.html", *(report["out"] / f"{name}.html" for name in NAMES)]:
+        text = page.read_text()
+        fetched = re.findall(r"<(?:script|link|img|iframe)[^>]*(?:src|href)=[\"']?(https?:)?//[^>]*>", text)
+        assert not fetched, f"{page.name} fetches {fetched[:2]}"
+        assert "<script" not in text, f"{page.name} still has a script"
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="no Chromium (apt-get install chromium)")
+def test_check_report_passes_on_the_smoke_report(report):
+    proc = make("check-report", "PROFILE=smoke", f"REPORTS={report['reports']}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (report["out"] / "screenshots" / "index.png").is_file()
+
+
 def test_csvs_have_the_expected_columns(report):
     data = report["out"] / "data"
     for name in NAMES:

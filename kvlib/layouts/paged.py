@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from kvlib import checks
 from kvlib.cache import CacheOverflowError, KVCache, register_layout
 from kvlib.config import GPTConfig, KvlibError
 
@@ -38,8 +39,8 @@ class BlockPool:
     def __init__(
         self, cfg: GPTConfig, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
-        if block_size < 1 or num_blocks < 1:
-            raise KvlibError(f"paged cache: block_size and num_blocks must be >= 1, got {block_size}, {num_blocks}")
+        num_blocks = checks.whole("num_blocks", num_blocks, where="paged cache:")
+        block_size = checks.whole("block_size", block_size, where="paged cache:")
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         shape = (cfg.n_layer, (num_blocks + 1) * block_size, cfg.n_kv_head, cfg.head_dim)  # (L, slots, nkv, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -103,9 +104,13 @@ class PagedCache(KVCache):
         pool: BlockPool | None = None,
     ) -> None:
         super().__init__(cfg, batch_size, max_len, device, dtype)
+        block_size = checks.whole("block_size", block_size, where="paged cache:")
+        num_blocks = checks.optional_whole("num_blocks", num_blocks, where="paged cache:")
+        if pool is not None and not isinstance(pool, BlockPool):
+            raise checks.fail("pool", pool, "None or a BlockPool", "paged cache:")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise checks.fail("attention_mask", attention_mask, "None or a (batch, prompt_len) tensor", "paged cache:")
         if pool is None:
-            if block_size < 1:
-                raise KvlibError(f"paged cache: block_size must be >= 1, got {block_size}")
             blocks = num_blocks if num_blocks is not None else batch_size * math.ceil(max_len / block_size)
             pool = BlockPool(cfg, blocks, block_size, device, dtype)
         self.pool = pool
@@ -165,6 +170,7 @@ class PagedCache(KVCache):
     @torch.inference_mode()  # the slot map may have been made under inference mode (by generate)
     def release(self, row: int) -> None:
         """A sequence finished: its blocks go back to the pool; later writes of the row go to the scratch block."""
+        checks.whole("row", row, minimum=0, maximum=self.batch_size - 1, where="paged cache: release:")
         if not self.active[row]:
             return
         for block in self.tables[row]:
@@ -181,6 +187,8 @@ class PagedCache(KVCache):
     def fork(self, batch_size: int, max_len: int) -> PagedCache:
         """A cache of `batch_size` sequences that all start with this one-sequence cache's tokens, sharing its
         blocks (each gains a reference per sequence); they continue at slot `seq_len`, copying on write."""
+        batch_size = checks.whole("batch_size", batch_size, where="paged cache: fork:")
+        max_len = checks.whole("max_len", max_len, where="paged cache: fork:")
         if self.batch_size != 1 or self.pad[0]:
             raise KvlibError("paged cache: only an unpadded one-sequence cache can be forked")
         if len(set(self.lengths)) != 1 or max_len < self.seq_len:

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from kvlib import checks
 from kvlib.config import KvlibError
 from kvlib.decode import Clock, Generation, check_lengths, decode_loop, greedy
 from kvlib.layouts.paged import BlockPool, PagedCache
@@ -37,6 +38,10 @@ def generate_with_shared_prefix(
     prefill_s covers both prefills (prefix once, then the suffixes over it) and the choice of the first token, and
     whose cache is the batch's PagedCache (shared blocks counted once by its allocated_bytes()).
     """
+    block_size = checks.whole("block_size", block_size, where="shared prefix:")
+    for name, ids in (("prefix_ids", prefix_ids), ("suffix_ids", suffix_ids)):
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+            raise checks.fail(name, ids, "a tensor of token ids", "shared prefix:")
     if prefix_ids.dim() == 1:
         prefix_ids = prefix_ids[None]
     if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or suffix_ids.dim() != 2:
@@ -52,6 +57,10 @@ def generate_with_shared_prefix(
     check_lengths(model, P, max_new_tokens)
     device, total = suffix_ids.device, P + max_new_tokens
     positions = torch.arange(total, device=device).expand(B, total)  # no padding: position = slot
+    clock = Clock(device)
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    logits_log = torch.empty(max_new_tokens, B, model.cfg.vocab_size, device=device) if keep_logits else None
+    t0 = clock.now()  # TTFT includes creating the cache (the block pool), as in kvlib.decode.generate
     # One pool for the prefix and every sequence: worst case each row needs all its blocks privately.
     pool = BlockPool(
         model.cfg,
@@ -60,11 +69,6 @@ def generate_with_shared_prefix(
         device,
         model.wte.weight.dtype,
     )
-    clock = Clock(device)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    logits_log = torch.empty(max_new_tokens, B, model.cfg.vocab_size, device=device) if keep_logits else None
-
-    t0 = clock.now()
     head = PagedCache(model.cfg, 1, Pp, device, pool.k.dtype, pool=pool)
     model(prefix_ids, positions[:1, :Pp], head, 0, None)  # the prefix, once
     kv = head.fork(B, total)

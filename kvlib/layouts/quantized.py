@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from kvlib import checks
 from kvlib.cache import KVCache, register_layout
 from kvlib.config import GPTConfig, KvlibError
 
@@ -78,12 +79,11 @@ class QuantizedCache(KVCache):
         key_axis: str = "token",
     ) -> None:
         super().__init__(cfg, batch_size, max_len, device, dtype)
-        if bits not in (4, 8):
-            raise KvlibError(f"quantized cache: bits must be 8 or 4, got {bits!r}")
-        if key_axis not in KEY_AXES:
-            raise KvlibError(f"quantized cache: key_axis must be one of {', '.join(KEY_AXES)}, got {key_axis!r}")
-        if not isinstance(residual_len, int) or residual_len < 0:
-            raise KvlibError(f"quantized cache: residual_len must be an integer >= 0, got {residual_len!r}")
+        if not (checks.is_whole(bits) and bits in (4, 8)):
+            raise checks.fail("bits", bits, "8 or 4", "quantized cache:")
+        bits = int(bits)
+        key_axis = checks.one_of("key_axis", key_axis, KEY_AXES, where="quantized cache:")
+        residual_len = checks.whole("residual_len", residual_len, minimum=0, where="quantized cache:")
         if key_axis == "channel" and residual_len < 2:
             raise KvlibError(
                 "quantized cache: key_axis='channel' quantizes keys in groups of residual_len tokens; "
@@ -202,3 +202,9 @@ class QuantizedCache(KVCache):
             for t in (self.res_k[layer], self.res_v[layer]):
                 total += 0 if t is None else t.numel() * t.element_size()
         return total
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens per sequence stored as integer codes so far (in every layer); the others sit in the full-precision
+        tail. 0 means every token stayed at full precision: a run like that measures nothing about quantization."""
+        return min(self.n_quant)

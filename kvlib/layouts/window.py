@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from kvlib import checks
 from kvlib.cache import KVCache, register_layout
 from kvlib.config import GPTConfig, KvlibError
 
@@ -41,10 +42,8 @@ class SinkWindowCache(KVCache):
         window: int = 64,
     ) -> None:
         super().__init__(cfg, batch_size, max_len, device, dtype)
-        if not isinstance(sink, int) or sink < 0:
-            raise KvlibError(f"window cache: sink must be an integer >= 0, got {sink!r}")
-        if not isinstance(window, int) or window < 1:
-            raise KvlibError(f"window cache: window must be an integer >= 1, got {window!r}")
+        sink = checks.whole("sink", sink, minimum=0, where="window cache:")
+        window = checks.whole("window", window, minimum=1, where="window cache:")
         self.sink, self.window = sink, window
         self.capacity = min(sink + window, max_len)  # slots ever needed
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.capacity, cfg.head_dim)  # (L, B, nkv, sink+window, hd)
@@ -84,6 +83,11 @@ class SinkWindowCache(KVCache):
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]
+
+    @property
+    def evicted_tokens(self) -> int:
+        """Positions per sequence written but no longer kept; 0 while everything fits (the cache is then exact)."""
+        return max(self.seq_len - self.capacity, 0)
 
     def used_bytes(self) -> int:
         """Bytes of the slots holding kept tokens."""

@@ -13,8 +13,13 @@ Every function returns a tidy pandas DataFrame (one row per measured thing) with
 - Error of a lossy layout, against the static cache (exact) on the same prompts:
   max_abs_logit_diff over every step, with teacher forcing (the lossy cache is fed the exact path's tokens, so
   every step compares logits for the same sequence); token_agreement_pct: the share of those steps whose argmax
-  is the exact token; tokens_equal: whether free-running greedy decoding produced exactly the same tokens;
-  first_divergence_step: the first step where it did not (NA when none).
+  is the exact token (agreeing_steps of compared_steps, steps x sequences); tokens_equal: whether free-running
+  greedy decoding produced exactly the same tokens; first_divergence_step: the first step where it did not (NA
+  when none).
+- lossy_tokens / quantized_tokens, of stored_tokens (per sequence, at the end of the run): how many tokens a lossy
+  layout actually quantized or evicted. A lossy layout at 0 kept every token exactly in that run (a full-precision
+  tail longer than the sequence, a window that never filled): its error and saving then measure nothing about
+  what the layout loses, and the notebook says so instead of reporting them as results.
 """
 
 from kvlib.strategies.common import (
@@ -23,6 +28,7 @@ from kvlib.strategies.common import (
     error_vs_exact,
     held_bytes,
     interleaved_runs,
+    lossy_tokens,
     teacher_forced_logits,
     timing_summary,
     used_bytes,
@@ -34,7 +40,7 @@ from kvlib.strategies.comparison import (
     memory_by_length,
     window_memory,
 )
-from kvlib.strategies.gqa import default_kv_heads, gqa_reduction
+from kvlib.strategies.gqa import check_kv_heads, default_kv_heads, gqa_reduction
 from kvlib.strategies.paged import MixedRun, mixed_batch, paged_latency, paged_waste, run_mixed_batch, waste_pct
 from kvlib.strategies.prefix import prefix_sharing
 from kvlib.strategies.quantized import default_quantized_variants, quantized_error
@@ -44,6 +50,7 @@ __all__ = [
     "Variant",
     "best_saving_at_equal_tokens",
     "bytes_per_token",
+    "check_kv_heads",
     "comparison_table",
     "default_kv_heads",
     "default_quantized_variants",
@@ -52,6 +59,7 @@ __all__ = [
     "gqa_reduction",
     "held_bytes",
     "interleaved_runs",
+    "lossy_tokens",
     "memory_by_length",
     "mixed_batch",
     "paged_latency",

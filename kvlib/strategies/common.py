@@ -12,13 +12,38 @@ import pandas as pd
 import torch
 
 import kvlib.layouts  # noqa: F401  (registers the layouts, whatever way kvlib was imported)
-from kvlib.cache import KVCache, make_cache
-from kvlib.config import KvlibError
-from kvlib.decode import Generation, decode_step, generate, prefill, prepare_positions
+from kvlib import checks
+from kvlib.cache import KVCache, check_layout, make_cache
+from kvlib.decode import Generation, check_inputs, decode_step, generate, prefill, prepare_positions
 from kvlib.layouts.paged import PagedCache
 from kvlib.model import GPT
 
 Variant = tuple[str, dict]  # (layout name, cache options)
+
+ZERO_OK = ("warmup", "sink")  # counts that may be 0; every other size or count of a measurement must be >= 1
+
+
+def check_sizes(where: str, **values: Any) -> None:
+    """The sizes and counts a measurement function was given: whole numbers >= 1 (>= 0 for ZERO_OK), and `seed`
+    a seed; a KvlibError naming the function, the parameter and its value otherwise."""
+    for name, value in values.items():
+        if name == "seed":
+            checks.seed(name, value, where=where)
+        else:
+            checks.whole(name, value, 0 if name in ZERO_OK else 1, where=where)
+
+
+def check_variants(variants: Any, where: str) -> dict[str, Variant]:
+    """label -> (layout, options), every layout and option name checked before anything runs."""
+    if not isinstance(variants, Mapping):
+        raise checks.fail("variants", variants, "a mapping of label to (layout, options)", where)
+    out = {}
+    for label, variant in variants.items():
+        if not (isinstance(variant, (tuple, list)) and len(variant) == 2):
+            raise checks.fail(f"variants[{label!r}]", variant, "a (layout, options) pair", where)
+        layout, options = variant
+        out[label] = (layout, check_layout(layout, options, name=f"variants[{label!r}] cache"))
+    return out
 
 
 # ---- accounting ------------------------------------------------------------------------------------------------
@@ -40,6 +65,18 @@ def used_bytes(cache: KVCache) -> int:
     return cache.seq_len * cache.batch_size * cache.cfg.kv_bytes_per_token(cache.tensors()[0].element_size())
 
 
+def lossy_tokens(cache: KVCache) -> int:
+    """Tokens per sequence that a layout did not keep exactly at the end of a run: quantized (quantized layout) or
+    evicted (window); 0 for exact layouts. A lossy layout at 0 behaved exactly in that run, so its error and its
+    saving say nothing about what it loses. A lossy layout without a count of its own counts every stored token."""
+    if type(cache).exact:
+        return 0
+    for count in ("quantized_tokens", "evicted_tokens"):
+        if hasattr(cache, count):
+            return int(getattr(cache, count))
+    return cache.seq_len
+
+
 # ---- timing and error ------------------------------------------------------------------------------------------
 
 
@@ -49,8 +86,9 @@ def interleaved_runs(
     """Run every variant `warmup` times, then `repeats` rounds of each variant in turn (A/B interleaving, so drift
     and noise from other processes hit all variants alike). Returns one row per (variant, repeat) with ttft_s and
     tpot_s (the median decode step of that run), and the last Generation of each variant."""
-    if repeats < 1 or warmup < 0:
-        raise KvlibError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    check_sizes("interleaved_runs:", repeats=repeats, warmup=warmup)
+    if not isinstance(runs, Mapping) or not all(callable(r) for r in runs.values()):
+        raise checks.fail("runs", runs, "a mapping of label to a function that returns a Generation")
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -86,7 +124,12 @@ def teacher_forced_logits(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (N, B, V) of every step when the cache is fed `tokens` (B, N) instead of its own choices."""
+    check_inputs(model, input_ids, attention_mask)
+    check_inputs(model, tokens, name="tokens")
+    cache_options = check_layout(cache, cache_options)
     B, P = input_ids.shape
+    if tokens.shape[0] != B:
+        raise checks.fail("tokens", tuple(tokens.shape), f"a ({B}, new_tokens) tensor, as input_ids has {B} rows")
     N = tokens.shape[1]
     positions, key_valid = prepare_positions(input_ids, attention_mask, N)
     kv = make_cache(cache, model.cfg, B, P + N, input_ids.device, model.wte.weight.dtype, **(cache_options or {}))
@@ -108,6 +151,8 @@ def error_vs_exact(
         "max_abs_logit_diff": diff.max().item(),
         "rel_logit_diff": diff.max().item() / exact_logits.abs().max().item(),
         "token_agreement_pct": 100.0 * agree.float().mean().item(),
+        "agreeing_steps": int(agree.sum().item()),  # the numerator and denominator of token_agreement_pct:
+        "compared_steps": agree.numel(),  # teacher-forced steps x sequences
         "tokens_equal": bool(torch.equal(free_tokens, exact_tokens)),
         "first_divergence_step": int(differs[0, 0]) if differs.numel() else pd.NA,
     }
@@ -119,6 +164,8 @@ def generate_fn(model: GPT, ids: torch.Tensor, n: int, variant: Variant, **kw: A
 
 
 def finish(df: pd.DataFrame) -> pd.DataFrame:
-    if "first_divergence_step" in df:
-        df["first_divergence_step"] = df["first_divergence_step"].astype("Int64")
+    counts = ("first_divergence_step", "agreeing_steps", "compared_steps", "stored_tokens", "quantized_tokens")
+    for col in (*counts, "lossy_tokens"):  # whole numbers, NA where a row has none (an unavailable backend)
+        if col in df:
+            df[col] = df[col].astype("Int64")
     return df.reset_index(drop=True)

@@ -6,17 +6,21 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from kvlib import checks
 from kvlib.config import KvlibError
 from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
 from kvlib.model import GPT
 from kvlib.strategies.common import (
     Variant,
+    check_sizes,
+    check_variants,
     error_vs_exact,
     finish,
     generate_fn,
     held_bytes,
     interleaved_runs,
+    lossy_tokens,
     teacher_forced_logits,
     timing_summary,
     used_bytes,
@@ -24,6 +28,7 @@ from kvlib.strategies.common import (
 
 
 def default_variants(block_size: int = 16, sink: int = 4, window: int = 64) -> dict[str, Variant]:
+    check_sizes("default_variants:", block_size=block_size, sink=sink, window=window)
     return {
         "static": ("static", {}),
         "dynamic": ("dynamic", {}),
@@ -53,10 +58,17 @@ def comparison_table(
 
     variant, cache (layout), exact (what the layout claims), batch_size, prompt_len, new_tokens; held_bytes,
     used_bytes, bytes_per_token (held / tokens stored at the end: batch x (prompt + new - 1)),
-    saving_vs_static_pct, waste_pct; repeats, ttft_ms / tpot_ms with _min / _max; max_abs_logit_diff,
-    rel_logit_diff, token_agreement_pct, tokens_equal, first_divergence_step (see the package docstring).
+    saving_vs_static_pct, waste_pct; stored_tokens (per sequence: prompt + new - 1) and lossy_tokens (of those,
+    how many the layout quantized or evicted; 0 for exact layouts, and for a lossy one that lost nothing in this
+    run); repeats, ttft_ms / tpot_ms with _min / _max; max_abs_logit_diff, rel_logit_diff, token_agreement_pct
+    (agreeing_steps of compared_steps), tokens_equal, first_divergence_step (see the package docstring).
     """
-    variants = dict(default_variants() if variants is None else variants)
+    where = "comparison_table:"
+    check_sizes(
+        where, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+        seed=seed,
+    )  # fmt: skip
+    variants = check_variants(default_variants() if variants is None else variants, where)
     if variants.get("static", (None,))[0] != "static":
         raise KvlibError('comparison_table needs the exact reference: a variant "static" with layout "static"')
     device = model.wte.weight.device
@@ -86,6 +98,8 @@ def comparison_table(
                 "bytes_per_token": held / stored,
                 "saving_vs_static_pct": 100.0 * (1 - held / static_held),
                 "waste_pct": 100.0 * (1 - used / held),
+                "stored_tokens": prompt_len + new_tokens - 1,
+                "lossy_tokens": lossy_tokens(kv),
                 **timing.loc[label].to_dict(),
                 **error_vs_exact(exact.step_logits, exact.tokens, forced, last[label].tokens),
             }
@@ -95,12 +109,17 @@ def comparison_table(
 
 def best_saving_at_equal_tokens(table: pd.DataFrame) -> pd.DataFrame:
     """The row of `table` (from comparison_table) with the largest saving_vs_static_pct among the variants other
-    than "static" whose free-running tokens equalled the exact ones; empty when none did."""
+    than "static" whose free-running tokens equalled the exact ones; empty when none did. A lossy variant that lost
+    nothing in the run (lossy_tokens 0: nothing quantized or evicted) is not a candidate: its equal tokens say
+    nothing about the layout."""
     ok = table[(table["variant"] != "static") & table["tokens_equal"]]
+    if "lossy_tokens" in ok:
+        ok = ok[ok["exact"] | (ok["lossy_tokens"] > 0)]
     if ok.empty:
         return ok
     best = ok.loc[[ok["saving_vs_static_pct"].idxmax()]]
-    return best[["variant", "cache", "exact", "held_bytes", "bytes_per_token", "saving_vs_static_pct", "tokens_equal"]]
+    columns = ["variant", "cache", "exact", "held_bytes", "bytes_per_token", "saving_vs_static_pct", "tokens_equal"]
+    return best[columns + [c for c in ("stored_tokens", "lossy_tokens") if c in best]]
 
 
 def memory_by_length(
@@ -113,7 +132,10 @@ def memory_by_length(
 ) -> pd.DataFrame:
     """Held and used bytes at the end of a run of total length prompt_len + new tokens, per variant and length.
     One row per (variant, total_tokens)."""
-    variants = dict(default_variants() if variants is None else variants)
+    where = "memory_by_length:"
+    lengths = checks.whole_list("lengths", lengths, where=where)
+    check_sizes(where, prompt_len=prompt_len, batch_size=batch_size, seed=seed)
+    variants = check_variants(default_variants() if variants is None else variants, where)
     device = model.wte.weight.device
     ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
     rows = []
@@ -147,6 +169,8 @@ def window_memory(
     """The sink + window cache against the static cache as the sequence grows: one row per (variant, length) with
     held_bytes, fits (total_tokens - 1 <= sink + window: nothing was evicted, so the layout was exact), and for the
     window its error against the static cache over that run (the static rows carry zeros by definition)."""
+    lengths = checks.whole_list("lengths", lengths, where="window_memory:")
+    check_sizes("window_memory:", prompt_len=prompt_len, sink=sink, window=window, batch_size=batch_size, seed=seed)
     device = model.wte.weight.device
     ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
     options = {"sink": sink, "window": window}

@@ -6,15 +6,30 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from kvlib import checks
 from kvlib.inputs import synthetic_prompts
 from kvlib.loading import load
-from kvlib.strategies.common import generate_fn, held_bytes, interleaved_runs, timing_summary
+from kvlib.strategies.common import check_sizes, generate_fn, held_bytes, interleaved_runs, timing_summary
 
 
 def default_kv_heads(n_head: int) -> list[int]:
     """n_head (multi-head), n_head / 3 (grouped; n_head / 2 when 3 does not divide it) and 1 (multi-query)."""
+    n_head = checks.whole("n_head", n_head, where="default_kv_heads:")
     mid = n_head // 3 if n_head % 3 == 0 else n_head // 2
     return sorted({n_head, max(mid, 1), 1}, reverse=True)
+
+
+def check_kv_heads(
+    n_head: int, kv_heads: Sequence[int] | None, name: str = "kv_heads", where: str = ""
+) -> list[int] | None:
+    """None (then gqa_reduction uses default_kv_heads), or key/value head counts that each divide n_head."""
+    n_head = checks.whole("n_head", n_head, where=where)
+    kv_heads = checks.optional_whole_list(name, kv_heads, where=where)
+    bad = [k for k in kv_heads or [] if n_head % k]
+    if bad:
+        allowed = f"None or whole numbers that divide n_head ({n_head}); {bad[0]} does not"
+        raise checks.fail(name, kv_heads, allowed, where)
+    return kv_heads
 
 
 def gqa_reduction(
@@ -36,8 +51,14 @@ def gqa_reduction(
     reduction_exact (the two are equal), and timing. The models differ, so their tokens are not compared.
     """
 
+    where = "gqa_reduction:"
+    check_sizes(
+        where, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+        seed=seed,
+    )  # fmt: skip
+    kv_heads = checks.optional_whole_list("kv_heads", kv_heads, where=where)
     base = load(model_name, weights="random", device=device, dtype=dtype, seed=seed, with_hf=False)
-    kv_heads = list(default_kv_heads(base.cfg.n_head) if kv_heads is None else kv_heads)
+    kv_heads = check_kv_heads(base.cfg.n_head, kv_heads, where=where) or default_kv_heads(base.cfg.n_head)
     models = {
         k: base if k == base.cfg.n_head else load(model_name, "random", device, dtype, seed, k, False) for k in kv_heads
     }

@@ -63,6 +63,20 @@ def hf_cache_bytes(cache: Any) -> int:
     return sum(_tensor_bytes(list(vars(layer).values())) for layer in cache.layers)
 
 
+def hf_quantized_tokens(cache: Any) -> int:
+    """Tokens per sequence a transformers cache holds in quantized form (the fewest over its layers): every token
+    seen minus the full-precision residual (`keys`) of a QuantizedLayer; all of them for fp8, which has no residual;
+    0 for a cache that does not quantize."""
+    counts = []
+    for layer in cache.layers:
+        if not hasattr(layer, "_quantized_keys"):
+            return 0
+        residual = getattr(layer, "keys", None)
+        in_residual = residual.shape[-2] if isinstance(residual, torch.Tensor) and residual.dim() == 4 else 0
+        counts.append(int(layer.cumulative_length) - in_residual)
+    return min(counts, default=0)
+
+
 @torch.inference_mode()
 def hf_greedy_loop(
     hf_model: Any,
@@ -80,8 +94,8 @@ def hf_greedy_loop(
     logits_log = (
         torch.empty(max_new_tokens, B, hf_model.config.vocab_size, device=input_ids.device) if keep_logits else None
     )
+    t0 = clock.now()  # TTFT includes creating the cache, as in kvlib.decode.generate and HF generate
     cache = make_cache()
-    t0 = clock.now()
     logits = hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     out[:, 0] = logits.argmax(-1)
     if logits_log is not None:

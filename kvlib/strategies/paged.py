@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from kvlib import checks
 from kvlib.cache import KVCache, make_cache
 from kvlib.config import KvlibError
 from kvlib.decode import check_lengths, decode_step, prefill, prepare_positions
@@ -17,6 +18,7 @@ from kvlib.model import GPT
 from kvlib.strategies.common import (
     Variant,
     bytes_per_token,
+    check_sizes,
     generate_fn,
     held_bytes,
     interleaved_runs,
@@ -29,8 +31,9 @@ def mixed_batch(
 ) -> tuple[list[int], list[int]]:
     """Prompt and output lengths for a batch: uniform integers in [max(1, round((1 - spread) x max)), max].
     spread 0 gives every sequence the maximum lengths; spread 1 draws them from 1..max."""
-    if not 0.0 <= spread <= 1.0:
-        raise KvlibError(f"spread must be within [0, 1], got {spread}")
+    where = "mixed_batch:"
+    check_sizes(where, batch_size=batch_size, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens, seed=seed)
+    spread = checks.fraction("spread", spread, where=where)
     gen = torch.Generator().manual_seed(seed)
 
     def draw(hi: int) -> list[int]:
@@ -72,12 +75,16 @@ def run_mixed_batch(
     to the end. After the prefill and after each decode step, a row records the bytes held for the batch
     (held_bytes) and the bytes of the tokens of sequences still generating (live_bytes).
     """
-    if len(prompt_lens) != len(new_tokens) or not prompt_lens:
-        raise KvlibError("prompt_lens and new_tokens must be non-empty and of the same length")
-    if min(prompt_lens) < 1 or min(new_tokens) < 1:
-        raise KvlibError("every sequence needs prompt_len >= 1 and new_tokens >= 1")
-    if layout not in MIXED_LAYOUTS:
-        raise KvlibError(f"unknown mixed-batch layout {layout!r}; choose one of {', '.join(MIXED_LAYOUTS)}")
+    where = "run_mixed_batch:"
+    prompt_lens = checks.whole_list("prompt_lens", prompt_lens, where=where)
+    new_tokens = checks.whole_list("new_tokens", new_tokens, where=where)
+    if len(prompt_lens) != len(new_tokens):
+        raise KvlibError(
+            f"{where} prompt_lens and new_tokens must have one entry per sequence each, got {len(prompt_lens)} and "
+            f"{len(new_tokens)}"
+        )
+    check_sizes(where, block_size=block_size, seed=seed)
+    checks.one_of("layout", layout, MIXED_LAYOUTS, where=where)
     device = model.wte.weight.device
     ids, mask = left_padded_prompts(model.cfg.vocab_size, list(prompt_lens), seed, device)
     B, P = ids.shape
@@ -141,6 +148,9 @@ def paged_waste(
     steps, pool_bytes (paged: the whole block pool), tokens_match_static (every sequence's tokens, up to its own
     length, equal those of the static layout). block_size applies to the paged layouts only.
     """
+    spreads = checks.fraction_list("spreads", spreads, where="paged_waste:")
+    block_sizes = checks.whole_list("block_sizes", block_sizes, where="paged_waste:")
+    check_sizes("paged_waste:", batch_size=batch_size, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens)
     rows = []
     for spread in spreads:
         prompts, news = mixed_batch(batch_size, max_prompt_len, max_new_tokens, spread, seed)
@@ -188,6 +198,11 @@ def paged_latency(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Decode latency of the paged cache (its gather included) against static and dynamic, same prompts."""
+    block_sizes = checks.whole_list("block_sizes", block_sizes, where="paged_latency:")
+    check_sizes(
+        "paged_latency:", batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+        warmup=warmup, seed=seed,
+    )  # fmt: skip
     variants = {"static": ("static", {}), "dynamic": ("dynamic", {})}
     variants |= {f"paged (block {bs})": ("paged", {"block_size": bs}) for bs in block_sizes}
     return _timing_table(model, batch_size, prompt_len, new_tokens, variants, repeats, warmup, seed)

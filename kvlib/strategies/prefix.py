@@ -9,7 +9,7 @@ from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
 from kvlib.layouts.prefix import generate_with_shared_prefix
 from kvlib.model import GPT
-from kvlib.strategies.common import held_bytes, interleaved_runs, timing_summary, used_bytes
+from kvlib.strategies.common import check_sizes, held_bytes, interleaved_runs, timing_summary, used_bytes
 
 
 def prefix_sharing(
@@ -27,6 +27,10 @@ def prefix_sharing(
     prefilled once and shared (generate_with_shared_prefix). One row per variant: prefill_tokens (positions run
     through the model before the first token), held_bytes / used_bytes, ttft/tpot, tokens_equal (to the static
     cache on the full prompts: the sharing must not change a token)."""
+    check_sizes(
+        "prefix_sharing:", batch_size=batch_size, prefix_len=prefix_len, suffix_len=suffix_len, new_tokens=new_tokens,
+        block_size=block_size, repeats=repeats, warmup=warmup, seed=seed,
+    )  # fmt: skip
     device = model.wte.weight.device
     prefix = synthetic_prompts(model.cfg.vocab_size, 1, prefix_len, seed, device)
     suffix = synthetic_prompts(model.cfg.vocab_size, batch_size, suffix_len, seed + 1, device)

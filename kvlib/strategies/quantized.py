@@ -8,20 +8,31 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvlib import checks
 from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
 from kvlib.model import GPT
 from kvlib.strategies.common import (
     Variant,
+    check_sizes,
+    check_variants,
     error_vs_exact,
     finish,
     generate_fn,
     held_bytes,
     interleaved_runs,
+    lossy_tokens,
     teacher_forced_logits,
     timing_summary,
 )
-from kvlib.strategies.hf_quantized import hf_backend_status, hf_cache_bytes, hf_greedy_loop, make_hf_quantized_cache
+from kvlib.strategies.hf_quantized import (
+    HF_BACKENDS,
+    hf_backend_status,
+    hf_cache_bytes,
+    hf_greedy_loop,
+    hf_quantized_tokens,
+    make_hf_quantized_cache,
+)
 
 
 def default_quantized_variants() -> dict[str, Variant]:
@@ -57,15 +68,24 @@ def quantized_error(
 
     One row per variant: engine, variant, status ("ok" or "unavailable: why"), reference (what its error and
     saving are measured against: the full-precision cache of the same engine), exact, bits (of the stored keys and
-    values), held_bytes, bytes_per_token, saving_vs_full_pct, ttft/tpot (kvlib: generate; HF: a greedy loop of
-    forward calls, see kvlib.strategies.hf_quantized), and the error columns. HF's integer backends keep their last
+    values), held_bytes, bytes_per_token, saving_vs_full_pct (against the full-precision cache of the same engine
+    and run), stored_tokens and quantized_tokens (per sequence at the end of the run: how many of the stored tokens
+    were actually quantized; 0 when a full-precision tail held them all, and then the row measures full-precision
+    storage, not quantization), ttft/tpot (kvlib: generate; HF: a greedy loop of forward calls, see
+    kvlib.strategies.hf_quantized), and the error columns. HF's integer backends keep their last
     `hf_residual_len` tokens at full precision (transformers' default is 128) and quantize per channel in groups.
     """
+    where = "quantized_error:"
+    check_sizes(
+        where, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, hf_residual_len=hf_residual_len,
+        repeats=repeats, warmup=warmup, seed=seed,
+    )  # fmt: skip
+    hf_backends = check_hf_backends(hf_backends, where)
     device = model.wte.weight.device
     ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
     stored = batch_size * (prompt_len + new_tokens - 1)
-    variants = {"full precision (static)": ("static", {})} | dict(
-        default_quantized_variants() if variants is None else variants
+    variants = {"full precision (static)": ("static", {})} | check_variants(
+        default_quantized_variants() if variants is None else variants, where
     )
     exact = generate(model, ids, new_tokens, cache="static", keep_logits=True)
     runs, last = interleaved_runs(
@@ -88,12 +108,26 @@ def quantized_error(
                 "held_bytes": held_bytes(kv),
                 "bytes_per_token": held_bytes(kv) / stored,
                 "saving_vs_full_pct": 100.0 * (1 - held_bytes(kv) / full),
+                "stored_tokens": prompt_len + new_tokens - 1,
+                "quantized_tokens": lossy_tokens(kv),
                 **timing.loc[label].to_dict(),
                 **error_vs_exact(exact.step_logits, exact.tokens, forced, last[label].tokens),
             }
         )
     rows += _hf_quantized_rows(hf_model, ids, new_tokens, hf_backends, hf_residual_len, repeats, warmup, stored)
     return finish(pd.DataFrame(rows))
+
+
+def check_hf_backends(backends: Any, where: str) -> list[tuple[str, int | None]]:
+    """A list of (backend, bits) pairs: backend one of HF_BACKENDS, bits None or a whole number >= 1."""
+    allowed = f"a list of (backend, bits) pairs, backend one of {', '.join(HF_BACKENDS)} and bits None or >= 1"
+    if isinstance(backends, (str, bytes)) or not isinstance(backends, Sequence):
+        raise checks.fail("hf_backends", backends, allowed, where)
+    for pair in backends:
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+        if not (ok and pair[0] in HF_BACKENDS and (pair[1] is None or (checks.is_whole(pair[1]) and pair[1] >= 1))):
+            raise checks.fail("hf_backends", backends, allowed, where)
+    return [(b, n) for b, n in backends]
 
 
 def _hf_quantized_rows(
@@ -144,6 +178,8 @@ def _hf_quantized_rows(
                 "held_bytes": held,
                 "bytes_per_token": held / stored,
                 "saving_vs_full_pct": 100.0 * (1 - held / full),
+                "stored_tokens": ids.shape[1] + new_tokens - 1,
+                "quantized_tokens": hf_quantized_tokens(last[label].cache),
                 **timing.loc[label].to_dict(),
                 **error_vs_exact(exact.step_logits, exact.tokens, forced.step_logits, last[label].tokens),
             }
