@@ -41,7 +41,7 @@ from kvlib.decode import decode_step, generate, greedy, prefill, prepare_positio
 from kvlib.fastpath import prepare_for_inference
 from kvlib.harness import Measurement, ModelPool, RunSpec, measure_grid
 from kvlib.loading import DTYPES, dtype_name, resolve_device
-from kvlib.model import GPT
+from kvlib.model import Decoder
 
 ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
     ("kvlib", "kvlib", "static"),
@@ -169,7 +169,7 @@ def summarize(m: Measurement) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def agreement(model: GPT, reference: GPT, ids: torch.Tensor, max_new_tokens: int) -> tuple[float, int | None]:
+def agreement(model: Decoder, reference: Decoder, ids: torch.Tensor, max_new_tokens: int) -> tuple[float, int | None]:
     """How `model` (half precision) decodes against `reference` (float32) on the same prompts `ids`.
 
     Returns (agreement, first divergence): the share of steps at which `model`, fed the reference's tokens so far,

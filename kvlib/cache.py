@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 
 class CacheOverflowError(KvlibError):
@@ -30,7 +30,7 @@ class KVCache(ABC):
     exact: ClassVar[bool] = True  # lossy layouts (quantized, windowed) set False and report their error instead
 
     def __init__(
-        self, cfg: GPTConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
         self.cfg = cfg
         self.batch_size = batch_size
@@ -143,7 +143,7 @@ class StaticCache(KVCache):
 
 def make_cache(
     layout: str,
-    cfg: GPTConfig,
+    cfg: ModelConfig,
     batch_size: int,
     max_len: int,
     device: torch.device | str,

@@ -19,7 +19,7 @@ import torch
 from kvlib.cache import KVCache, make_cache
 from kvlib.config import KvlibError
 from kvlib.fastpath import prepare_for_inference
-from kvlib.model import GPT
+from kvlib.model import Decoder
 
 NAIVE = "none"
 
@@ -84,7 +84,7 @@ def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens:
         )
 
 
-def check_lengths(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
+def check_lengths(model: Decoder, prompt_len: int, max_new_tokens: int) -> None:
     if prompt_len < 1 or max_new_tokens < 1:
         raise KvlibError(f"prompt_len and max_new_tokens must be >= 1, got {prompt_len} and {max_new_tokens}")
     check_context(model.cfg.n_positions, model.cfg.name, prompt_len, max_new_tokens)
@@ -98,7 +98,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     cache: KVCache,
@@ -111,7 +111,7 @@ def prefill(
 
 
 def decode_step(
-    model: GPT,
+    model: Decoder,
     token: torch.Tensor,
     slot: int,
     positions: torch.Tensor,
@@ -125,7 +125,7 @@ def decode_step(
 
 @torch.inference_mode()
 def generate(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     cache: str = "static",
@@ -164,7 +164,7 @@ def generate(
 
 
 def decode_loop(
-    model: GPT,
+    model: Decoder,
     out: torch.Tensor,
     prompt_len: int,
     positions: torch.Tensor,
@@ -189,7 +189,7 @@ def decode_loop(
 
 
 def _generate_naive(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     key_valid: torch.Tensor | None,

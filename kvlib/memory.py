@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import torch
 
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 MIB = 2**20
 MB = 10**6
@@ -55,7 +55,7 @@ def bytes_per_element(dtype: torch.dtype | str) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def kv_cache_bytes_formula(cfg: GPTConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
+def kv_cache_bytes_formula(cfg: ModelConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
     """2 x layers x batch x tokens x n_kv_head x head_dim x bytes per element."""
     return 2 * cfg.n_layer * batch_size * tokens * cfg.n_kv_head * cfg.head_dim * bytes_per_element(dtype)
 

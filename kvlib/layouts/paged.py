@@ -26,7 +26,7 @@ import math
 import torch
 
 from kvlib.cache import CacheOverflowError, KVCache, register_layout
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 SCRATCH_BLOCK = 0  # pad slots and released rows read and write here; it is never allocated to a sequence
 
@@ -36,7 +36,7 @@ class BlockPool:
     names the same slots in every layer's pool, so one block table serves the whole model."""
 
     def __init__(
-        self, cfg: GPTConfig, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
         if block_size < 1 or num_blocks < 1:
             raise KvlibError(f"paged cache: block_size and num_blocks must be >= 1, got {block_size}, {num_blocks}")
@@ -92,7 +92,7 @@ class PagedCache(KVCache):
 
     def __init__(
         self,
-        cfg: GPTConfig,
+        cfg: ModelConfig,
         batch_size: int,
         max_len: int,
         device: torch.device | str,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from kvlib.cache import KVCache, register_layout
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 
 @register_layout
@@ -32,7 +32,7 @@ class SinkWindowCache(KVCache):
 
     def __init__(
         self,
-        cfg: GPTConfig,
+        cfg: ModelConfig,
         batch_size: int,
         max_len: int,
         device: torch.device | str,

@@ -16,7 +16,7 @@ from kvlib.cache import KVCache, make_cache
 from kvlib.config import KvlibError
 from kvlib.decode import Generation, decode_step, generate, prefill, prepare_positions
 from kvlib.layouts.paged import PagedCache
-from kvlib.model import GPT
+from kvlib.model import Decoder
 
 Variant = tuple[str, dict]  # (layout name, cache options)
 
@@ -24,7 +24,7 @@ Variant = tuple[str, dict]  # (layout name, cache options)
 # ---- accounting ------------------------------------------------------------------------------------------------
 
 
-def bytes_per_token(model: GPT) -> int:
+def bytes_per_token(model: Decoder) -> int:
     """Full-precision KV bytes of one token of one sequence: 2 x layers x kv heads x head_dim x element size."""
     return model.cfg.kv_bytes_per_token(model.wte.weight.element_size())
 
@@ -78,7 +78,7 @@ def timing_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 @torch.inference_mode()
 def teacher_forced_logits(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     tokens: torch.Tensor,
     cache: str,
@@ -113,7 +113,7 @@ def error_vs_exact(
     }
 
 
-def generate_fn(model: GPT, ids: torch.Tensor, n: int, variant: Variant, **kw: Any) -> Callable[[], Generation]:
+def generate_fn(model: Decoder, ids: torch.Tensor, n: int, variant: Variant, **kw: Any) -> Callable[[], Generation]:
     cache, options = variant
     return lambda: generate(model, ids, n, cache=cache, cache_options=options, **kw)
 

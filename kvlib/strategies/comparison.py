@@ -9,7 +9,7 @@ import pandas as pd
 from kvlib.config import KvlibError
 from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
-from kvlib.model import GPT
+from kvlib.model import Decoder
 from kvlib.strategies.common import (
     Variant,
     error_vs_exact,
@@ -39,7 +39,7 @@ def default_variants(block_size: int = 16, sink: int = 4, window: int = 64) -> d
 
 
 def comparison_table(
-    model: GPT,
+    model: Decoder,
     batch_size: int = 2,
     prompt_len: int = 64,
     new_tokens: int = 32,
@@ -104,7 +104,7 @@ def best_saving_at_equal_tokens(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_by_length(
-    model: GPT,
+    model: Decoder,
     lengths: Sequence[int] = (32, 64, 128),
     prompt_len: int = 16,
     batch_size: int = 1,
@@ -136,7 +136,7 @@ def memory_by_length(
 
 
 def window_memory(
-    model: GPT,
+    model: Decoder,
     lengths: Sequence[int] = (32, 64, 128),
     prompt_len: int = 16,
     sink: int = 4,
