@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def find_gguf(cfg: ModelConfig) -> Path:
     dist, module = _package(cfg)
     hint = f"install it with: {install_command(cfg)} (make setup does)"
     try:
-        spec = importlib.util.find_spec(module)
+        spec = find_spec(module)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
@@ -135,6 +135,26 @@ def _convert(gguf: Path, dest: Path) -> None:
         tokenizer.save_pretrained(dest)
 
 
+def _unreadable(cfg: ModelConfig, gguf: Path, e: BaseException) -> KvlibError:
+    why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return KvlibError(
+        f"cannot read {gguf} ({type(e).__name__}: {why}); reinstall it: "
+        f"pip install --force-reinstall {install_command(cfg).removeprefix('pip install ')}"
+    )
+
+
+def _check_readable(cfg: ModelConfig, gguf: Path) -> None:
+    """Parse the GGUF's header and tensor table (memory-mapped, a fraction of a second)."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(gguf)
+    except ImportError as e:
+        raise KvlibError(f"reading GGUF files needs the gguf package ({e}); make setup installs it") from None
+    except Exception as e:  # truncated, foreign or corrupt files fail in many ways inside the parser
+        raise _unreadable(cfg, gguf, e) from None
+
+
 def converted_folder(cfg: ModelConfig, gguf: Path | None = None) -> tuple[Path, bool]:
     """(folder of the converted weights, whether this call converted them); converts on first use."""
     gguf = find_gguf(cfg) if gguf is None else gguf
@@ -142,18 +162,15 @@ def converted_folder(cfg: ModelConfig, gguf: Path | None = None) -> tuple[Path, 
     folder = cache_root() / f"{gguf.name.removesuffix('.gguf')}-{sha[:16]}"
     if (folder / SOURCE_FILE).is_file():
         return folder, False
+    _check_readable(cfg, gguf)  # a bad file fails here, in a moment, before the long conversion is announced
     cache_root().mkdir(parents=True, exist_ok=True)
     print(f"converting {gguf.name} to float32 once (about 30 s), into {folder}", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
     try:
         try:
             _convert(gguf, tmp)
-        except Exception as e:  # a truncated or foreign file fails anywhere inside transformers or gguf
-            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise KvlibError(
-                f"cannot read {gguf} ({type(e).__name__}: {why}); reinstall it: "
-                f"pip install --force-reinstall {install_command(cfg).removeprefix('pip install ')}"
-            ) from None
+        except Exception as e:  # a file the header check let through may still fail inside transformers
+            raise _unreadable(cfg, gguf, e) from None
         source = {"gguf": str(gguf), "sha256": sha, "requirement": cfg.gguf_requirement, "dtype": "float32"}
         import transformers
 
