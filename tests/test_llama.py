@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import kvlib.attention as kvattention
 import kvlib.fastpath as fastpath
 from kvlib.config import PRESETS, KvlibError, config_from_hf, get_preset, hf_config_from
 from kvlib.decode import generate
@@ -106,12 +107,16 @@ def test_fast_path_fp32_tokens_equal_naive_without_packing(tiny_llama, monkeypat
     assert (fast.step_logits - naive.step_logits).abs().max().item() <= REL_TOL
 
 
-def test_bfloat16_decodes_through_one_query_attention_and_keeps_rope_in_float32():
+def test_bfloat16_decodes_through_one_query_attention_and_keeps_rope_in_float32(monkeypatch):
+    calls = []
+    real = kvattention.one_query_attention
+    monkeypatch.setattr(kvattention, "one_query_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     lm = load("tiny-llama", weights="random", seed=0, dtype="bfloat16")
     assert lm.model.inv_freq.dtype == torch.float32 and lm.hf.model.rotary_emb.inv_freq.dtype == torch.float32
     ids, mask = left_padded_prompts(lm.cfg.vocab_size, [10, 4], seed=3)
     g = generate(lm.model, ids, 6, cache="static", attention_mask=mask)
     assert g.tokens.shape == (2, 6)
+    assert calls == [(2, 4, 1, 16)] * (5 * lm.cfg.n_layer)  # every decode step of every layer, 4 query heads
 
 
 def test_window_layout_with_rope_keeps_each_key_at_its_original_position(tiny_llama):
