@@ -202,3 +202,17 @@ def test_real_smollm2_weights_continue_and_match_hf():
         g = generate(lm.model, ids, 3, cache=cache, keep_logits=True)
         assert torch.equal(g.tokens, ref.tokens), cache
         assert (g.step_logits - ref.step_logits).abs().max().item() <= REL_TOL * ref.step_logits.abs().max().item()
+
+
+def test_harness_measures_tiny_llama_with_the_kv_formula_of_its_kv_heads():
+    from kvlib.harness import RunSpec, measure_grid
+
+    specs = [
+        RunSpec(engine="kvlib", cache="static", model="tiny-llama", batch_size=2, prompt_len=8, max_new_tokens=4),
+        RunSpec(engine="hf", cache="dynamic", model="tiny-llama", batch_size=2, prompt_len=8, max_new_tokens=4),
+        RunSpec(engine="hf", cache="dynamic", model="tiny-llama", batch_size=1, prompt_len=8, max_new_tokens=4,
+                n_kv_head=1),  # HF's Llama has multi-query attention too
+    ]  # fmt: skip
+    runs = measure_grid(specs, repeats=1, warmup=0, roofline=False).runs
+    assert (runs["kv_cache_bytes"] == runs["kv_cache_bytes_formula"]).all()
+    assert runs["n_kv_head"].tolist() == [2, 2, 1] and (runs["tokens_generated"] == [8, 8, 4]).all()
