@@ -76,7 +76,8 @@ def prepare_positions(
 
 
 def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens: int) -> None:
-    """Refuse prompt + new tokens beyond the model's context (its position embeddings end there)."""
+    """Refuse prompt + new tokens beyond the model's context (GPT-2's position embeddings end there; a RoPE model
+    was trained up to it)."""
     if prompt_len + max_new_tokens > n_positions:
         raise KvlibError(
             f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} exceeds "
