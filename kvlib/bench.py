@@ -47,7 +47,7 @@ from kvlib.fastpath import prepare_for_inference
 from kvlib.harness import Measurement, ModelPool, RunSpec, measure_grid
 from kvlib.loading import DTYPES, dtype_name, resolve_device
 from kvlib.machine_load import LoadMonitor, LoadReading
-from kvlib.model import GPT
+from kvlib.model import Decoder
 from kvlib.results import append_rows, check_outputs
 
 ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
@@ -185,7 +185,7 @@ def summarize(m: Measurement) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def agreement(model: GPT, reference: GPT, ids: torch.Tensor, max_new_tokens: int) -> tuple[float, int | None]:
+def agreement(model: Decoder, reference: Decoder, ids: torch.Tensor, max_new_tokens: int) -> tuple[float, int | None]:
     """How `model` (half precision) decodes against `reference` (float32) on the same prompts `ids`.
 
     Returns (agreement, first divergence): the share of steps at which `model`, fed the reference's tokens so far,

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvlib import checks
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 
 class CacheOverflowError(KvlibError):
@@ -34,11 +34,11 @@ class KVCache(ABC):
     exact: ClassVar[bool] = True  # lossy layouts (quantized, windowed) set False and report their error instead
 
     def __init__(
-        self, cfg: GPTConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
         where = f"{self.name} cache:"
-        if not isinstance(cfg, GPTConfig):
-            raise checks.fail("cfg", cfg, "a kvlib.config.GPTConfig", where)
+        if not isinstance(cfg, ModelConfig):
+            raise checks.fail("cfg", cfg, "a kvlib.config.ModelConfig", where)
         self.cfg = cfg
         self.batch_size = checks.whole("batch_size", batch_size, where=where)
         self.max_len = checks.whole("max_len", max_len, where=where)
@@ -189,7 +189,7 @@ def check_layout(layout: Any, options: Mapping[str, Any] | None = None, name: st
 
 def make_cache(
     layout: str,
-    cfg: GPTConfig,
+    cfg: ModelConfig,
     batch_size: int,
     max_len: int,
     device: torch.device | str,

@@ -23,7 +23,7 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 SEED_MAX = 2**64 - 1  # torch's generators take seeds up to 2^64 - 1
 WHOLE_MAX = 2**63 - 1  # the largest size torch takes (int64); beyond it torch fails with a TypeError
@@ -49,10 +49,10 @@ def torch_device(name: str, value: Any, where: str = "") -> Any:
         raise fail(name, value, "a torch.device or a device name such as cpu, cuda or cuda:0", where) from None
 
 
-def config(name: str, value: Any, where: str = "") -> GPTConfig:
-    """A model configuration (kvlib.config.GPTConfig: a preset, LoadedModel.cfg, ...)."""
-    if not isinstance(value, GPTConfig):
-        raise fail(name, value, "a kvlib.config.GPTConfig (a preset, or LoadedModel.cfg)", where)
+def config(name: str, value: Any, where: str = "") -> ModelConfig:
+    """A model configuration (kvlib.config.ModelConfig: a preset, LoadedModel.cfg, ...)."""
+    if not isinstance(value, ModelConfig):
+        raise fail(name, value, "a kvlib.config.ModelConfig (a preset, or LoadedModel.cfg)", where)
     return value
 
 

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 
 from kvlib import checks
-from kvlib.config import KvlibError
+from kvlib.config import PRESETS, KvlibError
 
-COMMAND_MODULES = ("kvlib.verify", "kvlib.run_cli", "kvlib.bench")
+COMMAND_MODULES = ("kvlib.verify", "kvlib.run_cli", "kvlib.bench", "kvlib.generate_cli")
 
 
 def whole_arg(text: str, minimum: int, allowed: str) -> int:
@@ -51,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser, model: str = "distilgpt2", weight
     p.add_argument(
         "--model",
         default=model,
-        help=f"preset (tiny, distilgpt2, gpt2, gpt2-medium) or a local folder [{model}]",
+        help=f"preset ({', '.join(PRESETS)}) or a local folder [{model}]",
     )
     p.add_argument("--weights", default=weights, choices=("pretrained", "random", "auto"), help=f"[{weights}]")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto [cpu]")

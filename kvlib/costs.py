@@ -21,18 +21,17 @@ import pandas as pd
 import torch
 
 from kvlib import checks
-from kvlib.config import PRESETS, GPTConfig
+from kvlib.config import PRESETS, ModelConfig
 
 
-def linear_flops_per_token(cfg: GPTConfig) -> int:
-    """Matmul FLOPs of the transformer blocks for one token: fused q/k/v, output projection and MLP."""
+def linear_flops_per_token(cfg: ModelConfig) -> int:
+    """Matmul FLOPs of the transformer blocks for one token: q/k/v, output projection and MLP (one multiply-add
+    per weight of each matrix: ModelConfig.block_matmul_params)."""
     checks.config("cfg", cfg, where="linear_flops_per_token:")
-    d, hd = cfg.n_embd, cfg.head_dim
-    macs = d * (cfg.n_head + 2 * cfg.n_kv_head) * hd + d * d + 2 * d * 4 * d
-    return 2 * macs * cfg.n_layer
+    return 2 * cfg.block_matmul_params() * cfg.n_layer
 
 
-def attention_flops(cfg: GPTConfig, n_queries: int, start: int) -> int:
+def attention_flops(cfg: ModelConfig, n_queries: int, start: int) -> int:
     """QK^T and AV FLOPs for `n_queries` queries at positions start, start+1, ...; query j sees j + 1 keys."""
     checks.config("cfg", cfg, where="attention_flops:")
     checks.whole("n_queries", n_queries, minimum=0, where="attention_flops:")
@@ -41,7 +40,7 @@ def attention_flops(cfg: GPTConfig, n_queries: int, start: int) -> int:
     return 4 * cfg.head_dim * cfg.n_head * cfg.n_layer * keys_seen
 
 
-def decode_work(cfg: GPTConfig, prompt_len: int, max_new_tokens: int) -> pd.DataFrame:
+def decode_work(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> pd.DataFrame:
     """One row per (mode, step): tokens run through the model, K/V vectors projected, FLOPs, and running totals.
 
     `position` is the number of tokens attention sees at that step (P + step). The LM head runs on the last
@@ -82,13 +81,15 @@ def decode_work(cfg: GPTConfig, prompt_len: int, max_new_tokens: int) -> pd.Data
 
 @dataclass(frozen=True)
 class Architecture:
-    cfg: GPTConfig  # only the attention shapes matter here: layers, heads, kv heads, head_dim
+    cfg: ModelConfig  # only the attention shapes matter here: layers, heads, kv heads, head_dim
     params: float | None  # parameter count as published (None: not listed here)
     family: str
 
 
-def _arch(name: str, n_embd: int, n_layer: int, n_head: int, n_kv_head: int, n_positions: int, vocab: int) -> GPTConfig:
-    return GPTConfig(
+def _arch(
+    name: str, n_embd: int, n_layer: int, n_head: int, n_kv_head: int, n_positions: int, vocab: int
+) -> ModelConfig:
+    return ModelConfig(
         name=name, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
         n_positions=n_positions, vocab_size=vocab,
     )  # fmt: skip
@@ -99,6 +100,7 @@ PUBLISHED: tuple[Architecture, ...] = (
     Architecture(PRESETS["distilgpt2"], PRESETS["distilgpt2"].n_params(), "GPT-2"),
     Architecture(PRESETS["gpt2"], PRESETS["gpt2"].n_params(), "GPT-2"),
     Architecture(PRESETS["gpt2-medium"], PRESETS["gpt2-medium"].n_params(), "GPT-2"),
+    Architecture(PRESETS["smollm2-135m"], PRESETS["smollm2-135m"].n_params(), "Llama (GQA, 3 kv heads)"),
     Architecture(_arch("gpt2-large", 1280, 36, 20, 20, 1024, 50257), None, "GPT-2"),
     Architecture(_arch("gpt2-xl", 1600, 48, 25, 25, 1024, 50257), None, "GPT-2"),
     Architecture(_arch("Llama-2-7B", 4096, 32, 32, 32, 4096, 32000), 6.74e9, "Llama (MHA)"),

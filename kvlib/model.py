@@ -1,9 +1,12 @@
-"""A from-scratch decoder with the GPT-2 architecture, in plain PyTorch.
+"""A from-scratch decoder with the GPT-2 architecture, in plain PyTorch; and `build_model`, which builds the decoder
+of a config's architecture (this one, or kvlib.llama.Llama).
 
 It computes the same function as Hugging Face's GPT2LMHeadModel (tests prove it token for token and logit for
 logit) and can take that model's weights. Two differences of layout, not of function: the fused q/k/v projection
 is an nn.Linear (HF's Conv1D stores the transpose), and attention may have fewer key/value heads than query heads
 (`n_kv_head`), which GPT-2 itself never does.
+
+Attention over the KV cache is kvlib.attention.attend, shared with the Llama decoder.
 
 Speed: every matrix is a kvlib.fastpath.Linear, an nn.Linear that uses faster kernels for CPU inference, and one
 new token's attention in half precision on CPU is written out (kvlib.fastpath.one_query_attention). Both compute
@@ -21,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlib.attention import attend, attention_mask
 from kvlib.cache import KVCache
-from kvlib.config import GPTConfig, KvlibError
-from kvlib.fastpath import Linear, one_query_attention
+from kvlib.config import ModelConfig
+from kvlib.fastpath import Linear
+from kvlib.llama import Llama
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -47,26 +52,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        if cache is not None:
-            # The whole point of the study: store this step's keys/values, attend over all of them.
-            k, v = cache.update(self.layer_idx, k, v, start)  # (B, nkv, S, hd)
-        if mask is not None and mask.shape[-1] != k.shape[2]:
-            # A layout that keeps fewer keys than slots (a window with sinks) cannot say which kept key is padding.
-            raise KvlibError(
-                f"{cache.name} cache returned {k.shape[2]} of {mask.shape[-1]} keys: it cannot be used with "
-                "left padding (attention_mask) or a multi-token write after the prompt"
-            )
-        if T == 1 and q.is_cpu and q.dtype != torch.float32:
-            y = one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
-            )  # (B, nh, T, hd)
+        y = attend(q, k, v, cache, self.layer_idx, start, mask, is_causal)  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
@@ -77,11 +68,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg, layer_idx)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -91,39 +82,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def attention_mask(
-    T: int, start: int, key_valid: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor | None, bool]:
-    """The attention mask for T queries at slots [start, start + T) over keys at slots [0, start + T).
-
-    Returns (mask, is_causal). Query i may see key j when j <= start + i and key j is not padding; it always sees
-    itself, so a padding query (whose keys are all padding) gets a finite, unused output instead of NaN.
-    Without padding, one new token sees every key (no mask), and a fresh prefill is plain causal attention.
-    """
-    if key_valid is None:
-        if T == 1:
-            return None, False
-        if start == 0:
-            return None, True
-    S = start + T
-    q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    causal = k_slot <= q_slot  # (T, S)
-    if key_valid is None:
-        return causal[None, None], False  # (1, 1, T, S)
-    mask = causal[None] & key_valid[:, None, :S]  # (B, T, S)
-    mask |= k_slot == q_slot
-    return mask[:, None], False  # (B, 1, T, S)
-
-
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
 
@@ -190,3 +156,12 @@ class GPT(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of the parameters, counting the tied embedding / LM head once."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+Decoder = GPT | Llama  # what every decoding path accepts: forward(input_ids, position_ids, cache, start, ...)
+DECODERS = (GPT, Llama)  # for isinstance checks
+
+
+def build_model(cfg: ModelConfig) -> Decoder:
+    """The decoder of `cfg`'s architecture, with PyTorch's default initialisation (see init_random)."""
+    return Llama(cfg) if cfg.arch == "llama" else GPT(cfg)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from kvlib.config import GPTConfig
+from kvlib.config import ModelConfig
 from kvlib.memory import MIB, bytes_per_element
 
 BANDWIDTH_BUFFER_BYTES = 256 * MIB
@@ -89,15 +89,20 @@ def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype 
     return flops
 
 
-def decode_weight_bytes(cfg: GPTConfig, batch_size: int, dtype: torch.dtype | str) -> int:
-    """Weight bytes one decode step reads: every matrix, bias and norm once; the tied embedding once, as the LM
-    head (V x C); the input and position embeddings only their B gathered rows."""
-    d = cfg.n_embd
-    params = cfg.n_params() - cfg.n_positions * d + 2 * batch_size * d  # n_params counts wte once and all of wpe
+def decode_weight_bytes(cfg: ModelConfig, batch_size: int, dtype: torch.dtype | str) -> int:
+    """Weight bytes one decode step reads: every matrix, bias and norm once; the LM head (V x C) whole, a tied
+    embedding once, as the LM head; the input embedding (and GPT-2's position embedding) only their B gathered
+    rows."""
+    d, V = cfg.n_embd, cfg.vocab_size
+    params = cfg.n_params() + batch_size * d  # n_params counts a tied wte once (as the head); + the rows gathered
+    if cfg.arch == "gpt2":
+        params += batch_size * d - cfg.n_positions * d  # wpe: B rows, not the whole table
+    elif not cfg.tie_word_embeddings:
+        params -= V * d  # an untied input embedding: only its B rows (counted above)
     return params * bytes_per_element(dtype)
 
 
-def decode_step_bytes(cfg: GPTConfig, batch_size: int, kv_tokens: int, dtype: torch.dtype | str) -> int:
+def decode_step_bytes(cfg: ModelConfig, batch_size: int, kv_tokens: int, dtype: torch.dtype | str) -> int:
     """Bytes a decode step must read: the weights (`decode_weight_bytes`) plus the keys and values of `kv_tokens`
     tokens per sequence (those already cached and the new one)."""
     kv = cfg.kv_bytes_per_token(bytes_per_element(dtype)) * batch_size * kv_tokens

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from kvlib import checks
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 # transformers imports tqdm.auto, which in a notebook without ipywidgets warns on every import; the study's
 # notebooks show no progress bars, so the warning is noise.
@@ -92,7 +92,7 @@ def choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 
 def check_context(
-    cfg: GPTConfig, prompt_len: int, max_new_tokens: int, what: str = "prompt_len + max_new_tokens"
+    cfg: ModelConfig, prompt_len: int, max_new_tokens: int, what: str = "prompt_len + max_new_tokens"
 ) -> None:
     """Fail before any work when a run would not fit the model's context."""
     if prompt_len + max_new_tokens > cfg.n_positions:
@@ -101,7 +101,7 @@ def check_context(
         )
 
 
-def model_config(model: str) -> GPTConfig:
+def model_config(model: str) -> ModelConfig:
     """The shapes of a preset or of a local folder saved by save_pretrained, without loading any weights."""
     from kvlib.config import config_from_hf, get_preset
     from kvlib.loading import check_model_name

@@ -138,6 +138,8 @@ BAD = [
     (["--dtype", "int3"], "unknown dtype"),
     (["--weights", "best"], "invalid choice"),
     (["--engine", "hf", "--n_kv_head", "2"], "no grouped-query"),
+    (["--model", "smollm2-135m", "--weights", "pretrained", "--n_kv_head", "1"], "no pretrained weights with n_kv"),
+    (["--model", "smollm2-135m", "--prompt_len", "8190", "--max_new_tokens", "3"], "exceeds the smollm2-135m context"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["--device", "cuda"], "no CUDA device"))

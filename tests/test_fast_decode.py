@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
+import kvlib.attention as kvattention
 import kvlib.fastpath as fastpath
-import kvlib.model as kvmodel
 from kvlib.bench import agreement
 from kvlib.cache import make_cache
 from kvlib.config import get_preset
@@ -187,7 +187,7 @@ def test_half_precision_decode_uses_one_query_attention_with_padding(monkeypatch
         calls.append((tuple(q.shape), None if mask is None else tuple(mask.shape)))
         return one_query_attention(q, k, v, mask)
 
-    monkeypatch.setattr(kvmodel, "one_query_attention", counted)
+    monkeypatch.setattr(kvattention, "one_query_attention", counted)
     lm = load("tiny", weights="random", dtype="bfloat16", n_kv_head=n_kv_head, with_hf=False)
     ids, mask = left_padded_prompts(lm.cfg.vocab_size, [10, 4, 7], seed=3)
     fast = generate(lm.model, ids, 8, cache="static", attention_mask=mask)

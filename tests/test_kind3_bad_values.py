@@ -29,7 +29,7 @@ import kvlib.verify as verify_cli
 from kvlib import costs, memory, strategies, study
 from kvlib.cache import CACHE_LAYOUTS, layout_options, make_cache
 from kvlib.cli import main
-from kvlib.config import GPTConfig, KvlibError, get_preset
+from kvlib.config import KvlibError, ModelConfig, get_preset
 from kvlib.decode import generate
 from kvlib.harness import RunSpec, measure_grid
 from kvlib.hf import hf_generate
@@ -426,10 +426,10 @@ def test_config_refuses_bools_and_bad_sizes():
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head"):
         for bad in (-1, 2.5, "4", None, True):
             with pytest.raises(KvlibError, match=name):
-                GPTConfig(**{"name": "x", "n_embd": 64, "n_head": 4, name: bad})
+                ModelConfig(**{"name": "x", "n_embd": 64, "n_head": 4, name: bad})
     for bad in (0, -1e-5, "1e-5", math.nan):
-        with pytest.raises(KvlibError, match="layer_norm_eps"):
-            GPTConfig(name="x", layer_norm_eps=bad)
+        with pytest.raises(KvlibError, match="norm_eps"):
+            ModelConfig(name="x", norm_eps=bad)
     with pytest.raises(KvlibError, match="unknown model preset"):
         get_preset(["tiny"])
 

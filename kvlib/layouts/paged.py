@@ -27,7 +27,7 @@ import torch
 
 from kvlib import checks
 from kvlib.cache import CacheOverflowError, KVCache, register_layout
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 SCRATCH_BLOCK = 0  # pad slots and released rows read and write here; it is never allocated to a sequence
 
@@ -37,7 +37,7 @@ class BlockPool:
     names the same slots in every layer's pool, so one block table serves the whole model."""
 
     def __init__(
-        self, cfg: GPTConfig, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
         num_blocks = checks.whole("num_blocks", num_blocks, where="paged cache:")
         block_size = checks.whole("block_size", block_size, where="paged cache:")
@@ -93,7 +93,7 @@ class PagedCache(KVCache):
 
     def __init__(
         self,
-        cfg: GPTConfig,
+        cfg: ModelConfig,
         batch_size: int,
         max_len: int,
         device: torch.device | str,

@@ -20,12 +20,12 @@ from kvlib import checks
 from kvlib.config import KvlibError
 from kvlib.decode import Clock, Generation, check_lengths, decode_loop, greedy
 from kvlib.layouts.paged import BlockPool, PagedCache
-from kvlib.model import GPT
+from kvlib.model import Decoder
 
 
 @torch.inference_mode()
 def generate_with_shared_prefix(
-    model: GPT,
+    model: Decoder,
     prefix_ids: torch.Tensor,
     suffix_ids: torch.Tensor,
     max_new_tokens: int,

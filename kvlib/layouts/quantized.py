@@ -28,7 +28,7 @@ import torch
 
 from kvlib import checks
 from kvlib.cache import KVCache, register_layout
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 KEY_AXES = ("token", "channel")
 
@@ -69,7 +69,7 @@ class QuantizedCache(KVCache):
 
     def __init__(
         self,
-        cfg: GPTConfig,
+        cfg: ModelConfig,
         batch_size: int,
         max_len: int,
         device: torch.device | str,

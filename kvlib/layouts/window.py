@@ -7,10 +7,12 @@ longer fits (`exact = False`); exact, slot for slot, while it does.
 - Decode: the window is a ring buffer (slot sink + (j - sink) mod window for position j), so a step writes one
   slot and copies nothing. Once it has wrapped, attention sees the keys in ring order, which changes nothing but
   the order of a sum (attention is permutation invariant over keys when there is no mask).
-- Positions: GPT-2 adds learned absolute position embeddings to the input, so a cached key already carries its
-  original position and nothing is re-rotated; every token keeps its true absolute position (StreamingLLM
-  re-assigns positions inside the cache for RoPE models, which this model does not need). Sequences are still
-  limited to the model's n_positions, since there is no embedding beyond it.
+- Positions: every token keeps its true absolute position. GPT-2 adds learned position embeddings to the input,
+  and the Llama decoder rotates keys (RoPE) *before* they reach the cache, so either way a cached key already
+  carries its original position and nothing here re-rotates it; a query at position p then sees kept keys at
+  their true distances. StreamingLLM instead re-assigns positions inside the cache (keys cached unrotated and
+  rotated by their slot at every step) so that distances never exceed the window; kvlib does not, so sequences
+  stay limited to the model's n_positions (GPT-2 has no embedding beyond it; RoPE models were trained up to it).
 - Not supported: left padding once the window has started to slide (the model cannot tell which kept slot is
   padding; it raises a KvlibError), and multi-token writes after the prompt (chunked prefill).
 """
@@ -21,7 +23,7 @@ import torch
 
 from kvlib import checks
 from kvlib.cache import KVCache, register_layout
-from kvlib.config import GPTConfig, KvlibError
+from kvlib.config import KvlibError, ModelConfig
 
 
 @register_layout
@@ -33,7 +35,7 @@ class SinkWindowCache(KVCache):
 
     def __init__(
         self,
-        cfg: GPTConfig,
+        cfg: ModelConfig,
         batch_size: int,
         max_len: int,
         device: torch.device | str,

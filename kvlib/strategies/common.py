@@ -16,7 +16,7 @@ from kvlib import checks
 from kvlib.cache import KVCache, check_layout, make_cache
 from kvlib.decode import Generation, check_inputs, decode_step, generate, prefill, prepare_positions
 from kvlib.layouts.paged import PagedCache
-from kvlib.model import GPT
+from kvlib.model import Decoder
 
 Variant = tuple[str, dict]  # (layout name, cache options)
 
@@ -49,7 +49,7 @@ def check_variants(variants: Any, where: str) -> dict[str, Variant]:
 # ---- accounting ------------------------------------------------------------------------------------------------
 
 
-def bytes_per_token(model: GPT) -> int:
+def bytes_per_token(model: Decoder) -> int:
     """Full-precision KV bytes of one token of one sequence: 2 x layers x kv heads x head_dim x element size."""
     return model.cfg.kv_bytes_per_token(model.wte.weight.element_size())
 
@@ -116,7 +116,7 @@ def timing_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 @torch.inference_mode()
 def teacher_forced_logits(
-    model: GPT,
+    model: Decoder,
     input_ids: torch.Tensor,
     tokens: torch.Tensor,
     cache: str,
@@ -158,7 +158,7 @@ def error_vs_exact(
     }
 
 
-def generate_fn(model: GPT, ids: torch.Tensor, n: int, variant: Variant, **kw: Any) -> Callable[[], Generation]:
+def generate_fn(model: Decoder, ids: torch.Tensor, n: int, variant: Variant, **kw: Any) -> Callable[[], Generation]:
     cache, options = variant
     return lambda: generate(model, ids, n, cache=cache, cache_options=options, **kw)
 

@@ -10,7 +10,7 @@ from kvlib import checks
 from kvlib.config import KvlibError
 from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
-from kvlib.model import GPT
+from kvlib.model import Decoder
 from kvlib.strategies.common import (
     Variant,
     check_sizes,
@@ -44,7 +44,7 @@ def default_variants(block_size: int = 16, sink: int = 4, window: int = 64) -> d
 
 
 def comparison_table(
-    model: GPT,
+    model: Decoder,
     batch_size: int = 2,
     prompt_len: int = 64,
     new_tokens: int = 32,
@@ -123,7 +123,7 @@ def best_saving_at_equal_tokens(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_by_length(
-    model: GPT,
+    model: Decoder,
     lengths: Sequence[int] = (32, 64, 128),
     prompt_len: int = 16,
     batch_size: int = 1,
@@ -158,7 +158,7 @@ def memory_by_length(
 
 
 def window_memory(
-    model: GPT,
+    model: Decoder,
     lengths: Sequence[int] = (32, 64, 128),
     prompt_len: int = 16,
     sink: int = 4,

@@ -14,7 +14,7 @@ from kvlib.config import KvlibError
 from kvlib.decode import check_lengths, decode_step, prefill, prepare_positions
 from kvlib.inputs import left_padded_prompts, synthetic_prompts
 from kvlib.layouts.paged import PagedCache
-from kvlib.model import GPT
+from kvlib.model import Decoder
 from kvlib.strategies.common import (
     Variant,
     bytes_per_token,
@@ -55,7 +55,7 @@ class MixedRun:
 
 @torch.inference_mode()
 def run_mixed_batch(
-    model: GPT,
+    model: Decoder,
     prompt_lens: Sequence[int],
     new_tokens: Sequence[int],
     layout: str,
@@ -134,7 +134,7 @@ def waste_pct(steps: pd.DataFrame) -> float:
 
 
 def paged_waste(
-    model: GPT,
+    model: Decoder,
     batch_size: int = 8,
     max_prompt_len: int = 64,
     max_new_tokens: int = 32,
@@ -188,7 +188,7 @@ def paged_waste(
 
 
 def paged_latency(
-    model: GPT,
+    model: Decoder,
     batch_size: int = 4,
     prompt_len: int = 64,
     new_tokens: int = 32,
@@ -209,7 +209,7 @@ def paged_latency(
 
 
 def _timing_table(
-    model: GPT,
+    model: Decoder,
     batch_size: int,
     prompt_len: int,
     new_tokens: int,

@@ -8,12 +8,12 @@ import torch
 from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
 from kvlib.layouts.prefix import generate_with_shared_prefix
-from kvlib.model import GPT
+from kvlib.model import Decoder
 from kvlib.strategies.common import check_sizes, held_bytes, interleaved_runs, timing_summary, used_bytes
 
 
 def prefix_sharing(
-    model: GPT,
+    model: Decoder,
     batch_size: int = 4,
     prefix_len: int = 96,
     suffix_len: int = 8,

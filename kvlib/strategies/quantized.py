@@ -11,7 +11,7 @@ import torch
 from kvlib import checks
 from kvlib.decode import generate
 from kvlib.inputs import synthetic_prompts
-from kvlib.model import GPT
+from kvlib.model import Decoder
 from kvlib.strategies.common import (
     Variant,
     check_sizes,
@@ -51,7 +51,7 @@ DEFAULT_HF_BACKENDS: tuple[tuple[str, int | None], ...] = (("quanto", 4), ("hqq"
 
 
 def quantized_error(
-    model: GPT,
+    model: Decoder,
     batch_size: int = 1,
     prompt_len: int = 64,
     new_tokens: int = 32,
