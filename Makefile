@@ -40,10 +40,10 @@ REPORTS ?= reports
 PARAMS ?= params
 OUT := $(REPORTS)/$(PROFILE)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb))))
-KVLIB_SRC := $(wildcard kvlib/*.py kvlib/*/*.py)
+KVLIB_SRC := $(wildcard kvlib/*.py kvlib/*/*.py kvlib/*/*/*.py)
 REPORT_PY = $(PY) -m kvlib.report --reports $(REPORTS) --params $(PARAMS)
 # nbconvert's lab template without its CDN scripts (require.js, MathJax, mermaid): every page opens offline
-PAGE_TEMPLATE := kvlib/templates/offline.html.j2
+PAGE_TEMPLATE := kvlib/report/templates/offline.html.j2
 
 ifneq ($(filter report,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(PARAMS)/$(PROFILE).yaml),)
@@ -65,7 +65,7 @@ $(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS
 	@$(REPORT_PY) run $* --profile $(PROFILE)
 
 check-report: $(STAMP) ## Open every page of reports/$(PROFILE) in headless Chromium; fail on broken images/links; screenshots
-	@$(PY) -m kvlib.browser_check $(OUT)
+	@$(PY) -m kvlib.report.browser $(OUT)
 
 lab: $(STAMP) ## JupyterLab on the project's environment (notebooks run top to bottom with their defaults)
 	cd notebooks && ../$(VENV)/bin/jupyter lab

@@ -23,7 +23,8 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from kvlib.config import KvlibError, ModelConfig
+from kvlib.errors import KvlibError
+from kvlib.models.config import ModelConfig
 
 SEED_MAX = 2**64 - 1  # torch's generators take seeds up to 2^64 - 1
 WHOLE_MAX = 2**63 - 1  # the largest size torch takes (int64); beyond it torch fails with a TypeError
@@ -50,9 +51,9 @@ def torch_device(name: str, value: Any, where: str = "") -> Any:
 
 
 def config(name: str, value: Any, where: str = "") -> ModelConfig:
-    """A model configuration (kvlib.config.ModelConfig: a preset, LoadedModel.cfg, ...)."""
+    """A model configuration (kvlib.models.config.ModelConfig: a preset, LoadedModel.cfg, ...)."""
     if not isinstance(value, ModelConfig):
-        raise fail(name, value, "a kvlib.config.ModelConfig (a preset, or LoadedModel.cfg)", where)
+        raise fail(name, value, "a kvlib.models.config.ModelConfig (a preset, or LoadedModel.cfg)", where)
     return value
 
 

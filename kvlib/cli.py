@@ -11,9 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from kvlib import checks
-from kvlib.config import PRESETS, KvlibError
+from kvlib.errors import KvlibError
+from kvlib.models.config import PRESETS
 
-COMMAND_MODULES = ("kvlib.verify", "kvlib.run_cli", "kvlib.bench", "kvlib.generate_cli")
+COMMAND_MODULES = ("kvlib.measure.verify", "kvlib.measure.run_cli", "kvlib.measure.bench", "kvlib.models.generate_cli")
 
 
 def whole_arg(text: str, minimum: int, allowed: str) -> int:

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny preset with seeded random weights, both kvlib's model and HF's, fp32 on CPU."""
-    from kvlib.loading import load
+    from kvlib.models.loading import load
 
     return load("tiny", weights="random", seed=0)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import kvlib.bench as bench
+import kvlib.measure.bench as bench
 from kvlib.cli import main
-from kvlib.harness import Measurement
+from kvlib.measure.harness import Measurement
 
 TINY = ["bench", "--model", "tiny", "--prompt_len", "8", "--max_new_tokens", "4", "--repeats", "1", "--warmup", "0"]
 TINY += ["--no-compile"]  # compiling is tested in test_fast_decode.py; here it would only cost seconds
@@ -48,7 +48,7 @@ def test_bench_runs_end_to_end_on_tiny_and_writes_every_column(tmp_path, capsys,
 
 
 def test_compile_is_used_for_batch_1_rows_only_and_switched_back(tmp_path, monkeypatch):
-    import kvlib.fastpath as fastpath
+    import kvlib.models.fastpath as fastpath
 
     monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
     monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from kvlib import browser_check
+from kvlib.report import browser as browser_check
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(b) for b in browser_check.BROWSERS), reason="no Chromium (apt-get install chromium)"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlib.cache import CACHE_LAYOUTS, CacheOverflowError, make_cache
-from kvlib.config import KvlibError, get_preset
-from kvlib.decode import generate
-from kvlib.inputs import synthetic_prompts
+from kvlib.caches.base import CACHE_LAYOUTS, CacheOverflowError, make_cache
+from kvlib.errors import KvlibError
+from kvlib.models.config import get_preset
+from kvlib.models.decode import generate
+from kvlib.models.prompts import synthetic_prompts
 
 CFG = get_preset("tiny")
 

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-import kvlib.generate_cli as generate_cli
+import kvlib.models.generate_cli as generate_cli
 from kvlib.cli import main
-from kvlib.decode import generate
-from kvlib.inputs import corpus_text, padded_prompts_for, prompts_for, synthetic_prompts, text_prompts
-from kvlib.loading import load
+from kvlib.models.decode import generate
+from kvlib.models.loading import load
+from kvlib.models.prompts import corpus_text, padded_prompts_for, prompts_for, synthetic_prompts, text_prompts
 
 
 class CharTokenizer:

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-import kvlib.harness as harness
-import kvlib.run_cli as run_cli
+import kvlib.measure.harness as harness
+import kvlib.measure.run_cli as run_cli
 from kvlib.cli import main
-from kvlib.harness import RUN_COLUMNS
-from kvlib.run_cli import CSV_COLUMNS, answers
+from kvlib.measure.harness import RUN_COLUMNS
+from kvlib.measure.run_cli import CSV_COLUMNS, answers
 
 TINY = ["--model", "tiny", "--weights", "random", "--warmup", "0", "--no-roofline"]
 ASSIGNMENT_COLUMNS = [

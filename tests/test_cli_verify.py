@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import kvlib.verify
+import kvlib.measure.verify
 from kvlib.cli import main
-from kvlib.config import KvlibError
-from kvlib.loading import resolve_dtype
+from kvlib.errors import KvlibError
+from kvlib.models.loading import resolve_dtype
 
 TINY = ["verify", "--model", "tiny", "--weights", "random"]
 
@@ -30,7 +30,7 @@ def test_verify_passes_with_left_padding(capsys):
 
 
 def test_verify_fails_when_a_path_disagrees(monkeypatch, capsys):
-    real = kvlib.verify.generate
+    real = kvlib.measure.verify.generate
 
     def off_by_one(model, ids, n, cache, **kw):
         g = real(model, ids, n, cache=cache, **kw)
@@ -39,7 +39,7 @@ def test_verify_fails_when_a_path_disagrees(monkeypatch, capsys):
             g.tokens[0, -1] += 1
         return g
 
-    monkeypatch.setattr(kvlib.verify, "generate", off_by_one)
+    monkeypatch.setattr(kvlib.measure.verify, "generate", off_by_one)
     assert main([*TINY, "--prompt_len", "10", "--max_new_tokens", "4"]) == 1
     out = capsys.readouterr().out
     assert "MISMATCH: kvlib static cache" in out and "no (step 3)" in out

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlib.config import KvlibError
-from kvlib.decode import generate
-from kvlib.hf import hf_generate
-from kvlib.inputs import left_padded_prompts, synthetic_prompts
-from kvlib.loading import load
+from kvlib.errors import KvlibError
+from kvlib.models.decode import generate
+from kvlib.models.hf import hf_generate
+from kvlib.models.loading import load
+from kvlib.models.prompts import left_padded_prompts, synthetic_prompts
 
 # fp32 paths differ only in the order of floating-point sums; on the tiny model that is ~1e-7.
 LOGIT_ATOL = 1e-4
@@ -97,7 +97,7 @@ class _CorruptingCache:
 
 def test_corrupting_one_cached_position_changes_the_output(tiny, monkeypatch):
     """The equivalence tests can fail: damage one cached key and the cached path no longer matches."""
-    import kvlib.decode as decode
+    import kvlib.models.decode as decode
 
     ids = synthetic_prompts(tiny.cfg.vocab_size, 1, 16, seed=5)
     clean = generate(tiny.model, ids, 12, cache="static", keep_logits=True)

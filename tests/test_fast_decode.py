@@ -1,4 +1,4 @@
-"""The fast decode path (kvlib.fastpath, the static cache, greedy) computes what the naive path computes."""
+"""The fast decode path (kvlib.models.fastpath, the static cache, greedy) computes what the naive path computes."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import io
 import pytest
 import torch
 
-import kvlib.attention as kvattention
-import kvlib.fastpath as fastpath
-from kvlib.bench import agreement
-from kvlib.cache import make_cache
-from kvlib.config import get_preset
-from kvlib.decode import generate, greedy
-from kvlib.fastpath import Linear, one_query_attention, prepare_for_inference
-from kvlib.inputs import left_padded_prompts, synthetic_prompts
-from kvlib.loading import load
-from kvlib.model import GPT
+import kvlib.models.attention as kvattention
+import kvlib.models.fastpath as fastpath
+from kvlib.caches.base import make_cache
+from kvlib.measure.bench import agreement
+from kvlib.models.config import get_preset
+from kvlib.models.decode import generate, greedy
+from kvlib.models.fastpath import Linear, one_query_attention, prepare_for_inference
+from kvlib.models.gpt2 import GPT
+from kvlib.models.loading import load
+from kvlib.models.prompts import left_padded_prompts, synthetic_prompts
 
 LOGIT_ATOL = 1e-4  # fp32 kernels differ only in the order of their sums
 
@@ -252,7 +252,7 @@ def test_regression_compiled_kernel_is_not_recompiled_per_matrix_shape(monkeypat
     kernel gets detached weights, so a model with new shapes must not compile anything new."""
     from torch._dynamo.utils import counters
 
-    from kvlib.config import GPTConfig
+    from kvlib.models.config import GPTConfig
 
     monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", True)
     prepare_for_inference(load("tiny", weights="random", with_hf=False).model, batch_size=1)

@@ -1,5 +1,5 @@
-"""Pretrained weights from a GGUF in an installed package (kvlib.gguf_cache): found without importing the package,
-converted once into a cache folder written atomically, and one-line errors when the package or file is bad.
+"""Pretrained weights from a GGUF in an installed package (kvlib.models.gguf_cache): found without importing the
+package, converted once into a cache folder written atomically, and one-line errors when the package or file is bad.
 No real weights here (tests/test_llama.py has the one test on them)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-import kvlib.gguf_cache as gguf_cache
+import kvlib.models.gguf_cache as gguf_cache
 from kvlib.cli import main
-from kvlib.config import PRESETS
-from kvlib.loading import load
+from kvlib.models.config import PRESETS
+from kvlib.models.loading import load
 
 
 @pytest.fixture

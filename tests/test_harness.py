@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-import kvlib.harness as harness
-from kvlib.config import KvlibError
-from kvlib.harness import RUN_COLUMNS, STEP_COLUMNS, RunSpec, measure, measure_grid
-from kvlib.provenance import provenance
+import kvlib.measure.harness as harness
+from kvlib.errors import KvlibError
+from kvlib.measure.harness import RUN_COLUMNS, STEP_COLUMNS, RunSpec, measure, measure_grid
+from kvlib.measure.provenance import provenance
 
 KINDS = {int: pd.api.types.is_integer_dtype, float: pd.api.types.is_float_dtype, str: pd.api.types.is_string_dtype}
 
@@ -137,14 +137,14 @@ def test_hf_only_runs_do_not_hold_kvlib_weights():
 
 
 def test_mbu_uses_the_measured_bandwidth(monkeypatch):
-    import kvlib.roofline as roofline
+    import kvlib.measure.roofline as roofline
 
     monkeypatch.delenv("KVLIB_NO_ROOFLINE")
     monkeypatch.setattr(roofline, "measure_bandwidth_bytes_per_s", lambda device: 1e10)
     monkeypatch.setattr(roofline, "measure_matmul_flops", lambda device, dtype: 1e11)
     r = measure(RunSpec("kvlib", "static", batch_size=2, prompt_len=6, max_new_tokens=5), 1, 0).runs.iloc[0]
-    from kvlib.config import get_preset
-    from kvlib.roofline import decode_step_bytes
+    from kvlib.measure.roofline import decode_step_bytes
+    from kvlib.models.config import get_preset
 
     # the mean decode step reads the keys/values of P + N/2 tokens: 6 + 2.5
     expected_bytes = (

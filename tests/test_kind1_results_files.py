@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import kvlib.harness
-import kvlib.loading
+import kvlib.measure.harness
+import kvlib.models.loading
 from kvlib import study
 from kvlib.cli import build_parser, main
-from kvlib.config import KvlibError
-from kvlib.results import check_outputs
+from kvlib.errors import KvlibError
+from kvlib.measure.results import check_outputs
 
 TINY = ["--model", "tiny", "--weights", "random", "--repeats", "1", "--warmup", "0", "--no-roofline"]
 RUN = ["run", "--engine", "kvlib", *TINY, "--prompt_len", "8", "--max_new_tokens", "3"]
@@ -58,8 +58,8 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the output paths were checked")
 
-    monkeypatch.setattr(kvlib.harness, "load", refuse)
-    monkeypatch.setattr(kvlib.loading, "load", refuse)
+    monkeypatch.setattr(kvlib.measure.harness, "load", refuse)
+    monkeypatch.setattr(kvlib.models.loading, "load", refuse)
     monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
 
 

@@ -30,16 +30,16 @@ import pytest
 import torch
 
 from kvlib import study
-from kvlib.config import KvlibError
-from kvlib.run_cli import answers
-from kvlib.strategies import (
+from kvlib.errors import KvlibError
+from kvlib.measure.run_cli import answers
+from kvlib.study.strategies import (
     best_saving_at_equal_tokens,
     comparison_table,
     default_quantized_variants,
     lossy_tokens,
     quantized_error,
 )
-from kvlib.strategies.hf_quantized import hf_greedy_loop, hf_quantized_tokens, make_hf_quantized_cache
+from kvlib.study.strategies.hf_quantized import hf_greedy_loop, hf_quantized_tokens, make_hf_quantized_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -177,7 +177,7 @@ def test_batch_memory_panel_leaves_out_a_peak_that_cannot_mean_an_increase(tmp_p
     import matplotlib
 
     matplotlib.use("Agg")
-    from kvlib import plotting
+    from kvlib.study import plotting
 
     runs = _batch_runs({1: [100, 110], 2: [200, 210]}).assign(kv_cache_bytes=2**20, kv_cache_mib=1.0)
     lm = SimpleNamespace(cfg=SimpleNamespace(name="tiny"), dtype_name="float32", device="cpu")

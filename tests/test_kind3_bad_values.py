@@ -2,7 +2,7 @@
 that names the parameter, never a raw TypeError, ZeroDivisionError, IndexError or KeyError.
 
 The sweeps are generic where they can be: every registered cache layout with every option its constructor takes
-(kvlib.cache.layout_options), and every size, count and fraction argument of the public functions, found from the
+(kvlib.caches.base.layout_options), and every size, count and fraction argument of the public functions, found from the
 arguments' kinds, with zero, negative, fractional and wrong-type values. YAML null and None mean the same for every
 notebook parameter documented as optional (papermill's `-p x null` injects the *text* "null", `-p x None` injects
 None, `x: null` in a -f file injects None). The command lines answer a bad flag with exit code 2 and one line.
@@ -23,21 +23,24 @@ from typing import Any
 import pytest
 import torch
 
-import kvlib.harness as harness
-import kvlib.layouts  # noqa: F401  (registers every layout)
-import kvlib.verify as verify_cli
-from kvlib import costs, memory, strategies, study
-from kvlib.cache import CACHE_LAYOUTS, layout_options, make_cache
+import kvlib.caches  # noqa: F401  (registers every layout)
+import kvlib.measure.harness as harness
+import kvlib.measure.verify as verify_cli
+from kvlib import study
+from kvlib.caches.base import CACHE_LAYOUTS, layout_options, make_cache
+from kvlib.caches.paged import BlockPool, PagedCache
+from kvlib.caches.prefix import generate_with_shared_prefix
 from kvlib.cli import main
-from kvlib.config import KvlibError, ModelConfig, get_preset
-from kvlib.decode import generate
-from kvlib.harness import RunSpec, measure_grid
-from kvlib.hf import hf_generate
-from kvlib.inputs import left_padded_prompts, synthetic_prompts
-from kvlib.layouts.paged import BlockPool, PagedCache
-from kvlib.layouts.prefix import generate_with_shared_prefix
-from kvlib.loading import load
-from kvlib.verify import verify
+from kvlib.errors import KvlibError
+from kvlib.measure import memory
+from kvlib.measure.harness import RunSpec, measure_grid
+from kvlib.measure.verify import verify
+from kvlib.models.config import ModelConfig, get_preset
+from kvlib.models.decode import generate
+from kvlib.models.hf import hf_generate
+from kvlib.models.loading import load
+from kvlib.models.prompts import left_padded_prompts, synthetic_prompts
+from kvlib.study import costs, strategies
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = get_preset("tiny")
@@ -387,7 +390,7 @@ def test_every_size_count_and_fraction_argument_refuses_bad_values(env, label, n
 
 
 def test_every_public_strategy_function_is_swept():
-    """A new measurement function in kvlib.strategies with a size argument must join CALLS."""
+    """A new measurement function in kvlib.study.strategies with a size argument must join CALLS."""
     import inspect
 
     swept = {label for label, _, _ in CALLS}

@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-import kvlib.decode
-import kvlib.layouts.prefix
-from kvlib.decode import generate
-from kvlib.loading import load
+import kvlib.caches.prefix
+import kvlib.models.decode
+from kvlib.models.decode import generate
+from kvlib.models.loading import load
 
 SLOW_S = 0.2
 
@@ -36,24 +36,24 @@ def _slow(fn):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static", "paged", "quantized", "window"])
 def test_kvlib_ttft_counts_creating_its_cache(lm, monkeypatch, cache):
-    monkeypatch.setattr(kvlib.decode, "make_cache", _slow(kvlib.decode.make_cache))
+    monkeypatch.setattr(kvlib.models.decode, "make_cache", _slow(kvlib.models.decode.make_cache))
     ids = torch.randint(0, lm.cfg.vocab_size, (1, 8))
     g = generate(lm.model, ids, 3, cache=cache)
     assert g.prefill_s >= SLOW_S
 
 
 def test_prefix_sharing_ttft_counts_creating_its_block_pool(lm, monkeypatch):
-    monkeypatch.setattr(kvlib.layouts.prefix, "BlockPool", _slow(kvlib.layouts.prefix.BlockPool))
+    monkeypatch.setattr(kvlib.caches.prefix, "BlockPool", _slow(kvlib.caches.prefix.BlockPool))
     prefix = torch.randint(0, lm.cfg.vocab_size, (8,))
     suffix = torch.randint(0, lm.cfg.vocab_size, (2, 4))
-    g = kvlib.layouts.prefix.generate_with_shared_prefix(lm.model, prefix, suffix, 3)
+    g = kvlib.caches.prefix.generate_with_shared_prefix(lm.model, prefix, suffix, 3)
     assert g.prefill_s >= SLOW_S
 
 
 def test_hf_ttft_counts_creating_its_static_cache(lm, monkeypatch):
     import transformers
 
-    from kvlib.hf import hf_generate
+    from kvlib.models.hf import hf_generate
 
     monkeypatch.setattr(transformers.StaticCache, "__init__", _slow(transformers.StaticCache.__init__))
     ids = torch.randint(0, lm.cfg.vocab_size, (1, 8))
@@ -62,7 +62,7 @@ def test_hf_ttft_counts_creating_its_static_cache(lm, monkeypatch):
 
 
 def test_hf_quantized_loop_ttft_counts_creating_its_cache(lm):
-    from kvlib.strategies.hf_quantized import hf_greedy_loop
+    from kvlib.study.strategies.hf_quantized import hf_greedy_loop
 
     def make():
         time.sleep(SLOW_S)

@@ -7,16 +7,17 @@ import math
 import pytest
 import torch
 
-import kvlib.layouts  # noqa: F401  (registers the layouts even where kvlib/__init__.py is not run)
-from kvlib.cache import CACHE_LAYOUTS, CacheOverflowError, make_cache
-from kvlib.config import KvlibError, get_preset
-from kvlib.decode import generate
-from kvlib.inputs import left_padded_prompts, synthetic_prompts
-from kvlib.layouts.paged import BlockPool, PagedCache
-from kvlib.layouts.prefix import generate_with_shared_prefix
-from kvlib.layouts.quantized import dequantize, pack_int4, quantize, unpack_int4
-from kvlib.loading import load
-from kvlib.strategies import teacher_forced_logits
+import kvlib.caches  # noqa: F401  (registers the layouts even where kvlib/__init__.py is not run)
+from kvlib.caches.base import CACHE_LAYOUTS, CacheOverflowError, make_cache
+from kvlib.caches.paged import BlockPool, PagedCache
+from kvlib.caches.prefix import generate_with_shared_prefix
+from kvlib.caches.quantized import dequantize, pack_int4, quantize, unpack_int4
+from kvlib.errors import KvlibError
+from kvlib.models.config import get_preset
+from kvlib.models.decode import generate
+from kvlib.models.loading import load
+from kvlib.models.prompts import left_padded_prompts, synthetic_prompts
+from kvlib.study.strategies import teacher_forced_logits
 
 CFG = get_preset("tiny")
 BPT = CFG.kv_bytes_per_token(4)  # fp32 bytes of one token of one sequence

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (kvlib.llama): the same function as Hugging Face's LlamaForCausalLM on every path.
+"""The Llama-family decoder (kvlib.models.llama): the same function as Hugging Face's LlamaForCausalLM on every path.
 
 Random weights on the tiny-llama preset (4 query heads sharing 2 KV heads, untied LM head) and variants of it;
 one test on the real SmolLM2-135M weights, skipped when their package is not installed.
@@ -11,19 +11,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kvlib.attention as kvattention
-import kvlib.fastpath as fastpath
-from kvlib.config import PRESETS, KvlibError, config_from_hf, get_preset, hf_config_from
-from kvlib.decode import generate
-from kvlib.hf import hf_generate
-from kvlib.inputs import left_padded_prompts, synthetic_prompts
-from kvlib.llama import Llama
-from kvlib.loading import load
-from kvlib.memory import kv_cache_bytes_formula
-from kvlib.model import build_model
-from kvlib.roofline import decode_weight_bytes
+import kvlib.models.attention as kvattention
+import kvlib.models.fastpath as fastpath
+from kvlib.errors import KvlibError
+from kvlib.measure.memory import kv_cache_bytes_formula
+from kvlib.measure.roofline import decode_weight_bytes
+from kvlib.models.config import PRESETS, config_from_hf, get_preset, hf_config_from
+from kvlib.models.decode import generate
+from kvlib.models.decoders import build_model
+from kvlib.models.hf import hf_generate
+from kvlib.models.llama import Llama
+from kvlib.models.loading import load
+from kvlib.models.prompts import left_padded_prompts, synthetic_prompts
 
-REL_TOL = 1e-4  # of the reference's largest |logit| (at least 1), as kvlib.verify
+REL_TOL = 1e-4  # of the reference's largest |logit| (at least 1), as kvlib.measure.verify
 KVLIB = ("none", "dynamic", "static", "paged")
 HF = ("none", "dynamic", "static")
 
@@ -176,7 +177,7 @@ def test_real_smollm2_weights_continue_and_match_hf():
     """The one test on the real weights: SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF) knows Berlin,
     and kvlib's static cache, paged cache and HF agree token for token. The first run converts the GGUF (~30 s),
     later ones load the cached float32 weights."""
-    from kvlib.gguf_cache import find_gguf
+    from kvlib.models.gguf_cache import find_gguf
 
     cfg = get_preset("smollm2-135m")
     try:
@@ -205,7 +206,7 @@ def test_real_smollm2_weights_continue_and_match_hf():
 
 
 def test_harness_measures_tiny_llama_with_the_kv_formula_of_its_kv_heads():
-    from kvlib.harness import RunSpec, measure_grid
+    from kvlib.measure.harness import RunSpec, measure_grid
 
     specs = [
         RunSpec(engine="kvlib", cache="static", model="tiny-llama", batch_size=2, prompt_len=8, max_new_tokens=4),

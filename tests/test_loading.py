@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlib.config import PRESETS, GPTConfig, KvlibError, get_preset
-from kvlib.decode import generate
-from kvlib.inputs import synthetic_prompts
-from kvlib.loading import hub_reachable, load, resolve_device, resolve_dtype
+from kvlib.errors import KvlibError
+from kvlib.models.config import PRESETS, GPTConfig, get_preset
+from kvlib.models.decode import generate
+from kvlib.models.loading import hub_reachable, load, resolve_device, resolve_dtype
+from kvlib.models.prompts import synthetic_prompts
 
 
 def test_pretrained_from_a_local_folder_uses_from_pretrained(tiny, tiny_saved):

@@ -1,5 +1,5 @@
 """Regression (issue 14, "a busy machine"): the bench measured on a machine kept busy by another process and
-printed its slow figures without a word about the load. kvlib.machine_load measures other processes' CPU use."""
+printed its slow figures without a word about the load. kvlib.measure.machine_load measures other processes' CPU use."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from kvlib.machine_load import BUSY_CORES, LoadMonitor, LoadReading
+from kvlib.measure.machine_load import BUSY_CORES, LoadMonitor, LoadReading
 
 
 def test_a_busy_process_beside_the_measurement_is_seen():

@@ -12,12 +12,8 @@ import time
 import pytest
 import torch
 
-from kvlib.config import KvlibError, get_preset
-from kvlib.decode import generate
-from kvlib.hf import hf_generate
-from kvlib.inputs import synthetic_prompts
-from kvlib.loading import load
-from kvlib.memory import (
+from kvlib.errors import KvlibError
+from kvlib.measure.memory import (
     PeakTracker,
     bytes_per_element,
     cache_tokens,
@@ -27,7 +23,7 @@ from kvlib.memory import (
     mib,
     module_weight_bytes,
 )
-from kvlib.roofline import (
+from kvlib.measure.roofline import (
     decode_step_bytes,
     decode_weight_bytes,
     floor_s,
@@ -35,6 +31,11 @@ from kvlib.roofline import (
     measure_bandwidth_bytes_per_s,
     measure_matmul_flops,
 )
+from kvlib.models.config import get_preset
+from kvlib.models.decode import generate
+from kvlib.models.hf import hf_generate
+from kvlib.models.loading import load
+from kvlib.models.prompts import synthetic_prompts
 
 TINY = get_preset("tiny")
 SIZES = [(1, 5, 4), (3, 17, 9)]  # (batch, prompt, new tokens)
@@ -109,8 +110,8 @@ def test_formula_equals_held_grouped_query(tiny_gqa, tiny, layout):
 
 def test_regression_hf_static_cache_sized_by_longest_previous_call():
     """HF's generate sizes a static cache by the longest previous call; measured rows must not inherit that
-    (kvlib.hf.hf_generate resets it; tests/test_equivalence.py checks the call itself)."""
-    from kvlib.harness import RunSpec, measure_grid
+    (kvlib.models.hf.hf_generate resets it; tests/test_equivalence.py checks the call itself)."""
+    from kvlib.measure.harness import RunSpec, measure_grid
 
     specs = [RunSpec("hf", "static", prompt_len=40, max_new_tokens=10), RunSpec("hf", "static", prompt_len=6)]
     runs = measure_grid(specs, repeats=2, warmup=1, roofline=False).runs
@@ -126,7 +127,7 @@ def test_held_bytes_of_odd_inputs():
 
 
 def test_weight_bytes_count_the_tied_embedding_once(tiny):
-    from kvlib.fastpath import packed_bytes
+    from kvlib.models.fastpath import packed_bytes
 
     assert tiny.model.weight_bytes() == TINY.n_params() * 4
     # What the process holds: the parameters plus any copy the CPU fast path packed for its kernels.
@@ -157,7 +158,7 @@ def test_peak_rss_sees_a_transient_allocation():
 
 
 def test_peak_rss_sampling_fallback(monkeypatch):
-    import kvlib.memory as memory
+    import kvlib.measure.memory as memory
 
     monkeypatch.setattr(memory, "_reset_hwm", lambda: False)
     _trim_heap()

@@ -15,9 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvlib import costs, pipeline, study
-from kvlib.config import PRESETS, KvlibError
-from kvlib.report import build_index
+from kvlib import study
+from kvlib.errors import KvlibError
+from kvlib.models.config import PRESETS
+from kvlib.report import pipeline
+from kvlib.report.index import build_index
+from kvlib.study import costs
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -202,7 +205,7 @@ def test_outputs_write_prefixed_files(tmp_path):
     assert head.loc[0, "q25"] == 1.5 and bool(head.loc[0, "headline"])
 
 
-# ---- kvlib.costs ------------------------------------------------------------------------------------------------
+# ---- kvlib.study.costs ---------------------------------------------------------------------------------------------
 
 
 def test_decode_work_counts():
@@ -238,7 +241,7 @@ def test_measured_cache_bytes_match_the_formula(tiny):
     assert len(df) == 8 and (df["held_bytes"] == df["formula_bytes"]).all()
 
 
-# ---- kvlib.report: the index page ------------------------------------------------------------------------------
+# ---- kvlib.report.index: the index page -----------------------------------------------------------------------------
 
 
 def test_index_from_notebook_outputs(tmp_path):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvlib import pipeline
-from kvlib.harness import RUN_COLUMNS, STEP_COLUMNS
+from kvlib.measure.harness import RUN_COLUMNS, STEP_COLUMNS
+from kvlib.report import pipeline
 
 pytestmark = pytest.mark.slow
 

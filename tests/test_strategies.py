@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlib.config import KvlibError
-from kvlib.decode import Generation
-from kvlib.loading import load
-from kvlib.strategies import (
+from kvlib.errors import KvlibError
+from kvlib.models.decode import Generation
+from kvlib.models.loading import load
+from kvlib.study.strategies import (
     best_saving_at_equal_tokens,
     comparison_table,
     default_kv_heads,

@@ -1,0 +1,203 @@
+"""KV-cache layouts behind one small interface.
+
+Every layout stores, per layer, keys and values of shape (B, n_kv_head, T, head_dim) and answers one call:
+
+    keys, values = cache.update(layer, k_new, v_new, start)
+
+which stores the new entries at slots [start, start + T) and returns the keys and values attention should use.
+`start` is explicit (as in gpt-fast), never a hidden counter, and every layout checks it: writing anywhere but
+the next free slot, or past the capacity, raises instead of silently attending to the wrong tokens.
+
+Layouts register themselves by name, so callers (decoding, the harness, the notebooks) choose one with a string.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from kvlib import checks
+from kvlib.errors import KvlibError
+from kvlib.models.config import ModelConfig
+
+
+class CacheOverflowError(KvlibError):
+    """A write past a cache's capacity (the classic off-by-one of preallocated caches)."""
+
+
+class KVCache(ABC):
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True  # lossy layouts (quantized, windowed) set False and report their error instead
+
+    def __init__(
+        self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        where = f"{self.name} cache:"
+        if not isinstance(cfg, ModelConfig):
+            raise checks.fail("cfg", cfg, "a kvlib.models.config.ModelConfig", where)
+        self.cfg = cfg
+        self.batch_size = checks.whole("batch_size", batch_size, where=where)
+        self.max_len = checks.whole("max_len", max_len, where=where)
+        self.device = checks.torch_device("device", device, where=where)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise checks.fail("dtype", dtype, "a floating-point torch.dtype (torch.float32, ...)", where)
+        self.dtype = dtype
+        self.lengths = [0] * cfg.n_layer  # slots written so far, per layer
+
+    @property
+    def seq_len(self) -> int:
+        """Positions stored (those of the last layer, which is written last in a forward pass)."""
+        return self.lengths[-1]
+
+    def _check_write(self, layer: int, k: torch.Tensor, start: int, capacity: int | None) -> int:
+        if start != self.lengths[layer]:
+            raise KvlibError(
+                f"{self.name} cache, layer {layer}: write at slot {start}, but the next free slot is "
+                f"{self.lengths[layer]}"
+            )
+        end = start + k.shape[2]
+        if capacity is not None and end > capacity:
+            raise CacheOverflowError(
+                f"{self.name} cache, layer {layer}: writing slots [{start}, {end}) overflows its {capacity} slots"
+            )
+        self.lengths[layer] = end
+        return end
+
+    @abstractmethod
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds, so that its memory can be counted from the tensors themselves."""
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the cache holds now (reserved, not only filled)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @abstractmethod
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored keys and values of `layer`, filled slots only, as (B, n_kv_head, T, head_dim)."""
+
+
+CACHE_LAYOUTS: dict[str, type[KVCache]] = {}
+
+
+def register_layout(cls: type[KVCache]) -> type[KVCache]:
+    CACHE_LAYOUTS[cls.name] = cls
+    return cls
+
+
+@register_layout
+class DynamicCache(KVCache):
+    """Grows by concatenation at every step, like Hugging Face's DynamicCache: simple, but each step copies the
+    whole cache into a new tensor (O(length) work and allocator churn per step)."""
+
+    name = "dynamic"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.k: list[torch.Tensor | None] = [None] * self.cfg.n_layer
+        self.v: list[torch.Tensor | None] = [None] * self.cfg.n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_write(layer, k, start, capacity=None)
+        old_k, old_v = self.k[layer], self.v[layer]
+        # contiguous() on the first write: k arrives as a view into the fused qkv projection and would keep it alive.
+        self.k[layer] = k.contiguous() if old_k is None else torch.cat([old_k, k], dim=2)
+        self.v[layer] = v.contiguous() if old_v is None else torch.cat([old_v, v], dim=2)
+        return self.k[layer], self.v[layer]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self.k, *self.v) if t is not None]
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+
+@register_layout
+class StaticCache(KVCache):
+    """Preallocated to the final sequence length and written in place at explicit slots (as in gpt-fast and
+    Hugging Face's StaticCache): no allocation while decoding; attention reads a view of the filled slots."""
+
+    name = "static"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.cfg
+        shape = (c.n_layer, self.batch_size, c.n_kv_head, self.max_len, c.head_dim)  # (L, B, n_kv, S_max, hd)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # One view per layer, made once: a decode step then writes and reads with `narrow` (one cheap call)
+        # instead of parsing a 4-part index into the 5-d tensor twice per layer.
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)  # each (B, n_kv, S_max, hd)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._check_write(layer, k, start, capacity=self.max_len)
+        k_all, v_all = self._k_layers[layer], self._v_layers[layer]
+        k_all.narrow(2, start, end - start).copy_(k)  # in place: no allocation while decoding
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.lengths[layer]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+BASE_ARGUMENTS = ("self", "cfg", "batch_size", "max_len", "device", "dtype")  # every layout's; not options
+
+
+def layout_options(layout: str | type[KVCache]) -> dict[str, Any]:
+    """The options a layout takes (its constructor's keyword arguments after the common ones) and their defaults,
+    read from the constructor itself, so a new layout is described without being listed anywhere."""
+    if isinstance(layout, str):
+        check_layout(layout)
+        layout = CACHE_LAYOUTS[layout]
+    return dict(_options_of(layout))
+
+
+@functools.cache  # inspect.signature takes tens of microseconds, and make_cache runs inside the TTFT clock
+def _options_of(cls: type[KVCache]) -> tuple[tuple[str, Any], ...]:
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:  # a constructor taking **kwargs passes them on to its parent's
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.name not in BASE_ARGUMENTS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                found.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return tuple(found.items())
+
+
+def check_layout(layout: Any, options: Mapping[str, Any] | None = None, name: str = "cache") -> dict[str, Any]:
+    """Refuse an unknown layout, options that are not a mapping, or an option the layout does not have (before
+    any work); returns the options as a dict. The layout checks the options' values when it is made."""
+    if not isinstance(layout, str) or layout not in CACHE_LAYOUTS:
+        raise KvlibError(f"unknown cache layout {layout!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
+    allowed = [k for k, _ in _options_of(CACHE_LAYOUTS[layout])]
+    return checks.options(f"{name}_options", options, allowed, where=f"cache layout {layout!r}")
+
+
+def make_cache(
+    layout: str,
+    cfg: ModelConfig,
+    batch_size: int,
+    max_len: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    **options: object,
+) -> KVCache:
+    """A cache of the named layout for `batch_size` sequences of at most `max_len` positions; `options` are the
+    layout's own (`layout_options(layout)`), checked by name here and by value by the layout."""
+    check_layout(layout, options)
+    return CACHE_LAYOUTS[layout](cfg, batch_size, max_len, device, dtype, **options)

@@ -1,0 +1,211 @@
+"""Quantized KV cache: keys and values stored as 8- or 4-bit integer codes with scales, the most recent tokens
+optionally kept at full precision. Lossy (`exact = False`): it reports its error, it never claims identity.
+
+Quantization is asymmetric (min/max): x ~ code * scale + zero with code in [0, 2^bits - 1], computed in float32;
+scale and zero are stored in the cache's dtype, and codes are computed against those stored (rounded) values.
+
+- values: one (scale, zero) per token and head, over head_dim (per-token), as in KIVI.
+- keys: per-token too (`key_axis="token"`), or per-channel (`key_axis="channel"`, KIVI): one (scale, zero) per
+  channel over a group of `residual_len` tokens, because keys have outlier channels that per-token scales smear.
+- int4: two codes per byte along head_dim (head_dim must be even).
+- residual: with `key_axis="token"`, the last `residual_len` tokens stay at full precision; with "channel" the
+  full-precision tail fills up to `residual_len` tokens and is then quantized as one group (KIVI's rule).
+
+Attention during the prompt's prefill uses the prompt's keys and values at full precision (as Hugging Face's
+QuantizedCache does); every later step attends over the dequantized cache plus the full-precision tail. The
+dequantization is a full O(S) pass per layer and step (no fused kernel), which the decode latency includes.
+
+Bytes: codes, scales, zeros and the residual tail all count; storage is preallocated for max_len tokens like the
+static cache (less the residual_len slots that per-token mode never quantizes), so `nbytes()` is the reservation
+and `used_bytes()` the part holding tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvlib import checks
+from kvlib.caches.base import KVCache, register_layout
+from kvlib.errors import KvlibError
+from kvlib.models.config import ModelConfig
+
+KEY_AXES = ("token", "channel")
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Asymmetric quantization of `x` over `dim`: (codes uint8, scale, zero), scale and zero in `dtype` with `dim`
+    kept as size 1. Codes are unpacked (one per byte)."""
+    xf = x.float()
+    lo = xf.amin(dim, keepdim=True)
+    hi = xf.amax(dim, keepdim=True)
+    qmax = 2**bits - 1
+    # A constant slice would give scale 0: clamp to the dtype's smallest normal number (its codes are all 0).
+    scale = ((hi - lo) / qmax).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    zero = lo.to(dtype)
+    codes = ((xf - zero.float()) / scale.float()).round_().clamp_(0, qmax).to(torch.uint8)
+    return codes, scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * scale.float() + zero.float()).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 2n) codes in [0, 15] -> (..., n) bytes, even elements in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+@register_layout
+class QuantizedCache(KVCache):
+    """Options: bits (8 or 4), residual_len (0: every token quantized), key_axis ("token" or "channel")."""
+
+    name = "quantized"
+    exact = False
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        bits: int = 8,
+        residual_len: int = 0,
+        key_axis: str = "token",
+    ) -> None:
+        super().__init__(cfg, batch_size, max_len, device, dtype)
+        if not (checks.is_whole(bits) and bits in (4, 8)):
+            raise checks.fail("bits", bits, "8 or 4", "quantized cache:")
+        bits = int(bits)
+        key_axis = checks.one_of("key_axis", key_axis, KEY_AXES, where="quantized cache:")
+        residual_len = checks.whole("residual_len", residual_len, minimum=0, where="quantized cache:")
+        if key_axis == "channel" and residual_len < 2:
+            raise KvlibError(
+                "quantized cache: key_axis='channel' quantizes keys in groups of residual_len tokens; "
+                f"residual_len must be >= 2, got {residual_len}"
+            )
+        if bits == 4 and cfg.head_dim % 2:
+            raise KvlibError(f"quantized cache: int4 packs two codes per byte; head_dim {cfg.head_dim} is odd")
+        self.bits, self.residual_len, self.key_axis = bits, residual_len, key_axis
+        c, hd = cfg, cfg.head_dim
+        width = hd if bits == 8 else hd // 2
+        lead = (c.n_layer, batch_size, c.n_kv_head)
+        # Slots that can ever be quantized: per-token mode always keeps the last residual_len at full precision.
+        n_codes = max(max_len - residual_len, 0) if key_axis == "token" else max_len
+        self.k_codes = torch.zeros(*lead, n_codes, width, dtype=torch.uint8, device=self.device)  # (L, B, nkv, S, w)
+        self.v_codes = torch.zeros_like(self.k_codes)
+        self.v_scale = torch.zeros(*lead, n_codes, 1, dtype=dtype, device=self.device)  # (L, B, nkv, S, 1)
+        self.v_zero = torch.zeros_like(self.v_scale)
+        if key_axis == "token":
+            self.k_scale = torch.zeros_like(self.v_scale)
+        else:  # one (scale, zero) per channel and group of residual_len tokens
+            groups = math.ceil(max_len / residual_len)
+            self.k_scale = torch.zeros(*lead, groups, hd, dtype=dtype, device=self.device)  # (L, B, nkv, G, hd)
+        self.k_zero = torch.zeros_like(self.k_scale)
+        self.n_quant = [0] * c.n_layer  # tokens stored quantized, per layer
+        self.res_k: list[torch.Tensor | None] = [None] * c.n_layer  # full-precision tail (B, nkv, r, hd)
+        self.res_v: list[torch.Tensor | None] = [None] * c.n_layer
+
+    def _codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_int4(codes) if self.bits == 4 else codes
+
+    def _uncodes(self, stored: torch.Tensor) -> torch.Tensor:
+        return unpack_int4(stored) if self.bits == 4 else stored
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize k, v (B, nkv, n, hd) into the next n quantized slots of `layer`."""
+        q0, n = self.n_quant[layer], k.shape[2]
+        codes, scale, zero = quantize(v, self.bits, dim=-1, dtype=self.dtype)
+        self.v_codes[layer, :, :, q0 : q0 + n] = self._codes(codes)
+        self.v_scale[layer, :, :, q0 : q0 + n] = scale
+        self.v_zero[layer, :, :, q0 : q0 + n] = zero
+        if self.key_axis == "token":
+            codes, scale, zero = quantize(k, self.bits, dim=-1, dtype=self.dtype)
+            self.k_scale[layer, :, :, q0 : q0 + n] = scale
+            self.k_zero[layer, :, :, q0 : q0 + n] = zero
+        else:  # n is a whole number of groups: (B, nkv, n/G, G, hd), reduce over the G tokens of each group
+            G = self.residual_len
+            B, nkv, _, hd = k.shape
+            codes, scale, zero = quantize(k.reshape(B, nkv, n // G, G, hd), self.bits, dim=3, dtype=self.dtype)
+            codes = codes.reshape(B, nkv, n, hd)
+            self.k_scale[layer, :, :, q0 // G : (q0 + n) // G] = scale.squeeze(3)
+            self.k_zero[layer, :, :, q0 // G : (q0 + n) // G] = zero.squeeze(3)
+        self.k_codes[layer, :, :, q0 : q0 + n] = self._codes(codes)
+        self.n_quant[layer] = q0 + n
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_write(layer, k, start, capacity=self.max_len)
+        old_k, old_v = self.res_k[layer], self.res_v[layer]
+        tail_k = k if old_k is None else torch.cat([old_k, k], dim=2)  # (B, nkv, r, hd)
+        tail_v = v if old_v is None else torch.cat([old_v, v], dim=2)
+        r = tail_k.shape[2]
+        if self.key_axis == "token":
+            flush = max(r - self.residual_len, 0)  # keep exactly the last residual_len tokens
+        else:
+            flush = r // self.residual_len * self.residual_len  # whole groups only
+        if flush:
+            self._store(layer, tail_k[:, :, :flush], tail_v[:, :, :flush])
+        # clone: never keep a view of the fused qkv activations (or of a concatenation) alive
+        self.res_k[layer] = tail_k[:, :, flush:].clone() if flush < r else None
+        self.res_v[layer] = tail_v[:, :, flush:].clone() if flush < r else None
+        if start == 0:
+            return k, v  # the prompt attends to itself at full precision
+        return self.layer_kv(layer)
+
+    def _dequantized(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.n_quant[layer]
+        v = dequantize(
+            self._uncodes(self.v_codes[layer, :, :, :n]),
+            self.v_scale[layer, :, :, :n],
+            self.v_zero[layer, :, :, :n],
+            self.dtype,
+        )
+        codes = self._uncodes(self.k_codes[layer, :, :, :n])
+        if self.key_axis == "token":
+            k = dequantize(codes, self.k_scale[layer, :, :, :n], self.k_zero[layer, :, :, :n], self.dtype)
+        else:
+            G = self.residual_len
+            B, nkv, _, hd = codes.shape
+            scale = self.k_scale[layer, :, :, : n // G, None]  # (B, nkv, n/G, 1, hd)
+            zero = self.k_zero[layer, :, :, : n // G, None]
+            k = dequantize(codes.reshape(B, nkv, n // G, G, hd), scale, zero, self.dtype).reshape(B, nkv, n, hd)
+        return k, v
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._dequantized(layer)  # (B, nkv, n_quant, hd)
+        if self.res_k[layer] is None:
+            return k, v
+        return torch.cat([k, self.res_k[layer]], dim=2), torch.cat([v, self.res_v[layer]], dim=2)
+
+    def tensors(self) -> list[torch.Tensor]:
+        tails = [t for t in (*self.res_k, *self.res_v) if t is not None]
+        return [self.k_codes, self.v_codes, self.k_scale, self.k_zero, self.v_scale, self.v_zero, *tails]
+
+    def used_bytes(self) -> int:
+        """Bytes holding tokens: the filled codes and their scales/zeros, plus the full-precision tail."""
+        c, el = self.cfg, self.k_scale.element_size()
+        rows = self.batch_size * c.n_kv_head
+        total = 0
+        for layer in range(c.n_layer):
+            n = self.n_quant[layer]
+            total += 2 * rows * n * self.k_codes.shape[-1]  # K and V codes, one byte each
+            total += 2 * rows * n * el  # V scale and zero, per token
+            if self.key_axis == "token":
+                total += 2 * rows * n * el
+            else:
+                total += 2 * rows * (n // self.residual_len) * c.head_dim * el
+            for t in (self.res_k[layer], self.res_v[layer]):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens per sequence stored as integer codes so far (in every layer); the others sit in the full-precision
+        tail. 0 means every token stayed at full precision: a run like that measures nothing about quantization."""
+        return min(self.n_quant)

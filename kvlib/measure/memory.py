@@ -1,0 +1,214 @@
+"""Memory accounting: the KV cache from its formula and from the tensors actually held, and peak process memory.
+
+Units: bytes everywhere inside; MiB (2^20 bytes) and MB (10^6 bytes) only at the edges, named as such.
+
+KV-cache formula: 2 (K and V) x layers x batch x tokens x n_kv_head x head_dim x bytes per element. `tokens` is
+what the cache holds or reserves at the end of a generation, which depends on the layout (`cache_tokens`):
+
+- a growing ("dynamic") cache holds prompt + new - 1 tokens: the last new token is never fed back;
+- kvlib's static cache is preallocated for prompt + new slots (the last one is never written);
+- Hugging Face's static cache is sized by `generate` to max_length - 1 = prompt + new - 1 slots.
+
+Peak memory of one run:
+- CUDA: `torch.cuda.reset_peak_memory_stats` before, `max_memory_allocated` / `max_memory_reserved` after.
+- CPU: the process's peak resident set size during the run. Linux keeps a high-water mark (VmHWM) that can be
+  reset by writing 5 to /proc/self/clear_refs, so the peak of one run is read exactly, at no cost while it runs.
+  Where that is not allowed, a background thread samples RSS every millisecond (which can miss a short spike).
+  RSS counts everything the process holds: every loaded model, Python, libraries, the allocator's free lists.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from kvlib import checks
+from kvlib.errors import KvlibError
+from kvlib.models.config import ModelConfig
+
+MIB = 2**20
+MB = 10**6
+
+
+def mib(n_bytes: float) -> float:
+    """Bytes to MiB (2^20 bytes)."""
+    return n_bytes / MIB
+
+
+def mb(n_bytes: float) -> float:
+    """Bytes to MB (10^6 bytes), the unit of the assignment's `peak_mem_mb`."""
+    return n_bytes / MB
+
+
+def bytes_per_element(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        from kvlib.models.loading import DTYPES
+
+        try:
+            dtype = DTYPES[dtype]
+        except KeyError:
+            raise KvlibError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+    if not isinstance(dtype, torch.dtype):
+        raise checks.fail("dtype", dtype, "a torch.dtype or a dtype name (float32, bfloat16, float16, ...)")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes_formula(cfg: ModelConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
+    """2 x layers x batch x tokens x n_kv_head x head_dim x bytes per element."""
+    checks.config("cfg", cfg, where="kv_cache_bytes_formula:")
+    checks.whole("batch_size", batch_size, where="kv_cache_bytes_formula:")
+    checks.whole("tokens", tokens, minimum=0, where="kv_cache_bytes_formula:")
+    return 2 * cfg.n_layer * batch_size * tokens * cfg.n_kv_head * cfg.head_dim * bytes_per_element(dtype)
+
+
+def cache_tokens(engine: str, cache: str, prompt_len: int, max_new_tokens: int) -> int:
+    """Token slots the cache holds (or reserves) at the end of a generation of `max_new_tokens` tokens.
+
+    Derived from the layout's rules, not read from the cache, so that formula == held is a real check. For any
+    other layout (paged, quantized, windowed, ...) this is the logical length, prompt + new - 1: the formula is
+    then the dense cache those tokens would need, and the bytes held may differ (block rounding, compression).
+    """
+    checks.one_of("engine", engine, ("kvlib", "hf"), where="cache_tokens:")
+    if not isinstance(cache, str):
+        raise checks.fail("cache", cache, 'a cache mode: "none" or a layout name', "cache_tokens:")
+    checks.whole("prompt_len", prompt_len, where="cache_tokens:")
+    checks.whole("max_new_tokens", max_new_tokens, where="cache_tokens:")
+    if cache == "none":
+        return 0
+    if engine == "kvlib" and cache == "static":
+        return prompt_len + max_new_tokens  # decode.generate preallocates P + N slots
+    # Growing caches, and HF's static cache (sized max_length - 1 by generate), end with the last token unfed.
+    return prompt_len + max_new_tokens - 1
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def held_cache_bytes(cache: Any) -> int:
+    """Bytes of the tensors a cache holds: a kvlib KVCache, a Hugging Face Cache, legacy tuples, or None (0)."""
+    if cache is None:
+        return 0
+    from kvlib.caches.base import KVCache
+
+    if isinstance(cache, KVCache):
+        return int(cache.nbytes())
+    if hasattr(cache, "layers"):  # transformers' DynamicCache / StaticCache: one layer object per layer
+        total = 0
+        for layer in cache.layers:
+            total += _tensor_bytes(getattr(layer, "keys", None)) + _tensor_bytes(getattr(layer, "values", None))
+        return total
+    if isinstance(cache, (tuple, list)):  # the legacy ((k, v), ...) format
+        return sum(_tensor_bytes(c) if isinstance(c, torch.Tensor) else held_cache_bytes(c) for c in cache)
+    raise KvlibError(f"cannot count the bytes of a cache of type {type(cache).__name__}")
+
+
+def module_weight_bytes(module: torch.nn.Module | None) -> int:
+    """Bytes of a module's parameters (a tied parameter, GPT-2's embedding / LM head, counted once), plus the
+    copies kvlib's CPU fast path packs for its kernels (kvlib.models.fastpath): weights the process holds."""
+    if module is None:
+        return 0
+    from kvlib.models.fastpath import packed_bytes
+
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + packed_bytes(module)
+
+
+# ---- peak memory of one run ----------------------------------------------------------------------------------
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB (KiB)
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS; False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm_bytes() is not None
+
+
+@dataclass
+class PeakMemory:
+    kind: str  # "cuda_allocated" (torch's allocator) or "rss" (the process's resident set)
+    before_bytes: int  # allocated / resident just before the run
+    peak_bytes: int  # the most allocated / resident at any moment of the run
+    reserved_peak_bytes: int | None = None  # CUDA only: the most the caching allocator reserved
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.peak_bytes - self.before_bytes
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peak = current_rss_bytes()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, current_rss_bytes())
+
+
+class PeakTracker:
+    """`with PeakTracker(device) as t: ...` then `t.result`, a PeakMemory of what happened inside the block."""
+
+    def __init__(self, device: torch.device | str, sample_interval_s: float = 0.001) -> None:
+        self.device = checks.torch_device("device", device, where="PeakTracker:")
+        self.sample_interval_s = checks.positive_number("sample_interval_s", sample_interval_s, where="PeakTracker:")
+        self.result: PeakMemory | None = None
+        self._sampler: _RssSampler | None = None
+
+    def __enter__(self) -> PeakTracker:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            self._before = current_rss_bytes()
+            if not _reset_hwm():
+                self._sampler = _RssSampler(self.sample_interval_s)
+                self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.result = PeakMemory(
+                "cuda_allocated",
+                self._before,
+                torch.cuda.max_memory_allocated(self.device),
+                torch.cuda.max_memory_reserved(self.device),
+            )
+            return
+        peak = self._sampler.stop() if self._sampler is not None else (_vm_hwm_bytes() or current_rss_bytes())
+        self.result = PeakMemory("rss", self._before, max(peak, self._before))

@@ -1,0 +1,148 @@
+"""Results that are never lost: a CSV appended one complete row at a time.
+
+- The header is written once, with the first row.
+- An existing file with a different header (or a last line cut short) is refused, never rewritten.
+- Each row is one `write` of a whole line on a file opened in append mode, flushed and fsynced before the next
+  run starts, so a crash or Ctrl-C leaves every earlier row intact.
+- `check_writable` answers, before any model work, whether rows could be appended, without changing the file;
+  `check_outputs` does it for every output of a command at once and refuses two outputs that are one file.
+- A missing parent folder is an error (a mistyped path is not created silently); so is a folder or file that
+  cannot be written (permissions, a read-only file system), found by trying, not by reading permission bits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from kvlib.errors import KvlibError
+
+
+def read_header(path: str | Path) -> list[str] | None:
+    """The header of an existing CSV, None when the file is missing or empty."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return None
+    with p.open(newline="") as f:
+        return next(csv.reader(f), None)
+
+
+def _describe_difference(found: list[str], expected: list[str]) -> str:
+    for i, (a, b) in enumerate(zip(found, expected, strict=False)):
+        if a != b:
+            return f"column {i + 1} is {a!r}, expected {b!r}"
+    return f"it has {len(found)} columns, expected {len(expected)}"
+
+
+def check_writable(path: str | Path, columns: Sequence[str]) -> None:
+    """Raise KvlibError unless rows with `columns` can be appended to `path`; the file is not touched."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_file():
+            raise KvlibError(f"cannot write results to {p}: it is not a regular file")
+        if not os.access(p, os.W_OK):
+            raise KvlibError(f"cannot write results to {p}: permission denied")
+        try:
+            header = read_header(p)
+            with p.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    f.seek(size - 1)
+                    last = f.read(1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise KvlibError(f"cannot read the existing results file {p}: {e}") from None
+        if header is not None and header != list(columns):
+            raise KvlibError(
+                f"{p} already holds results with a different header ({_describe_difference(header, list(columns))}); "
+                "it is left untouched: write to a new file"
+            )
+        if size and last != b"\n":
+            raise KvlibError(f"{p} ends with an incomplete line; it is left untouched: write to a new file")
+        try:  # opening for append without writing changes neither the content nor the modification time
+            with p.open("ab"):
+                pass
+        except OSError as e:
+            raise KvlibError(f"cannot write results to {p}: {e.strerror or e}") from None
+        return
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise KvlibError(f"cannot write results to {p}: folder {parent} does not exist (it is not created for you)")
+    check_folder_writable(parent, f"cannot write results to {p}")
+
+
+def check_folder_writable(folder: str | Path, what: str) -> None:
+    """Raise KvlibError(`what`: why) unless a file can be created in `folder`, by creating and removing one."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kvlib-probe-"):
+            pass
+    except OSError as e:
+        raise KvlibError(f"{what}: folder {folder} is not writable ({e.strerror or e})") from None
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links, `..` or different spellings), existing or not."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def check_outputs(outputs: Mapping[str, tuple[str | Path | None, Sequence[str]]]) -> None:
+    """Check every output of a command before any work: {option: (path or None, columns)}.
+
+    Raises KvlibError when two options name one file, or when any file could not take rows with its columns
+    (`check_writable`). Options whose path is None are not written and not checked.
+    """
+    given = [(opt, path, cols) for opt, (path, cols) in outputs.items() if path is not None]
+    for i, (opt_a, a, _) in enumerate(given):
+        for opt_b, b, _ in given[i + 1 :]:
+            if same_file(a, b):
+                raise KvlibError(f"{opt_a} and {opt_b} name the same file ({a}); give each its own file")
+    for _, path, cols in given:
+        check_writable(path, cols)
+
+
+def _cell(value: object) -> object:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
+
+
+def _line(values: Iterable[object]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([_cell(v) for v in values])
+    return buf.getvalue()
+
+
+def append_rows(path: str | Path, rows: Iterable[Mapping[str, object]], columns: Sequence[str]) -> int:
+    """Append each row (a mapping with exactly `columns` as keys) to the CSV at `path`; return how many.
+
+    The header is written with the first row of a new or empty file. Each row is written and synced on its own,
+    so rows already appended survive whatever happens next.
+    """
+    columns = list(columns)
+    check_writable(path, columns)
+    p = Path(path)
+    n = 0
+    for row in rows:
+        missing = [c for c in columns if c not in row]
+        extra = [k for k in row if k not in columns]
+        if missing or extra:
+            raise KvlibError(f"a result row does not match the CSV columns (missing {missing}, unexpected {extra})")
+        text = _line(row[c] for c in columns)
+        try:
+            with p.open("a", newline="") as f:
+                if f.tell() == 0:
+                    text = _line(columns) + text  # the header goes out in the same write as the first row
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise KvlibError(f"cannot write results to {p}: {e.strerror or e}") from None
+        n += 1
+    return n

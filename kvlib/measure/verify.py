@@ -1,0 +1,209 @@
+"""`python -m kvlib verify`: every decoding path on the same prompts, checked against Hugging Face.
+
+The reference is Hugging Face `generate(use_cache=False)`: the textbook computation, every key and value
+recomputed at every step. Each other path (kvlib naive, kvlib with every exact cache layout, HF with its dynamic
+and static caches) must produce the same tokens and, at every step, logits within a tolerance; the dense caches
+(kvlib's and HF's dynamic and static) must hold exactly the bytes of the formula 2 x layers x B x T x n_kv_head x
+head_dim x bytes per element. Exit 0 only when all of them do. Pretrained models get passages of Pride and
+Prejudice as prompts, random weights synthetic ids (kvlib.models.prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from kvlib import checks
+from kvlib.caches.base import CACHE_LAYOUTS
+from kvlib.errors import KvlibError
+from kvlib.measure.memory import bytes_per_element, cache_tokens, held_cache_bytes, kv_cache_bytes_formula
+from kvlib.models.decode import Generation, generate
+from kvlib.models.hf import hf_generate
+from kvlib.models.loading import LoadedModel, load
+from kvlib.models.prompts import padded_prompts_for, prompt_source, prompts_for
+
+# Largest |logit difference| accepted, relative to the reference's largest |logit| (at least 1).
+# fp32 paths differ only by the order of floating-point sums; half precision rounds every activation.
+RELATIVE_LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+HF_PATHS = ("dynamic", "static")  # "none" is the reference
+DENSE_CACHES = ("dynamic", "static")  # caches whose bytes must equal the formula (paged rounds up to blocks)
+
+
+def kvlib_paths() -> tuple[str, ...]:
+    """kvlib's naive path and every registered exact cache layout (dynamic, static, paged, ...)."""
+    return ("none", *(name for name, cls in CACHE_LAYOUTS.items() if cls.exact))
+
+
+@dataclass
+class PathResult:
+    path: str
+    tokens_equal: bool
+    first_mismatch_step: int | None
+    max_abs_logit_diff: float
+    tolerance: float
+    kv_bytes: int | None = None  # bytes the cache held at the end (None: no cache)
+    kv_formula_bytes: int | None = None  # the formula's bytes for the slots this cache holds
+    kv_must_match: bool = False  # dense caches: held == formula is part of passing
+
+    @property
+    def kv_ok(self) -> bool:
+        return not self.kv_must_match or self.kv_bytes == self.kv_formula_bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.tokens_equal and self.max_abs_logit_diff <= self.tolerance and self.kv_ok
+
+
+def compare(
+    path: str,
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    ref_tokens: torch.Tensor,
+    ref_logits: torch.Tensor,
+    tolerance: float,
+) -> PathResult:
+    """Tokens (B, N) and step logits (N, B, V) of one path against the reference."""
+    same = (tokens == ref_tokens).all(dim=0)  # (N,)
+    first = None if bool(same.all()) else int((~same).nonzero()[0])
+    # After the first different token the sequences differ, so logits are compared up to that step only.
+    upto = logits.shape[0] if first is None else first + 1
+    diff = (logits[:upto] - ref_logits[:upto]).abs().max().item()
+    return PathResult(path, first is None, first, diff, tolerance)
+
+
+def check_sizes(batch_size: int, prompt_len: int, max_new_tokens: int, seed: int) -> None:
+    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens)):
+        checks.whole(name, value, where="verify:")
+    checks.seed("seed", seed, where="verify:")
+
+
+def verify(
+    lm: LoadedModel,
+    batch_size: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    padded: bool = False,
+) -> list[PathResult]:
+    """Run every path; return one result per path (the reference first, compared with itself)."""
+    check_sizes(batch_size, prompt_len, max_new_tokens, seed)
+    if not isinstance(lm, LoadedModel):
+        raise checks.fail("lm", lm, "a kvlib.models.loading.LoadedModel (from kvlib.models.loading.load)", "verify:")
+    return verify_prompts(lm, *make_prompts(lm, batch_size, prompt_len, seed, padded), max_new_tokens)[0]
+
+
+def make_prompts(
+    lm: LoadedModel, batch_size: int, prompt_len: int, seed: int, padded: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids (B, P), attention_mask or None): text for pretrained models; with `padded`, lengths from
+    prompt_len down to about half of it, left-padded."""
+    if padded:
+        lengths = [max(1, prompt_len - (i * prompt_len) // (2 * batch_size)) for i in range(batch_size)]
+        return padded_prompts_for(lm.cfg.vocab_size, lm.tokenizer, lengths, seed, lm.device)
+    return prompts_for(lm.cfg.vocab_size, lm.tokenizer, batch_size, prompt_len, seed, lm.device), None
+
+
+def _kv_fields(lm: LoadedModel, engine: str, cache: str, g: Generation, P: int, N: int) -> dict:
+    if cache == "none":
+        return {}
+    slots = cache_tokens(engine, cache, P, N)
+    B = g.tokens.shape[0]
+    return {
+        "kv_bytes": held_cache_bytes(g.cache),
+        "kv_formula_bytes": kv_cache_bytes_formula(lm.cfg, B, slots, lm.dtype),
+        "kv_must_match": cache in DENSE_CACHES,
+    }
+
+
+def verify_prompts(
+    lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int
+) -> tuple[list[PathResult], Generation]:
+    """Every path on these prompts: (one result per path, the reference first; the reference's generation)."""
+    if lm.hf is None:
+        raise KvlibError(f"{lm.cfg.name} has no Hugging Face counterpart to verify against")
+    P, N = ids.shape[1], max_new_tokens
+    ref = hf_generate(lm.hf, ids, N, cache="none", attention_mask=mask, keep_logits=True)
+    tol = RELATIVE_LOGIT_TOL[lm.dtype] * max(1.0, ref.step_logits.abs().max().item())
+    results = [compare("hf use_cache=False (reference)", ref.tokens, ref.step_logits, ref.tokens, ref.step_logits, tol)]
+    for cache in kvlib_paths():
+        # The paged cache stores no pad slots when given the mask (each row's padding maps to a scratch block).
+        options = {"attention_mask": mask} if cache == "paged" and mask is not None else None
+        g = generate(lm.model, ids, N, cache=cache, attention_mask=mask, keep_logits=True, cache_options=options)
+        name = "kvlib naive (no cache)" if cache == "none" else f"kvlib {cache} cache"
+        r = compare(name, g.tokens, g.step_logits, ref.tokens, ref.step_logits, tol)
+        results.append(PathResult(**{**r.__dict__, **_kv_fields(lm, "kvlib", cache, g, P, N)}))
+    for cache in HF_PATHS:
+        g = hf_generate(lm.hf, ids, N, cache=cache, attention_mask=mask, keep_logits=True)
+        r = compare(f"hf {cache} cache", g.tokens, g.step_logits, ref.tokens, ref.step_logits, tol)
+        results.append(PathResult(**{**r.__dict__, **_kv_fields(lm, "hf", cache, g, P, N)}))
+    return results, ref
+
+
+def format_table(results: list[PathResult]) -> str:
+    lines = [
+        f"{'path':<32} {'tokens equal':>12} {'max |logit diff|':>17} {'tolerance':>10} "
+        f"{'KV bytes held':>14} {'formula':>14}  ok"
+    ]
+    for r in results:
+        eq = "yes" if r.tokens_equal else f"no (step {r.first_mismatch_step})"
+        held = "-" if r.kv_bytes is None else f"{r.kv_bytes:,}"
+        formula = "-" if r.kv_formula_bytes is None else f"{r.kv_formula_bytes:,}"
+        if r.kv_bytes is not None and not r.kv_must_match:
+            formula += "*"
+        lines.append(
+            f"{r.path:<32} {eq:>12} {r.max_abs_logit_diff:>17.3e} {r.tolerance:>10.1e} {held:>14} {formula:>14}  "
+            f"{'ok' if r.ok else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def formula_line(lm: LoadedModel, batch_size: int, slots: int) -> str:
+    """The KV formula written out for a cache of `slots` token slots per sequence."""
+    c, e = lm.cfg, bytes_per_element(lm.dtype)
+    total = kv_cache_bytes_formula(c, batch_size, slots, lm.dtype)
+    return (
+        f"2 x {c.n_layer} layers x B {batch_size} x T {slots} x {c.n_kv_head} kv heads x {c.head_dim} head_dim x "
+        f"{e} bytes = {total:,} bytes"
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kvlib.cli import add_model_args, flag, positive_int
+
+    p = sub.add_parser("verify", help="prove every decoding path computes the same tokens and logits as HF")
+    add_model_args(p)
+    flag(p, "batch_size", type=positive_int, default=3, help="[3]")
+    flag(p, "prompt_len", type=positive_int, default=100, help="[100]")
+    flag(p, "max_new_tokens", type=positive_int, default=20, help="[20]")
+    p.add_argument("--padded", action="store_true", help="left-pad the prompts to different lengths")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_sizes(args.batch_size, args.prompt_len, args.max_new_tokens, args.seed)  # before loading anything
+    lm = load(args.model, args.weights, args.device, args.dtype, args.seed)
+    if lm.hf is not None:  # context overflow is checked before any work
+        from kvlib.models.decode import check_lengths
+
+        check_lengths(lm.model, args.prompt_len, args.max_new_tokens)
+    banner = "  ** RANDOM WEIGHTS **" if lm.weights == "random" else ""
+    print(
+        f"{lm.cfg.name} ({lm.weights}: {lm.source}){banner}, {lm.device}, {lm.dtype_name}, batch {args.batch_size}, "
+        f"prompt {args.prompt_len}{' (left-padded)' if args.padded else ''}, {args.max_new_tokens} new tokens; "
+        f"prompts: {prompt_source(lm.tokenizer)}"
+    )
+    ids, mask = make_prompts(lm, args.batch_size, args.prompt_len, args.seed, args.padded)
+    results, ref = verify_prompts(lm, ids, mask, args.max_new_tokens)
+    print(format_table(results))
+    N = args.max_new_tokens
+    slots = ids.shape[1] + N
+    print(f"KV formula of kvlib's static cache (P + N slots): {formula_line(lm, args.batch_size, slots)}")
+    print("(dynamic caches and HF's static one hold P + N - 1 slots; * paged: its pool of whole blocks holds more)")
+    if lm.tokenizer is not None:
+        tail = lm.tokenizer.decode(ids[0][-12:] if mask is None else ids[0][mask[0].bool()][-12:])
+        print(f"row 0: ...{tail!r} -> {lm.tokenizer.decode(ref.tokens[0])!r}")
+    failed = [r.path for r in results if not r.ok]
+    print("all paths agree" if not failed else f"MISMATCH: {', '.join(failed)}")
+    return 0 if not failed else 1

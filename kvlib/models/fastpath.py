@@ -1,0 +1,190 @@
+"""The fast path of CPU inference: the kernels kvlib's model uses when no gradient is needed.
+
+A decode step multiplies one row per sequence by every weight matrix, so its time is mostly the time to stream
+the weights from memory (kvlib.measure.roofline), and that depends on the kernel more than on anything else. What plain
+PyTorch does for these shapes on CPU, and what this module does instead (measured, README "Speed"):
+
+- `Linear`: F.linear hands MKL (float32) or oneDNN (bfloat16) a plain weight. oneDNN then re-packs the whole
+  matrix into its blocked layout on every call, and MKL's kernels for a few rows were slow on the study's CPU.
+  `Linear` packs the weight for oneDNN once and keeps the packed copy (it costs the weight's size in memory).
+- `one_row_matvec`: for a single row (batch 1 decoding) a matrix-vector product written as one float32 dot
+  product per output, compiled by torch.compile into one vectorised loop over the weight: faster than either
+  library's kernel here. Optional (COMPILE_ONE_ROW, or KVLIB_COMPILE=1): compiling takes seconds once per
+  process, which `prepare_for_inference` spends before any timed step.
+- `one_query_attention`: attention of one new token written out; in half precision PyTorch's fused CPU kernel
+  (tiled for many queries) was slower for one query.
+
+Everything here computes the function of the textbook path (float32 tokens are identical; tests prove it) and
+steps aside under autograd, on CUDA and under torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Module-level switches, so that the bench and the tests can compare with and without each part.
+PACK_CPU_WEIGHTS = True  # Linear multiplies with oneDNN-packed weights (False: plain F.linear)
+COMPILE_ONE_ROW = os.environ.get("KVLIB_COMPILE", "0").lower() in ("1", "true", "yes", "on")
+
+
+class _PackedWeight:
+    """A weight packed for oneDNN and the weight it was made from. A cache, not state: copies and pickles of a
+    model start without it (oneDNN's opaque tensors can be neither)."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+        self.source: weakref.ref | None = None  # the storage packed from: a new tensor means a new packing
+        self.version = -1  # its version counter then: an in-place write (copy_, init_random) means a new packing
+
+    def __deepcopy__(self, memo: dict) -> _PackedWeight:
+        return _PackedWeight()
+
+    def __reduce__(self) -> tuple:
+        return (_PackedWeight, ())
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict, same function) with the fast CPU inference kernels."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self._packed = _PackedWeight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast_cpu_inference(x) and x.dtype == self.weight.dtype:
+            if COMPILE_ONE_ROW and x.numel() == x.shape[-1]:
+                y = one_row_matvec(x.reshape(-1), self.weight, self.bias)
+                if y is not None:
+                    return y.view(*x.shape[:-1], -1)
+            packed = self.packed_weight() if PACK_CPU_WEIGHTS else None
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The weight packed for oneDNN (packed now if it changed since), or None where oneDNN can't serve it."""
+        w = self.weight
+        if not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16) or not _onednn(w.dtype):
+            return None
+        try:
+            version = w._version
+        except RuntimeError:  # a weight made under inference_mode has no version counter: changes would go unseen
+            return None
+        storage, pk = w.untyped_storage(), self._packed
+        if pk.tensor is None or pk.source is None or pk.source() is not storage or pk.version != version:
+            pk.tensor = None  # free the stale copy before making the new one
+            pk.tensor = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            pk.source, pk.version = weakref.ref(storage), version
+        return pk.tensor
+
+
+def fast_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether the fast kernels may serve `x`: on CPU, no autograd, and not inside torch.compile's tracing (which
+    chooses its own kernels)."""
+    return x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+_ONEDNN: dict[torch.dtype, bool] = {}
+
+
+def _onednn(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has real kernels for `dtype` on this CPU (bfloat16 needs AVX512-BF16 or AMX, else it would
+    be emulated, slowly)."""
+    if dtype not in _ONEDNN:
+        ok = torch.backends.mkldnn.is_available()
+        if dtype == torch.bfloat16:
+            ok = ok and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        _ONEDNN[dtype] = ok
+    return _ONEDNN[dtype]
+
+
+def _matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """w @ x + b for one row x (in,) and w (out, in), as one dot product per output, in float32.
+    Compiled, this is a single loop that reads each weight row once with vector instructions; eager PyTorch
+    would first materialise the whole product w * x."""
+    y = (w.float() * x.float()).sum(-1)  # (out,)
+    if b is not None:
+        y = y + b.float()
+    return y.to(x.dtype)
+
+
+_compiled_matvec: Callable | None = None
+_compile_failed = False
+
+
+def one_row_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The compiled `_matvec` (shapes dynamic: one compilation serves every matrix), or None when torch.compile
+    is not available here (no C++ compiler, ...): then the caller uses the packed kernel, after one warning."""
+    global _compiled_matvec, _compile_failed
+    if _compile_failed:
+        return None
+    if _compiled_matvec is None:
+        _compiled_matvec = torch.compile(_matvec, dynamic=True)
+    try:
+        # Detached, the weight is a plain tensor to torch.compile: its shape is then dynamic like any input's,
+        # so one compilation per (dtype, bias or not) serves every matrix. A Parameter's shape would be
+        # specialised: a recompilation per matrix shape, and past torch's limit of 8, silent eager execution.
+        return _compiled_matvec(x, w.detach(), None if b is None else b.detach())
+    except Exception as e:  # compile errors surface on the first call
+        _compile_failed = True
+        warnings.warn(f"torch.compile of the one-row kernel failed, using oneDNN instead: {e}", stacklevel=2)
+        return None
+
+
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention of one new token over S keys, written out: scores, softmax (in float32), weighted sum of values.
+
+    q (B, nh, 1, hd); k, v (B, nkv, S, hd); mask None or bool (B or 1, 1, 1, S), True where a key may be seen.
+    For a single query the work is two matrix-vector products per head. PyTorch's fused CPU kernel for
+    scaled_dot_product_attention is tiled for many queries; in bfloat16 it was slower for one query than these
+    three plain ops, in float32 it was not (so float32 keeps it). Grouped-query attention needs no copy of K or V:
+    the g = nh / nkv query heads of a group are g rows multiplying their group's keys.
+    """
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    q = q.reshape(B, nkv, nh // nkv, hd)  # (B, nkv, g, hd)
+    scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, nkv, g, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    y = scores.softmax(-1).to(v.dtype) @ v  # (B, nkv, g, hd)
+    return y.reshape(B, nh, 1, hd)
+
+
+_matvec_ready: set[tuple] = set()  # (dtype, out, in, has bias) already run through the compiled kernel
+
+
+@torch.inference_mode()
+def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
+    """Pack every Linear's weight, and compile the one-row kernel if batch-1 decoding will use it, now rather
+    than inside a timed prefill or decode step. Returns the seconds this took (about 0 when all was ready)."""
+    t0 = time.perf_counter()
+    for m in model.modules():
+        if not isinstance(m, Linear) or not m.weight.is_cpu:
+            continue
+        if PACK_CPU_WEIGHTS:
+            m.packed_weight()
+        signature = (m.weight.dtype, m.out_features, m.in_features, m.bias is not None)
+        if COMPILE_ONE_ROW and batch_size == 1 and signature not in _matvec_ready:
+            m(torch.zeros(1, m.in_features, dtype=m.weight.dtype))  # the first call of a signature compiles
+            _matvec_ready.add(signature)
+    return time.perf_counter() - t0
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes held by the packed copies of `model`'s weights (numel x element size; oneDNN may pad a little more):
+    memory the fast path adds on top of the parameters, to be counted with them."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m._packed.tensor is not None:
+            total += m._packed.tensor.numel() * m._packed.tensor.element_size()
+    return total

@@ -1,0 +1,253 @@
+"""The report: reports/<profile>/index.html, one self-contained page (styles inline, figures embedded as base64
+PNG, so it opens offline) with the headline numbers, the key figures, a link to each notebook's page, provenance,
+and a banner when any run used random weights.
+
+It reads what the notebooks wrote (data/NN_headline.csv, data/NN_meta.json, figures/NN_*.png; see kvlib.study)
+and the papermill metadata of the executed notebooks; it never re-runs or re-parses a notebook's outputs.
+
+    python -m kvlib.report run 02_naive_vs_cached --profile smoke   # one notebook (kvlib.report.pipeline)
+    python -m kvlib.report index --profile smoke                    # the index page
+    python -m kvlib.report check                                    # every profile's keys vs every notebook
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvlib.errors import KvlibError
+from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.banner { background: #fff3cd; border: 3px solid #d9534f; padding: 0.8em 1em; font-size: 1.1em; margin: 1em 0; }
+.banner strong { color: #b52b27; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; } .muted { color: #777; font-size: 0.9em; }
+code { background: #f6f6f6; padding: 0 0.2em; }
+"""
+
+
+def _fmt(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return html.escape(str(value))
+    if math.isnan(v):
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _is_true(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _notebook_info(out: Path, nb: str) -> dict[str, Any]:
+    """Title, papermill parameters and duration of an executed notebook; its headline rows, metadata and figures."""
+    prefix = nb.split("_", 1)[0]
+    info: dict[str, Any] = {"name": nb, "ran": False, "title": nb, "parameters": {}, "duration_s": math.nan}
+    executed = out / f"{nb}.ipynb"
+    if executed.exists():
+        doc = json.loads(executed.read_text())
+        pm = doc.get("metadata", {}).get("papermill", {})
+        info.update(ran=True, parameters=pm.get("parameters", {}), duration_s=pm.get("duration") or math.nan)
+        for cell in doc.get("cells", []):
+            if cell.get("cell_type") == "markdown":
+                first = "".join(cell.get("source", "")).strip().splitlines()
+                if first and first[0].startswith("#"):
+                    info["title"] = first[0].lstrip("#").strip().replace("`", "")
+                    break
+    headline = out / "data" / f"{prefix}_headline.csv"
+    info["headline"] = pd.read_csv(headline) if headline.exists() else pd.DataFrame()
+    meta = out / "data" / f"{prefix}_meta.json"
+    info["meta"] = json.loads(meta.read_text()) if meta.exists() else {}
+    info["failed"] = (out / f"{nb}.failed.ipynb").exists()
+    return info
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _headline_table(rows: pd.DataFrame, with_source: bool = True) -> str:
+    head = "<tr><th>metric</th><th>value</th><th>spread (IQR)</th><th>conditions</th>"
+    head += "<th>from</th></tr>" if with_source else "</tr>"
+    body = []
+    for _, r in rows.iterrows():
+        spread = ""
+        if not (pd.isna(r["q25"]) or pd.isna(r["q75"])):
+            spread = f"{_fmt(r['q25'])}–{_fmt(r['q75'])} (n={int(r['n'])})"
+        source = f'<td><a href="{html.escape(r["notebook"])}.html">{html.escape(r["notebook"])}</a></td>'
+        body.append(
+            f"<tr><td>{html.escape(str(r['label']))}</td><td class=num>{_fmt(r['value'])} {html.escape(str(r['unit']))}"
+            f"</td><td class=num>{spread}</td><td>{html.escape(str(r['note']) if pd.notna(r['note']) else '')}</td>"
+            f"{source if with_source else ''}</tr>"
+        )
+    return f"<table class=headline>{head}{''.join(body)}</table>"
+
+
+def _random_weights(infos: list[dict[str, Any]]) -> list[str]:
+    """The notebooks whose runs used random weights, with what their loader said."""
+    hits = []
+    for info in infos:
+        used = info["meta"].get("weights", [])
+        used = [used] if isinstance(used, str) else used
+        if "random" in used:
+            why = info["meta"].get("weights_warning") or info["meta"].get("weights_source") or ""
+            hits.append(f"{info['name']}{': ' + why if why else ''}")
+    return hits
+
+
+def _provenance(infos: list[dict[str, Any]], profile: str) -> str:
+    rows = [("profile", profile), ("index built", datetime.now(UTC).isoformat(timespec="seconds"))]
+    prov = next((i["meta"].get("provenance") for i in infos if i["meta"].get("provenance")), None) or {}
+    rows += [(k, v) for k, v in prov.items() if k != "timestamp"]
+    table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    per_nb = []
+    for info in infos:
+        params = ", ".join(f"{k}={v!r}" for k, v in info["parameters"].items() if k != "out_dir")
+        when = info["meta"].get("provenance", {}).get("timestamp", "")
+        per_nb.append(
+            f"<tr><td>{html.escape(info['name'])}</td><td class=num>{_fmt(info['duration_s'])} s</td>"
+            f"<td>{html.escape(when)}</td><td><code>{html.escape(params)}</code></td></tr>"
+        )
+    return (
+        f"<table>{table}</table><table><tr><th>notebook</th><th>ran for</th><th>finished</th>"
+        f"<th>parameters</th></tr>{''.join(per_nb)}</table>"
+    )
+
+
+def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path:
+    """Write out/index.html from what the notebooks left in out/; returns its path."""
+    out = Path(out)
+    infos = [_notebook_info(out, nb) for nb in notebooks]
+    parts = [
+        f"<h1>KV caching, measured — profile <code>{html.escape(profile)}</code></h1>",
+        "<p>What a KV cache buys and what it costs, measured on this machine by the study's notebooks. Every number "
+        "below was computed from the CSVs in <a href='data/'>data/</a>; each notebook's page shows how.</p>",
+    ]
+    random_nbs = _random_weights(infos)
+    if random_nbs:
+        parts.append(
+            "<div class=banner><strong>⚠ RANDOM WEIGHTS.</strong> Pretrained weights were not available, so these "
+            "runs used the real architectures with seeded random weights. Times and memory are those of the real "
+            "models; generated tokens are meaningless. (" + html.escape("; ".join(random_nbs)) + ")</div>"
+        )
+    missing = [i["name"] for i in infos if not i["ran"]]
+    failed = [i["name"] for i in infos if i["failed"]]
+    if missing or failed:
+        parts.append(
+            "<div class=banner>Incomplete: "
+            + html.escape(", ".join([f"{m} not run" for m in missing] + [f"{f} failed" for f in failed]))
+            + "</div>"
+        )
+
+    frames = [i["headline"] for i in infos if not i["headline"].empty]
+    allrows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    parts.append("<h2>Headline numbers</h2>")
+    if not allrows.empty and allrows["headline"].map(_is_true).any():
+        parts.append(_headline_table(allrows[allrows["headline"].map(_is_true)]))
+    else:
+        parts.append("<p>No headline numbers yet.</p>")
+
+    parts.append("<h2>Key figures</h2>")
+    for info in infos:
+        for f in info["meta"].get("figures", []):
+            path = out / "figures" / f["file"]
+            if f.get("key") and path.exists():
+                parts.append(
+                    f"<figure>{_img(path)}<figcaption><b>{html.escape(f.get('title', ''))}</b> — "
+                    f"{html.escape(f.get('caption', ''))} (<a href='{html.escape(info['name'])}.html'>"
+                    f"{html.escape(info['name'])}</a>)</figcaption></figure>"
+                )
+
+    parts.append("<h2>Notebooks</h2><ol>")
+    for info in infos:
+        status = "" if info["ran"] else " <span class=muted>(not run)</span>"
+        page = f"<a href='{html.escape(info['name'])}.html'>{html.escape(info['title'])}</a>" if info["ran"] else ""
+        parts.append(
+            f"<li>{page or html.escape(info['title'])}{status} <span class=muted>({html.escape(info['name'])}, "
+            f"<a href='{html.escape(info['name'])}.ipynb'>executed notebook</a>)</span>"
+        )
+        if not info["headline"].empty:
+            parts.append(_headline_table(info["headline"], with_source=False))
+        parts.append("</li>")
+    parts.append("</ol>")
+
+    parts.append("<h2>Data</h2><ul>")
+    for csv in sorted((out / "data").glob("*.csv")) if (out / "data").is_dir() else []:
+        parts.append(f"<li><a href='data/{html.escape(csv.name)}'>data/{html.escape(csv.name)}</a></li>")
+    parts.append("</ul><h2>Provenance</h2>")
+    parts.append(_provenance(infos, profile))
+
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>KV caching, measured ({html.escape(profile)})</title><style>{CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+    target = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m kvlib.report", description="Run the study's notebooks; build the report."
+    )
+    p.add_argument("--notebooks", default="notebooks", help="folder of the study's notebooks [notebooks]")
+    p.add_argument("--params", default="params", help="folder of the parameter profiles [params]")
+    p.add_argument("--reports", default="reports", help="reports go to REPORTS/<profile>/ [reports]")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="execute one notebook with papermill into REPORTS/<profile>/")
+    r.add_argument("notebook")
+    r.add_argument("--profile", default="default")
+    i = sub.add_parser("index", help="write REPORTS/<profile>/index.html")
+    i.add_argument("--profile", default="default")
+    sub.add_parser("check", help="check every profile's keys against every notebook's parameters")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "run":
+            run_notebook(args.notebook, args.profile, args.reports, args.params, args.notebooks)
+        elif args.command == "index":
+            build_index(Path(args.reports) / args.profile, args.profile, discover(args.notebooks))
+        else:
+            problems = check_profiles(args.params, args.notebooks)
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
+            return 2 if problems else 0
+    except NotebookFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the report keeps its previous notebooks and pages", file=sys.stderr)
+        return 130
+    except KvlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
