@@ -44,6 +44,9 @@ KVLIB_SRC := $(wildcard kvlib/*.py kvlib/*/*.py kvlib/*/*/*.py)
 REPORT_PY = $(PY) -m kvlib.report --reports $(REPORTS) --params $(PARAMS)
 # nbconvert's lab template without its CDN scripts (require.js, MathJax, mermaid): every page opens offline
 PAGE_TEMPLATE := kvlib/report/templates/offline.html.j2
+# the reading view: the same page without code (--no-input), linked from the index as each notebook's first page
+READING_TEMPLATE := kvlib/report/templates/reading.html.j2
+NBCONVERT = $(VENV)/bin/jupyter nbconvert --to html --log-level ERROR --output-dir $(OUT)
 
 ifneq ($(filter report,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(PARAMS)/$(PROFILE).yaml),)
@@ -54,23 +57,26 @@ endif
 report: $(OUT)/index.html ## Run every notebook with papermill; build reports/$(PROFILE)/index.html (PROFILE=smoke|default|gpu)
 	@echo "report: $(OUT)/index.html"
 
-$(OUT)/index.html: $(foreach n,$(NOTEBOOKS),$(OUT)/$(n).ipynb $(OUT)/$(n).html) $(KVLIB_SRC) | $(STAMP)
+$(OUT)/index.html: $(foreach n,$(NOTEBOOKS),$(OUT)/$(n).ipynb $(OUT)/$(n).html $(OUT)/$(n).reading.html) $(KVLIB_SRC) | $(STAMP)
 	@$(REPORT_PY) index --profile $(PROFILE)
 
+$(OUT)/%.reading.html: $(OUT)/%.ipynb $(READING_TEMPLATE) $(PAGE_TEMPLATE) | $(STAMP)
+	@$(NBCONVERT) --template-file $(READING_TEMPLATE) --no-input --output $*.reading $<
+
 $(OUT)/%.html: $(OUT)/%.ipynb $(PAGE_TEMPLATE) | $(STAMP)
-	@$(VENV)/bin/jupyter nbconvert --to html --template-file $(PAGE_TEMPLATE) --log-level ERROR --output-dir $(OUT) $<
+	@$(NBCONVERT) --template-file $(PAGE_TEMPLATE) $<
 
 .SECONDEXPANSION:
 $(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $(KVLIB_SRC) | $(STAMP)
 	@$(REPORT_PY) run $* --profile $(PROFILE)
 
-check-report: $(STAMP) ## Open every page of reports/$(PROFILE) in headless Chromium; fail on broken images/links; screenshots
+check-report: $(STAMP) ## Open every page of reports/$(PROFILE) (index, reading views, full notebooks) in headless Chromium; fail on broken images/links; screenshots
 	@$(PY) -m kvlib.report.browser $(OUT)
 
 lab: $(STAMP) ## JupyterLab on the project's environment (notebooks run top to bottom with their defaults)
 	cd notebooks && ../$(VENV)/bin/jupyter lab
 
-bench: $(STAMP) ## kvlib's decode vs HF generate and the memory floor; appends to reports/bench.csv (QUICK=1: ~1 min)
+bench: $(STAMP) ## kvlib vs HF generate on smollm2-135m and distilgpt2; appends to reports/bench.csv (QUICK=1: < 3 min, bounded)
 	$(PY) -m kvlib bench $(if $(filter-out 0,$(QUICK)),--quick)
 
 clean: ## Remove generated reports (keeps .venv)

@@ -14,7 +14,13 @@ from kvlib import checks
 from kvlib.errors import KvlibError
 from kvlib.models.config import PRESETS
 
-COMMAND_MODULES = ("kvlib.measure.verify", "kvlib.measure.run_cli", "kvlib.measure.bench", "kvlib.models.generate_cli")
+COMMAND_MODULES = (
+    "kvlib.measure.verify",
+    "kvlib.measure.run_cli",
+    "kvlib.measure.bench",
+    "kvlib.models.generate_cli",
+    "kvlib.measure.perplexity",
+)
 
 
 def whole_arg(text: str, minimum: int, allowed: str) -> int:

@@ -65,3 +65,13 @@ def test_every_kind_of_fault_is_found(tmp_path, capsys):
 def test_no_report_is_one_line_and_exit_2(tmp_path, capsys):
     assert browser_check.main([str(tmp_path / "nothing")]) == 2
     assert "index.html is missing" in capsys.readouterr().err
+
+
+def test_percent_encoded_anchors_resolve_as_in_a_browser(tmp_path):
+    """Regression: nbconvert writes a heading's id percent-encoded (08_quality: "memory%E2%80%93quality") and links
+    to it so; a browser finds it (the fragment as written first, then decoded), so the check must too."""
+    (tmp_path / "index.html").write_text(_page("<a href='a.html#x%E2%80%93y'>a</a> <a href='a.html#p%20q'>b</a>"))
+    (tmp_path / "a.html").write_text(_page("<h2 id='x%E2%80%93y'>s</h2><h2 id='p q'>t</h2><a href='#nope%20'>n</a>"))
+    results = {r.page: r.problems for r in browser_check.check_report(tmp_path, screenshots=False)}
+    assert results["index.html"] == []
+    assert results["a.html"] == ["broken link '#nope%20': a.html has no anchor #nope "]

@@ -22,11 +22,12 @@ from kvlib.models.prompts import left_padded_prompts, synthetic_prompts
 LOGIT_ATOL = 1e-4  # fp32 kernels differ only in the order of their sums
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
 @pytest.mark.parametrize(
     ("seed", "batch_size", "prompt_len", "new_tokens"), [(0, 1, 9, 12), (1, 2, 30, 10), (2, 5, 4, 16)]
 )
-def test_fast_path_tokens_equal_naive_tokens_fp32(seed, batch_size, prompt_len, new_tokens):
-    lm = load("tiny", weights="random", seed=seed, with_hf=False)
+def test_fast_path_tokens_equal_naive_tokens_fp32(model, seed, batch_size, prompt_len, new_tokens):
+    lm = load(model, weights="random", seed=seed, with_hf=False)
     ids = synthetic_prompts(lm.cfg.vocab_size, batch_size, prompt_len, seed)
     fast = generate(lm.model, ids, new_tokens, cache="static", keep_logits=True)
     naive = generate(lm.model, ids, new_tokens, cache="none", keep_logits=True)
@@ -198,10 +199,11 @@ def test_half_precision_decode_uses_one_query_attention_with_padding(monkeypatch
     print(f"tiny bf16 (n_kv_head={n_kv_head}) fast vs naive, padded: {agree:.0%} of tokens equal")
 
 
-def test_compiled_one_row_kernel_tokens_equal_naive_fp32(monkeypatch):
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+def test_compiled_one_row_kernel_tokens_equal_naive_fp32(monkeypatch, model):
     """Batch-1 decoding with the torch.compile'd matrix-vector kernel (optional, KVLIB_COMPILE=1)."""
     monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", True)
-    lm = load("tiny", weights="random", seed=3, with_hf=False)
+    lm = load(model, weights="random", seed=3, with_hf=False)
     ids = synthetic_prompts(lm.cfg.vocab_size, 1, 12, seed=3)
     setup_s = prepare_for_inference(lm.model, batch_size=1)  # compiles (once per process) outside any timing
     assert prepare_for_inference(lm.model, batch_size=1) < min(0.5, setup_s + 0.5)  # then there is nothing to do
@@ -209,9 +211,9 @@ def test_compiled_one_row_kernel_tokens_equal_naive_fp32(monkeypatch):
     real = fastpath.one_row_matvec
     monkeypatch.setattr(fastpath, "one_row_matvec", lambda *a: calls.append(1) or real(*a))
     fast = generate(lm.model, ids, 10, cache="static", keep_logits=True)
-    assert (
-        len(calls) == 9 * (4 * lm.cfg.n_layer + 1) + 1
-    )  # every matrix of every decode step, and the prefill's LM head
+    # every matrix of every decode step (GPT-2: c_attn, c_proj, c_fc, mlp c_proj; Llama: qkv, o, gate_up, down),
+    # and the prefill's LM head
+    assert len(calls) == 9 * (4 * lm.cfg.n_layer + 1) + 1
     monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)
     naive = generate(lm.model, ids, 10, cache="none", keep_logits=True)
     assert torch.equal(fast.tokens, naive.tokens)
@@ -264,10 +266,48 @@ def test_regression_compiled_kernel_is_not_recompiled_per_matrix_shape(monkeypat
 
 def test_packed_bytes_counts_the_memory_the_fast_path_adds(monkeypatch):
     assert fastpath.packed_bytes(GPT(get_preset("tiny")).eval()) == 0  # nothing packed before inference
-    lm = load("tiny", weights="random", with_hf=False)  # load packs, so memory is steady before any measurement
+    lm = load("tiny", weights="random", with_hf=False)  # load prepares for batch 1: memory steady before measuring
     linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
-    assert fastpath.packed_bytes(lm.model) == sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    full = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    # batch-1 decoding packs only where the packed kernel is the faster one for one row on this CPU
+    assert fastpath.packed_bytes(lm.model) == (
+        full if fastpath.one_row_kernel(lm.model, torch.float32) == "packed" else 0
+    )
+    prepare_for_inference(lm.model, batch_size=4)
+    assert fastpath.packed_bytes(lm.model) == full  # several rows: the packed copy is held (README "Speed")
+    with torch.inference_mode():  # and released again for batch 1 when it is not used there
+        monkeypatch.setattr(fastpath, "ONE_ROW_KERNEL", "plain")
+        prepare_for_inference(lm.model, batch_size=1)
+    assert fastpath.packed_bytes(lm.model) == 0
     fresh = GPT(lm.cfg).eval()
     monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
     generate(fresh, synthetic_prompts(lm.cfg.vocab_size, 2, 5), 3)
     assert fastpath.packed_bytes(fresh) == 0  # switched off: no copies
+
+
+def test_llama_rope_table_and_folded_rotation_are_bit_identical_to_the_textbook_rotation():
+    """The decode path's RoPE (a precomputed table, rotate_half's sign folded into the sine, queries and keys
+    rotated in one pass) against rope_cos_sin + rotate, HF's formulation: equal to the bit, in float32 and bf16."""
+    from kvlib.models.llama import RopeTable, rope_cos_sin, rope_inv_freq, rotate, rotate_folded
+
+    cfg = get_preset("tiny-llama")
+    inv_freq = rope_inv_freq(cfg)
+    table = RopeTable(inv_freq, 16)  # smaller than the positions asked for below: it grows
+    positions = torch.tensor([[3, 4, 5], [0, 1, 40]])  # (B, T), one row past the table
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, cfg.n_head, cfg.head_dim).to(dtype)  # (B, T, h, hd)
+        cos, sin = rope_cos_sin(positions, inv_freq, dtype)  # (B, 1, T, hd)
+        want = rotate(x.transpose(1, 2), cos, sin).transpose(1, 2)
+        got = rotate_folded(x, *table(positions, dtype))
+        assert torch.equal(got, want), dtype
+
+
+def test_llama_rmsnorm_fused_op_equals_the_formula():
+    from kvlib.models.llama import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = torch.randn(3, 5, 64) * 4
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert torch.equal(norm(x), norm.weight * h)

@@ -271,7 +271,7 @@ def test_best_saving_never_picks_a_lossy_layout_that_lost_nothing():
 def test_notebook_07_sentence_leaves_out_what_quantized_nothing(tmp_path, quant_smoke):
     """The issue's smoke report: "int4 KIVI ...: -18.8% saving, 100.0% agreement" listed as a result."""
     strategies = SimpleNamespace(quantized_error=lambda *a, **k: quant_smoke)
-    lm = SimpleNamespace(model=None, hf=None)
+    lm = SimpleNamespace(model=None, hf=None, tokenizer=None)
     _, shown = run_cell(
         "07_cache_strategies", 8, strategies=strategies, lm=lm, batch_size=2, prompt_len=24, new_tokens=8,
         repeats=1, warmup=0, seed=0, out=study.Outputs("07_cache_strategies", tmp_path),

@@ -317,7 +317,7 @@ CALLS: list[tuple[str, Any, dict[str, Any]]] = [
         strategies.window_memory,
         dict(model="$model", lengths=[8], prompt_len=4, sink=1, window=2, batch_size=1, seed=0),
     ),
-    ("default_kv_heads", strategies.default_kv_heads, dict(n_head=4)),
+    ("default_kv_heads", strategies.default_kv_heads, dict(n_head=4, n_kv_head=2)),
     ("check_kv_heads", strategies.check_kv_heads, dict(n_head=4, kv_heads=[4, 1])),
     (
         "gqa_reduction",
@@ -378,7 +378,12 @@ CALLS: list[tuple[str, Any, dict[str, Any]]] = [
     ("verify", verify, dict(lm="$lm", batch_size=1, prompt_len=4, max_new_tokens=2, seed=0)),
     ("load", load, dict(model="tiny", weights="random", seed=0, n_kv_head=2, with_hf=False)),
 ]
-OPTIONAL = {("check_kv_heads", "kv_heads"), ("gqa_reduction", "kv_heads"), ("load", "n_kv_head")}
+OPTIONAL = {
+    ("default_kv_heads", "n_kv_head"),
+    ("check_kv_heads", "kv_heads"),
+    ("gqa_reduction", "kv_heads"),
+    ("load", "n_kv_head"),
+}
 SWEPT = [(label, name) for label, _, kw in CALLS for name, v in kw.items() if kind(name, v) is not None]
 
 

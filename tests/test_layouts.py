@@ -273,7 +273,7 @@ def test_kivi_keys_are_quantized_in_whole_groups_and_the_rest_stays_full_precisi
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"bits": 3}, "bits must be 8 or 4"),
+        ({"bits": 3}, "bits must be 8, 4 or 2"),
         ({"key_axis": "head"}, "key_axis"),
         ({"key_axis": "channel"}, "residual_len must be >= 2"),
         ({"residual_len": -1}, "residual_len"),

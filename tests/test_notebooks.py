@@ -184,6 +184,33 @@ def test_weights_banner():
     assert "RANDOM WEIGHTS" in study.weights_banner(["pretrained", "random"])
 
 
+def test_the_random_weights_banner_is_shown_once_per_page_and_never_for_pretrained(tmp_path, monkeypatch):
+    """Issue 9: a notebook that loads several random-weight models shows the banner once; pretrained, never."""
+    import IPython.display
+
+    from kvlib.models.loading import load
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(getattr(obj, "data", obj)))
+    lm = load("tiny", "random", "cpu", "float32", 0, with_hf=False)
+    out = study.Outputs("09_example", tmp_path)
+    out.loaded(lm)
+    out.loaded(lm)
+    assert len(shown) == 1 and "RANDOM WEIGHTS" in shown[0]
+    shown.clear()
+    lm.weights = "pretrained"  # what a pretrained load records; the banner depends on nothing else
+    study.Outputs("09_example", tmp_path).loaded(lm)
+    assert shown == []
+
+
+def test_the_default_profile_runs_smollm2_with_pretrained_weights_and_the_smoke_profile_tiny_models():
+    for name in NAMES:
+        default = pipeline.profile_params(PARAMS, "default", name)
+        assert (default["model"], default["weights"]) == ("smollm2-135m", "pretrained"), name
+        smoke = pipeline.profile_params(PARAMS, "smoke", name)
+        assert smoke["model"] in ("tiny", "tiny-llama") and smoke["weights"] == "random", name
+
+
 def test_outputs_write_prefixed_files(tmp_path):
     import matplotlib
 
@@ -263,7 +290,7 @@ def test_index_from_notebook_outputs(tmp_path):
     assert page.count("data:image/png;base64,") == 1
     headline = page[page.index("<table class=headline>") : page.index("</table>")]
     assert "Speedup of cached over naive" in headline and "3.21 x" in headline and "A minor number" not in headline
-    assert "href='02_naive_vs_cached.html'" in page and "01_concept not run" in page
+    assert "href='02_naive_vs_cached.reading.html'" in page and "01_concept not run" in page  # the reading view
     assert "abc123" in page
     assert 'src="http' not in page and "<script" not in page  # self-contained: nothing fetched
 

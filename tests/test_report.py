@@ -73,12 +73,16 @@ def test_every_notebook_executed_without_error(report):
         assert all(c["execution_count"] for c in code), f"{name}: a cell did not run"
         errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
         assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
-        assert nb["metadata"]["papermill"]["parameters"]["model"] == "tiny"
+        assert nb["metadata"]["papermill"]["parameters"]["model"] in ("tiny", "tiny-llama")  # smoke: 01 and 07 Llama
         assert (out / f"{name}.html").stat().st_size > 10_000
+        full, reading = (out / f"{name}.html").read_text(), (out / f"{name}.reading.html").read_text()
+        assert 'class="jp-CodeMirrorEditor' in full and 'class="jp-CodeMirrorEditor' not in reading  # code hidden
+        assert f'href="{name}.reading.html"' in full and f'href="{name}.html"' in reading  # each links the other
         assert not (out / f"{name}.failed.ipynb").exists()
     assert not (out / ".build").exists()
-    for i, name in enumerate(NAMES, 1):  # one progress line per notebook, with its time
+    for i, name in enumerate(NAMES, 1):  # one progress line per notebook, with its time, and one per cell
         assert f"[{i}/{len(NAMES)}] {name} ... " in report["log"]
+        assert f"[{i}/{len(NAMES)}] {name}: cell 1/" in report["log"]
 
 
 def test_index_is_self_contained_with_headline_table(report):
@@ -96,15 +100,20 @@ def test_index_is_self_contained_with_headline_table(report):
         "Best decode throughput",
     ):
         assert label in headline, f"headline table lacks {label!r}"
-    assert "RANDOM WEIGHTS" in page  # the smoke profile uses random weights
+    assert page.count("RANDOM WEIGHTS") == 1  # the smoke profile uses random weights: one banner, not one each
+    assert page.index("<h2>Findings</h2>") < page.index("RANDOM WEIGHTS") < page.index("Headline numbers")
+    findings = page[page.index("<ul class=findings>") : page.index("</ul>", page.index("<ul class=findings>"))]
+    assert findings.count("<li") >= 3 and ".reading.html'>notebook 0" in findings
+    assert "what it means" in headline
     for name in NAMES:
-        assert f"href='{name}.html'" in page
+        assert f"href='{name}.html'" in page and f"href='{name}.reading.html'" in page
     assert "git_commit" in page and "Provenance" in page
 
 
 def test_offline_pages_load_nothing_from_the_network(report):
     """Regression (issue 14, "offline pages"): nbconvert's pages loaded require.js and MathJax from a CDN."""
-    for page in [report["out"] / "index.html", *(report["out"] / f"{name}.html" for name in NAMES)]:
+    pages = [report["out"] / f"{name}{view}.html" for name in NAMES for view in ("", ".reading")]
+    for page in [report["out"] / "index.html", *pages]:
         text = page.read_text()
         fetched = re.findall(r"<(?:script|link|img|iframe)[^>]*(?:src|href)=[\"']?(https?:)?//[^>]*>", text)
         assert not fetched, f"{page.name} fetches {fetched[:2]}"
@@ -115,7 +124,8 @@ def test_offline_pages_load_nothing_from_the_network(report):
 def test_check_report_passes_on_the_smoke_report(report):
     proc = make("check-report", "PROFILE=smoke", f"REPORTS={report['reports']}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (report["out"] / "screenshots" / "index.png").is_file()
+    for name in ["index", *NAMES, *(f"{n}.reading" for n in NAMES)]:  # every page, both views of each notebook
+        assert (report["out"] / "screenshots" / f"{name}.png").is_file(), name
 
 
 def test_csvs_have_the_expected_columns(report):
@@ -147,7 +157,7 @@ def test_make_rebuilds_only_what_changed(report):
     os.utime(own, (later, later))
     assert planned_runs() == ["06_prompt_sweep"]
     plan = make(*args).stdout
-    assert "nbconvert" in plan and "index --profile smoke" in plan
+    assert "nbconvert" in plan and "index --profile smoke" in plan and "06_prompt_sweep.reading" in plan
     os.utime(report["params"] / "smoke.yaml", (later, later))  # the shared keys: every notebook
     assert planned_runs() == NAMES
     os.utime(own, (0, 0))  # leave the report up to date for the next tests

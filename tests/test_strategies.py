@@ -177,6 +177,19 @@ def test_gqa_reduction_is_exactly_n_head_over_n_kv_head():
     assert list(df["reduction"]) == [1.0, 2.0, 4.0]
 
 
+def test_gqa_reduction_measures_the_loaded_model_as_it_is_next_to_random_variants():
+    """Issue 9: notebook 07 measures SmolLM2's own 3 of 9 KV heads (pretrained) next to 9 and 1 (random weights)."""
+    assert (
+        default_kv_heads(9, 3) == [9, 3, 1] and default_kv_heads(9) == [9, 3, 1] and default_kv_heads(4, 2) == [4, 2, 1]
+    )
+    base = load("tiny-llama", "random", "cpu", "float32", 0, with_hf=False)  # 4 query heads, 2 KV heads
+    base.weights = "pretrained"  # stands for real weights: the base model must be used as it is, not rebuilt
+    df = gqa_reduction("tiny-llama", batch_size=1, prompt_len=8, new_tokens=3, base=base, **FAST)
+    assert list(df["n_kv_head"]) == [4, 2, 1] and list(df["weights"]) == ["random", "pretrained", "random"]
+    assert df.loc[df["n_kv_head"] == 2, "model"].item() == "tiny-llama"
+    assert df["reduction_exact"].all() and list(df["reduction"]) == [1.0, 2.0, 4.0]
+
+
 def test_window_memory_is_flat_and_exact_while_it_fits(lm):
     df = window_memory(lm.model, lengths=(20, 29, 40, 80), prompt_len=8, sink=4, window=24)
     win = df[df["cache"] == "window"].set_index("total_tokens")

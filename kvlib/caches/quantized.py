@@ -1,13 +1,17 @@
-"""Quantized KV cache: keys and values stored as 8- or 4-bit integer codes with scales, the most recent tokens
+"""Quantized KV cache: keys and values stored as 8-, 4- or 2-bit integer codes with scales, the most recent tokens
 optionally kept at full precision. Lossy (`exact = False`): it reports its error, it never claims identity.
 
 Quantization is asymmetric (min/max): x ~ code * scale + zero with code in [0, 2^bits - 1], computed in float32;
 scale and zero are stored in the cache's dtype, and codes are computed against those stored (rounded) values.
 
-- values: one (scale, zero) per token and head, over head_dim (per-token), as in KIVI.
+- values: one (scale, zero) per token and head, over head_dim (per-token), as in KIVI; with `group` g, one per
+  token, head and run of g channels (KIVI's group size: head_dim / g scales per token).
 - keys: per-token too (`key_axis="token"`), or per-channel (`key_axis="channel"`, KIVI): one (scale, zero) per
   channel over a group of `residual_len` tokens, because keys have outlier channels that per-token scales smear.
-- int4: two codes per byte along head_dim (head_dim must be even).
+- int4 / int2: two / four codes per byte along head_dim (head_dim must be a multiple of 2 / 4).
+- KIVI in miniature: key_axis="channel", bits 4 or 2, residual_len 32 or 128, group 32. One simplification: the
+  keys' per-channel group along tokens is the residual itself (KIVI quantizes a full residual of R tokens in
+  groups of G <= R; here G = R), and values are flushed with their keys, a group at a time.
 - residual: with `key_axis="token"`, the last `residual_len` tokens stay at full precision; with "channel" the
   full-precision tail fills up to `residual_len` tokens and is then quantized as one group (KIVI's rule).
 
@@ -32,6 +36,7 @@ from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
 KEY_AXES = ("token", "channel")
+BITS = (8, 4, 2)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -52,18 +57,51 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dty
     return (codes.float() * scale.float() + zero.float()).to(dtype)
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., k n) codes of `bits` bits -> (..., n) bytes, k = 8 // bits codes per byte, element k i + j in bits
+    [j bits, (j + 1) bits) of byte i. 8 bits: unchanged."""
+    per_byte = 8 // bits
+    out = codes[..., 0::per_byte].clone()
+    for j in range(1, per_byte):
+        out |= codes[..., j::per_byte] << (bits * j)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte, mask = 8 // bits, 2**bits - 1
+    if per_byte == 1:
+        return packed
+    return torch.stack([(packed >> (bits * j)) & mask for j in range(per_byte)], dim=-1).flatten(-2)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(..., 2n) codes in [0, 15] -> (..., n) bytes, even elements in the low nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return pack_codes(codes, 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    return unpack_codes(packed, 4)
+
+
+def quantize_grouped(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Per-token quantization of x (..., hd) in runs of `group` channels: codes (..., hd), scale and zero
+    (..., hd / group)."""
+    codes, scale, zero = quantize(x.unflatten(-1, (-1, group)), bits, dim=-1, dtype=dtype)
+    return codes.flatten(-2), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_grouped(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The inverse of quantize_grouped: codes (..., hd), scale and zero (..., hd / group) -> (..., hd)."""
+    ng = scale.shape[-1]
+    return dequantize(codes.unflatten(-1, (ng, -1)), scale[..., None], zero[..., None], dtype).flatten(-2)
 
 
 @register_layout
 class QuantizedCache(KVCache):
-    """Options: bits (8 or 4), residual_len (0: every token quantized), key_axis ("token" or "channel")."""
+    """Options: bits (8, 4 or 2), residual_len (0: every token quantized), key_axis ("token" or "channel"),
+    group (channels per scale of per-token quantization; 0: the whole head_dim)."""
 
     name = "quantized"
     exact = False
@@ -78,11 +116,15 @@ class QuantizedCache(KVCache):
         bits: int = 8,
         residual_len: int = 0,
         key_axis: str = "token",
+        group: int = 0,
     ) -> None:
         super().__init__(cfg, batch_size, max_len, device, dtype)
-        if not (checks.is_whole(bits) and bits in (4, 8)):
-            raise checks.fail("bits", bits, "8 or 4", "quantized cache:")
+        if not (checks.is_whole(bits) and bits in BITS):
+            raise checks.fail("bits", bits, "8, 4 or 2", "quantized cache:")
         bits = int(bits)
+        group = checks.whole("group", group, minimum=0, where="quantized cache:") or cfg.head_dim
+        if cfg.head_dim % group:
+            raise KvlibError(f"quantized cache: group {group} does not divide head_dim {cfg.head_dim}")
         key_axis = checks.one_of("key_axis", key_axis, KEY_AXES, where="quantized cache:")
         residual_len = checks.whole("residual_len", residual_len, minimum=0, where="quantized cache:")
         if key_axis == "channel" and residual_len < 2:
@@ -90,17 +132,21 @@ class QuantizedCache(KVCache):
                 "quantized cache: key_axis='channel' quantizes keys in groups of residual_len tokens; "
                 f"residual_len must be >= 2, got {residual_len}"
             )
-        if bits == 4 and cfg.head_dim % 2:
-            raise KvlibError(f"quantized cache: int4 packs two codes per byte; head_dim {cfg.head_dim} is odd")
-        self.bits, self.residual_len, self.key_axis = bits, residual_len, key_axis
+        per_byte = 8 // bits
+        if cfg.head_dim % per_byte:
+            raise KvlibError(
+                f"quantized cache: int{bits} packs {per_byte} codes per byte; head_dim {cfg.head_dim} is not a "
+                f"multiple of {per_byte}"
+            )
+        self.bits, self.residual_len, self.key_axis, self.group = bits, residual_len, key_axis, group
         c, hd = cfg, cfg.head_dim
-        width = hd if bits == 8 else hd // 2
+        width, n_groups = hd // per_byte, hd // group
         lead = (c.n_layer, batch_size, c.n_kv_head)
         # Slots that can ever be quantized: per-token mode always keeps the last residual_len at full precision.
         n_codes = max(max_len - residual_len, 0) if key_axis == "token" else max_len
         self.k_codes = torch.zeros(*lead, n_codes, width, dtype=torch.uint8, device=self.device)  # (L, B, nkv, S, w)
         self.v_codes = torch.zeros_like(self.k_codes)
-        self.v_scale = torch.zeros(*lead, n_codes, 1, dtype=dtype, device=self.device)  # (L, B, nkv, S, 1)
+        self.v_scale = torch.zeros(*lead, n_codes, n_groups, dtype=dtype, device=self.device)  # (L, B, nkv, S, ng)
         self.v_zero = torch.zeros_like(self.v_scale)
         if key_axis == "token":
             self.k_scale = torch.zeros_like(self.v_scale)
@@ -113,20 +159,20 @@ class QuantizedCache(KVCache):
         self.res_v: list[torch.Tensor | None] = [None] * c.n_layer
 
     def _codes(self, codes: torch.Tensor) -> torch.Tensor:
-        return pack_int4(codes) if self.bits == 4 else codes
+        return pack_codes(codes, self.bits)
 
     def _uncodes(self, stored: torch.Tensor) -> torch.Tensor:
-        return unpack_int4(stored) if self.bits == 4 else stored
+        return unpack_codes(stored, self.bits)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v (B, nkv, n, hd) into the next n quantized slots of `layer`."""
         q0, n = self.n_quant[layer], k.shape[2]
-        codes, scale, zero = quantize(v, self.bits, dim=-1, dtype=self.dtype)
+        codes, scale, zero = quantize_grouped(v, self.bits, self.group, self.dtype)
         self.v_codes[layer, :, :, q0 : q0 + n] = self._codes(codes)
         self.v_scale[layer, :, :, q0 : q0 + n] = scale
         self.v_zero[layer, :, :, q0 : q0 + n] = zero
         if self.key_axis == "token":
-            codes, scale, zero = quantize(k, self.bits, dim=-1, dtype=self.dtype)
+            codes, scale, zero = quantize_grouped(k, self.bits, self.group, self.dtype)
             self.k_scale[layer, :, :, q0 : q0 + n] = scale
             self.k_zero[layer, :, :, q0 : q0 + n] = zero
         else:  # n is a whole number of groups: (B, nkv, n/G, G, hd), reduce over the G tokens of each group
@@ -160,7 +206,7 @@ class QuantizedCache(KVCache):
 
     def _dequantized(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.n_quant[layer]
-        v = dequantize(
+        v = dequantize_grouped(
             self._uncodes(self.v_codes[layer, :, :, :n]),
             self.v_scale[layer, :, :, :n],
             self.v_zero[layer, :, :, :n],
@@ -168,7 +214,7 @@ class QuantizedCache(KVCache):
         )
         codes = self._uncodes(self.k_codes[layer, :, :, :n])
         if self.key_axis == "token":
-            k = dequantize(codes, self.k_scale[layer, :, :, :n], self.k_zero[layer, :, :, :n], self.dtype)
+            k = dequantize_grouped(codes, self.k_scale[layer, :, :, :n], self.k_zero[layer, :, :, :n], self.dtype)
         else:
             G = self.residual_len
             B, nkv, _, hd = codes.shape
@@ -194,10 +240,11 @@ class QuantizedCache(KVCache):
         total = 0
         for layer in range(c.n_layer):
             n = self.n_quant[layer]
-            total += 2 * rows * n * self.k_codes.shape[-1]  # K and V codes, one byte each
-            total += 2 * rows * n * el  # V scale and zero, per token
+            ng = self.v_scale.shape[-1]
+            total += 2 * rows * n * self.k_codes.shape[-1]  # K and V codes, packed bytes
+            total += 2 * rows * n * ng * el  # V scale and zero, per token (and group of channels)
             if self.key_axis == "token":
-                total += 2 * rows * n * el
+                total += 2 * rows * n * ng * el
             else:
                 total += 2 * rows * (n // self.residual_len) * c.head_dim * el
             for t in (self.res_k[layer], self.res_v[layer]):

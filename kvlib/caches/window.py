@@ -7,12 +7,19 @@ longer fits (`exact = False`); exact, slot for slot, while it does.
 - Decode: the window is a ring buffer (slot sink + (j - sink) mod window for position j), so a step writes one
   slot and copies nothing. Once it has wrapped, attention sees the keys in ring order, which changes nothing but
   the order of a sum (attention is permutation invariant over keys when there is no mask).
-- Positions: every token keeps its true absolute position. GPT-2 adds learned position embeddings to the input,
-  and the Llama decoder rotates keys (RoPE) *before* they reach the cache, so either way a cached key already
-  carries its original position and nothing here re-rotates it; a query at position p then sees kept keys at
-  their true distances. StreamingLLM instead re-assigns positions inside the cache (keys cached unrotated and
-  rotated by their slot at every step) so that distances never exceed the window; kvlib does not, so sequences
-  stay limited to the model's n_positions (GPT-2 has no embedding beyond it; RoPE models were trained up to it).
+- The contract: with `sink` S and `window` W the cache holds at most S + W tokens, the newest token's own key
+  included. Query i (a decode step at position i) sees keys j < S and i - W < j <= i, nothing else
+  (tests/test_perplexity.py checks it against an explicit mask).
+- Positions, `positions="original"` (the default): every token keeps its true absolute position. GPT-2 adds
+  learned position embeddings to the input, and the Llama decoder rotates keys (RoPE) *before* they reach the
+  cache, so a cached key already carries its original position; a query at position i sees kept keys at their
+  true distances i - j. Sequences stay limited to the model's n_positions.
+- `positions="cache"` (StreamingLLM's convention, RoPE models only): positions are counted within the cache, so
+  once it is full the query sits at position S + W - 1 and the keys at their slots. Window keys keep their
+  distance to the query either way (the newest is at distance 0, the oldest at W - 1); only the sinks move: at
+  distance S + W - 1 - j instead of i - j. kvlib keeps rotated keys and, at each step, returns the sinks rotated
+  forward by i - (S + W - 1) (RoPE rotations compose: R(a) R(b) = R(a + b)), which gives exactly those distances.
+  With no sinks the two conventions are the same computation.
 - Not supported: left padding once the window has started to slide (the model cannot tell which kept slot is
   padding; it raises a KvlibError), and multi-token writes after the prompt (chunked prefill).
 """
@@ -26,10 +33,12 @@ from kvlib.caches.base import KVCache, register_layout
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
+POSITIONS = ("original", "cache")
+
 
 @register_layout
 class SinkWindowCache(KVCache):
-    """Options: sink (4), window (64)."""
+    """Options: sink (4), window (64), positions ("original" or "cache", see the module docstring)."""
 
     name = "window"
     exact = False
@@ -43,11 +52,23 @@ class SinkWindowCache(KVCache):
         dtype: torch.dtype,
         sink: int = 4,
         window: int = 64,
+        positions: str = "original",
     ) -> None:
         super().__init__(cfg, batch_size, max_len, device, dtype)
         sink = checks.whole("sink", sink, minimum=0, where="window cache:")
         window = checks.whole("window", window, minimum=1, where="window cache:")
-        self.sink, self.window = sink, window
+        positions = checks.one_of("positions", positions, POSITIONS, where="window cache:")
+        if positions == "cache" and cfg.arch != "llama":
+            raise KvlibError(
+                f"window cache: positions='cache' re-rotates keys (RoPE); {cfg.name} ({cfg.arch}) adds learned "
+                "position embeddings to its input, which cannot be moved once a key is computed"
+            )
+        self.sink, self.window, self.positions = sink, window, positions
+        self.inv_freq = None
+        if positions == "cache":
+            from kvlib.models.llama import rope_inv_freq  # here: kvlib.models.llama imports kvlib.caches.base
+
+            self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.capacity = min(sink + window, max_len)  # slots ever needed
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.capacity, cfg.head_dim)  # (L, B, nkv, sink+window, hd)
         self.k = torch.zeros(shape, device=self.device, dtype=dtype)
@@ -70,7 +91,12 @@ class SinkWindowCache(KVCache):
             self.k[layer, :, :, slot] = k[:, :, 0]
             self.v[layer, :, :, slot] = v[:, :, 0]
             n = min(end, self.capacity)
-            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+            keys = self.k[layer, :, :, :n]
+            shift = start - (self.capacity - 1)  # > 0 once the query's position within the cache stops growing
+            if self.positions == "cache" and self.sink and shift > 0:
+                keys = keys.clone()
+                keys[:, :, : self.sink] = self._rotate_forward(keys[:, :, : self.sink], shift)
+            return keys, self.v[layer, :, :, :n]
         # Several tokens (the prompt): keep the sinks among them and the last `window` of the rest.
         sinks = torch.arange(start, min(end, self.sink), device=self.device)
         rest = torch.arange(min(max(start, self.sink, end - self.window), end), end, device=self.device)
@@ -79,6 +105,14 @@ class SinkWindowCache(KVCache):
         self.k[layer][:, :, slots] = k[:, :, positions - start]
         self.v[layer][:, :, slots] = v[:, :, positions - start]
         return k, v  # prefill: the prompt attends to all of itself
+
+    def _rotate_forward(self, k: torch.Tensor, shift: int) -> torch.Tensor:
+        """Keys (B, nkv, s, hd) rotated by `shift` more positions (HF's RoPE layout), computed in float32."""
+        from kvlib.models.llama import rotate
+
+        angles = shift * self.inv_freq  # (hd/2,)
+        emb = torch.cat((angles, angles))  # (hd,)
+        return rotate(k.float(), emb.cos(), emb.sin()).to(k.dtype)
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = min(self.lengths[layer], self.capacity)

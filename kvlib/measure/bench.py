@@ -16,8 +16,20 @@ machine). Half-precision rows also report how often kvlib chooses the same token
 history (teacher-forced agreement) and the first step where free-running decoding departs from float32: half
 precision is not expected to be identical, so it is measured, not claimed.
 
-The targets of issue 6 are checked on every row and printed as met or missed. The exit code is 0 either way (a
-benchmark is a measurement), unless --strict.
+The bench covers `smollm2-135m` (the Llama architecture, the default) and distilgpt2 (GPT-2), pretrained weights
+where available ("auto"). The targets of issue 11 are checked on every row and printed as met or missed. The exit
+code is 0 either way (a benchmark is a measurement), unless --strict.
+
+A bench for every machine:
+- half precision is measured only where the hardware has it: `dtype_support` reads the CPU's flags
+  (/proc/cpuinfo: avx512_bf16 / amx_bf16 for bfloat16, avx512_fp16 / amx_fp16 for float16; oneDNN's own check
+  where the flags can't be read). Where a dtype is emulated (on an AVX2-only CPU bfloat16 is several times slower
+  than float32) its rows are skipped and the bench says so, or, with --emulated, one short batch-1 row is run
+  and labelled `emulated`; the header prints which dtypes run natively.
+- every row has a time bound (--row-limit-s; with --quick the bench's measuring budget divided by the rows): no
+  further repeat is started that would cross it, and a repeat still running when it passes is stopped (SIGALRM,
+  at the next Python-level op). A row that hit it says so (`time_bound_hit`, "TIME BOUND" in the table), with
+  whatever repeats completed, or none.
 
 Results follow the same contract as `run` (kvlib.measure.results): --csv is checked before anything is loaded (its
 folder must exist, the file must be writable, and an existing file must hold bench rows with this header; anything else
@@ -29,10 +41,14 @@ count; a row measured on a busy machine says so in the table and in its `other_c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,18 +72,29 @@ ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
     ("hf-dynamic", "hf", "dynamic"),
     ("hf-static", "hf", "static"),
 )
-QUICK = {"max_new_tokens": 16, "repeats": 2, "warmup": 1}
+QUICK = {"max_new_tokens": 16, "repeats": 2, "warmup": 0}  # TPOT is a median of steps: the first run's cold start
+# barely moves it, and a warm-up of batch 8 on 2 cores costs as much as a repeat
 FULL = {"max_new_tokens": 64, "repeats": 3, "warmup": 1}
+QUICK_BUDGET_S = 120.0  # --quick: seconds of measuring for all rows together (loading adds ~30 s): under 3 minutes,
+# shared in proportion to each row's work (a batch-8 row prefills 8 prompts): 1 + batch / 2
+QUICK_MIN_ROW_S = 5.0  # ... but no row gets less than this
+FULL_ROW_LIMIT_S = 600.0
+EMULATED_ROW = {"batch_size": 1, "max_new_tokens": 4, "repeats": 1, "warmup": 0}  # --emulated: one short row
+DEFAULT_MODELS = ["smollm2-135m", "distilgpt2"]
+# CPU flags that give a dtype native arithmetic (oneDNN then uses them); without any, it is emulated in float32.
+NATIVE_CPU_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
 DEFAULT_CSV = "reports/bench.csv"
 MAX_THREADS = 4 * (os.cpu_count() or 1)  # --threads beyond this oversubscribes the cores past any use
 
 COLUMNS = (
-    "model", "weights", "device", "dtype", "batch_size", "prompt_len", "max_new_tokens", "repeats", "threads",
-    "kvlib_compile", "kvlib_setup_s",
+    "model", "arch", "weights", "device", "dtype", "native_dtype", "batch_size", "prompt_len", "max_new_tokens",
+    "repeats", "threads", "row_limit_s", "time_bound_hit", "row_s", "kvlib_compile", "kvlib_setup_s",
+    "kvlib_weights_mib", "kvlib_packed_copy_mib",
     "kvlib_tpot_p50_ms", "hf_dynamic_tpot_p50_ms", "hf_static_tpot_p50_ms",
     "kvlib_tpot_range_ms", "hf_dynamic_tpot_range_ms", "hf_static_tpot_range_ms",
     "ratio_hf_dynamic", "ratio_hf_best", "kvlib_tokens_per_s", "hf_best_tokens_per_s",
-    "kvlib_ttft_ms", "hf_dynamic_ttft_ms", "decode_step_bytes", "bandwidth_gb_per_s", "floor_step_ms", "mbu",
+    "kvlib_ttft_ms", "hf_dynamic_ttft_ms", "hf_static_ttft_ms", "ratio_ttft_hf_dynamic",
+    "decode_step_bytes", "bandwidth_gb_per_s", "floor_step_ms", "mbu",
     "agreement_vs_fp32", "first_divergence_step",
     "target_b1_fp32_vs_hf_dynamic", "target_vs_hf_best", "target_b1_mbu",
     "other_cpu_cores", "busy_machine", "loadavg_before", "loadavg_after",
@@ -84,17 +111,112 @@ class Target:
     text: str
 
 
-TARGETS = (
+def _timed(r: dict[str, Any]) -> bool:
+    """Rows whose timings mean something: not an emulated dtype (those rows are labelled, not judged)."""
+    return bool(r.get("native_dtype", True))
+
+
+def _llama_b1_fp32_cpu(r: dict[str, Any]) -> bool:
+    return r.get("arch") == "llama" and r["batch_size"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
+
+
+TARGETS = (  # issue 11
     Target(
         "b1_fp32_vs_hf_dynamic",
         "ratio_hf_dynamic",
-        1.3,
-        lambda r: r["batch_size"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu",
-        "batch 1, float32, CPU: HF dynamic TPOT / kvlib TPOT >= 1.3",
+        2.0,
+        lambda r: _timed(r) and _llama_b1_fp32_cpu(r),
+        "Llama (smollm2-135m) batch 1, float32, CPU: HF dynamic TPOT / kvlib TPOT >= 2.0",
     ),
-    Target("vs_hf_best", "ratio_hf_best", 1.0, lambda r: True, "every row: best HF TPOT / kvlib TPOT >= 1.0"),
-    Target("b1_mbu", "mbu", 0.5, lambda r: r["batch_size"] == 1, "batch 1: kvlib MBU >= 0.5"),
+    Target(
+        "vs_hf_best",
+        "ratio_hf_best",
+        1.3,
+        lambda r: _timed(r) and not _llama_b1_fp32_cpu(r),
+        "every other row: best HF TPOT / kvlib TPOT >= 1.3",
+    ),
+    Target(
+        "b1_mbu",
+        "mbu",
+        0.6,
+        lambda r: _timed(r) and _llama_b1_fp32_cpu(r),
+        "Llama batch 1, float32: kvlib MBU >= 0.6",
+    ),
 )
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), None where they can't be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class DtypeSupport:
+    dtype: str
+    native: bool
+    why: str  # the evidence, in words
+
+
+def dtype_support(dtype: str, device: torch.device) -> DtypeSupport:
+    """Whether `dtype` (a canonical name) runs natively on `device`, and why we think so."""
+    if dtype == "float32":
+        return DtypeSupport(dtype, True, "float32")
+    if device.type == "cuda":
+        if dtype == "bfloat16":
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return DtypeSupport(dtype, native, f"CUDA bfloat16 {'native' if native else 'emulated (pre-Ampere GPU)'}")
+        return DtypeSupport(dtype, True, "CUDA float16")
+    if device.type != "cpu" or dtype not in NATIVE_CPU_FLAGS:
+        return DtypeSupport(dtype, True, f"{device.type} {dtype}: not checked")
+    wanted = NATIVE_CPU_FLAGS[dtype]
+    flags = cpu_flags()
+    if flags is not None:
+        have = [f for f in wanted if f in flags]
+        if have:
+            return DtypeSupport(dtype, True, f"CPU flags {', '.join(have)}")
+        return DtypeSupport(dtype, False, f"{dtype} is emulated on this CPU (no {' or '.join(wanted)} in its flags)")
+    # No flags to read (not Linux): oneDNN's own check (it also says yes for AVX-512 cores that convert, not compute)
+    check = (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported
+        if dtype == "bfloat16"
+        else torch.ops.mkldnn._is_mkldnn_fp16_supported
+    )
+    native = torch.backends.mkldnn.is_available() and bool(check())
+    return DtypeSupport(dtype, native, f"oneDNN's check: {dtype} {'supported' if native else 'emulated on this CPU'}")
+
+
+class RowTimeBound(BaseException):
+    """A row ran past its time bound. A BaseException, like KeyboardInterrupt: code that catches Exception to fall
+    back (the compiled kernel's `except Exception`) must not swallow it and carry on unbounded."""
+
+
+@contextlib.contextmanager
+def time_bound(seconds: float) -> Iterator[None]:
+    """Raise RowTimeBound in this thread once `seconds` have passed (SIGALRM: the main thread of a Unix process;
+    elsewhere no hard stop, only the bench's check between repeats). The exception arrives when control next
+    returns to Python, i.e. within one op."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable or not math.isfinite(seconds):
+        yield
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        raise RowTimeBound(f"past the time bound of {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def csv_columns() -> list[str]:
@@ -124,6 +246,25 @@ def row_specs(
         RunSpec(engine, cache, model, weights, batch_size, prompt_len, max_new_tokens, device, dtype, seed)
         for _, engine, cache in ENGINES
     ]
+
+
+def unmeasured_row(spec: RunSpec) -> dict[str, Any]:
+    """The row of a spec none of whose repeats completed within the time bound: its settings, every figure NaN."""
+    from kvlib.measure.provenance import provenance
+
+    figures = [c for c in COLUMNS if c.endswith(("_ms", "_s", "_per_s", "_bytes")) or c.startswith(("ratio_", "mbu"))]
+    row: dict[str, Any] = dict.fromkeys(figures, math.nan)
+    device = resolve_device(spec.device)
+    row.update(
+        model=spec.model, weights=spec.weights, device=device.type, dtype=dtype_name(DTYPES[spec.dtype]),
+        batch_size=spec.batch_size, prompt_len=spec.prompt_len, max_new_tokens=spec.max_new_tokens, repeats=0,
+        threads=torch.get_num_threads(), kvlib_compile=False, agreement_vs_fp32=math.nan, first_divergence_step=None,
+    )  # fmt: skip
+    info = provenance(device)
+    row.update(
+        {k: info.get(k) for k in ("device_name", "torch_version", "transformers_version", "git_commit", "timestamp")}
+    )
+    return row
 
 
 def summarize(m: Measurement) -> dict[str, Any]:
@@ -169,6 +310,8 @@ def summarize(m: Measurement) -> dict[str, Any]:
         "hf_best_tokens_per_s": best["tokens_per_s"],
         "kvlib_ttft_ms": kv["ttft_ms"],
         "hf_dynamic_ttft_ms": dyn["ttft_ms"],
+        "hf_static_ttft_ms": sta["ttft_ms"],
+        "ratio_ttft_hf_dynamic": dyn["ttft_ms"] / kv["ttft_ms"],
         "decode_step_bytes": step_bytes,
         "bandwidth_gb_per_s": bw / 1e9,
         "floor_step_ms": 1e3 * step_bytes / bw if bw and not math.isnan(bw) else math.nan,
@@ -213,19 +356,33 @@ def _fmt(value: float, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'device':<6} {'dtype':<8} {'batch':>5} {'kvlib ms':>9} {'HF dyn ms':>9} {'HF stat ms':>10} "
-        f"{'dyn/kvlib':>9} {'best/kvlib':>10} {'kvlib tok/s':>11} {'MBU':>5} {'agree':>6}  targets"
+        f"{'model':<13} {'dtype':<8} {'batch':>5} {'kvlib ms':>9} {'HF dyn ms':>9} {'HF stat ms':>10} "
+        f"{'dyn/kvlib':>9} {'best/kvlib':>10} {'kvlib tok/s':>11} {'MBU':>5} {'TTFT dyn/kvlib':>14} "
+        f"{'agree':>6}  targets"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         verdicts = [r[f"target_{t.name}"] for t in TARGETS if r[f"target_{t.name}"] != "n/a"]
+        verdict = "-" if not verdicts else "met" if all(v == "pass" for v in verdicts) else "MISSED"
+        notes = [
+            note
+            for note, on in (
+                (f"{r['dtype']} EMULATED, not judged", not r.get("native_dtype", True)),
+                (
+                    f"TIME BOUND {r.get('row_limit_s', math.nan):.0f} s hit after {r['repeats']} repeats",
+                    r.get("time_bound_hit"),
+                ),
+                ("BUSY machine", r.get("busy_machine")),
+            )
+            if on
+        ]
         lines.append(
-            f"{r['device']:<6} {r['dtype']:<8} {r['batch_size']:>5} {_fmt(r['kvlib_tpot_p50_ms'], '.2f'):>9} "
+            f"{str(r['model'])[:13]:<13} {r['dtype']:<8} {r['batch_size']:>5} {_fmt(r['kvlib_tpot_p50_ms'], '.2f'):>9} "
             f"{_fmt(r['hf_dynamic_tpot_p50_ms'], '.2f'):>9} {_fmt(r['hf_static_tpot_p50_ms'], '.2f'):>10} "
             f"{_fmt(r['ratio_hf_dynamic'], '.2f'):>8}x {_fmt(r['ratio_hf_best'], '.2f'):>9}x "
             f"{_fmt(r['kvlib_tokens_per_s'], '.1f'):>11} {_fmt(r['mbu'], '.2f'):>5} "
-            f"{_fmt(r['agreement_vs_fp32'], '.0%'):>6}  {'met' if all(v == 'pass' for v in verdicts) else 'MISSED'}"
-            + ("  (BUSY machine)" if r["busy_machine"] else "")
+            f"{_fmt(r.get('ratio_ttft_hf_dynamic', math.nan), '.2f'):>13}x "
+            f"{_fmt(r['agreement_vs_fp32'], '.0%'):>6}  {verdict}" + (f"  ({'; '.join(notes)})" if notes else "")
         )
     return "\n".join(lines)
 
@@ -240,7 +397,9 @@ def target_report(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:
             continue
         failed = [r for r in checked if r[f"target_{t.name}"] == "fail"]
         all_met &= not failed
-        figures = ", ".join(f"{r['dtype']} b{r['batch_size']}: {_fmt(r[t.column], '.2f')}" for r in checked)
+        figures = ", ".join(
+            f"{r.get('model', '')} {r['dtype']} b{r['batch_size']}: {_fmt(r[t.column], '.2f')}".strip() for r in checked
+        )
         lines.append(f"  {'MISSED' if failed else 'met':<6} {t.text} ({figures})")
     return "\n".join(lines), all_met
 
@@ -261,8 +420,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from kvlib.cli import flag, non_negative_int, positive_int
 
     p = sub.add_parser("bench", help="kvlib's cached decode vs Hugging Face generate, and vs the memory floor")
-    p.add_argument("--model", default="distilgpt2", help="preset or local folder [distilgpt2]")
-    p.add_argument("--weights", default="random", choices=("pretrained", "random", "auto"), help="[random]")
+    p.add_argument(
+        "--model",
+        type=csv_list(str),
+        default=DEFAULT_MODELS,
+        help=f"comma-separated presets or local folders [{','.join(DEFAULT_MODELS)}]",
+    )
+    p.add_argument("--weights", default="auto", choices=("pretrained", "random", "auto"), help="[auto]")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto [cpu]")
     p.add_argument(
         "--dtypes",
@@ -293,20 +457,88 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="torch.compile kvlib's one-row kernel for batch-1 rows (kvlib.models.fastpath.COMPILE_ONE_ROW) [on]",
     )
-    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: about a minute on 2 CPU cores")
+    flag(
+        p,
+        "row_limit_s",
+        type=float,
+        default=None,
+        help=f"time bound of each row in seconds [{FULL_ROW_LIMIT_S:.0f}; --quick {QUICK_BUDGET_S:.0f} s shared by "
+        f"the rows in proportion to 1 + batch / 2, at least {QUICK_MIN_ROW_S:.0f}]",
+    )
+    p.add_argument(
+        "--emulated",
+        action="store_true",
+        help="run one short, bounded batch-1 row of a dtype this hardware only emulates (default: skip its rows)",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats, bounded: under 3 minutes on 2 cores")
     p.add_argument("--csv", default=DEFAULT_CSV, help=f"append one row per bench row to this CSV [{DEFAULT_CSV}]")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    specs: list[RunSpec]
+    support: DtypeSupport
+    repeats: int
+    warmup: int
+
+
+def plan_rows(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -> tuple[list[PlannedRow], list[str]]:
+    """The rows to measure (model x dtype x batch; an emulated dtype: none, or one short row with --emulated)
+    and one line per dtype saying whether it runs natively."""
+    mode = QUICK if args.quick else FULL
+    max_new_tokens = args.max_new_tokens or mode["max_new_tokens"]
+    repeats = args.repeats or mode["repeats"]
+    warmup = mode["warmup"] if args.warmup is None else args.warmup
+    rows, notes = [], []
+    for dt in dtypes:
+        support = dtype_support(dt, device)
+        if support.native:
+            notes.append(f"{dt}: native ({support.why})")
+        else:
+            notes.append(
+                f"{dt}: {support.why}: "
+                + (
+                    "one short batch-1 row, labelled, not judged"
+                    if args.emulated
+                    else "rows skipped (--emulated: one short row)"
+                )
+            )
+        for model in args.model:
+            if support.native:
+                for b in args.batch_sizes:
+                    specs = row_specs(
+                        model, args.weights, args.device, dt, b, args.prompt_len, max_new_tokens, args.seed
+                    )
+                    rows.append(PlannedRow(specs, support, repeats, warmup))
+            elif args.emulated:
+                e = EMULATED_ROW
+                specs = row_specs(
+                    model, args.weights, args.device, dt, e["batch_size"], args.prompt_len,
+                    min(e["max_new_tokens"], max_new_tokens), args.seed,
+                )  # fmt: skip
+                rows.append(PlannedRow(specs, support, e["repeats"], e["warmup"]))
+    return rows, notes
+
+
+def row_limits_s(args: argparse.Namespace, batch_sizes: Sequence[int]) -> list[float]:
+    """The time bound of each planned row (given by its batch size): --row-limit-s, or with --quick the budget
+    shared in proportion to 1 + batch / 2, or FULL_ROW_LIMIT_S."""
+    if args.row_limit_s is not None:
+        if not args.row_limit_s > 0:
+            raise KvlibError(f"--row-limit-s must be a positive number of seconds, got {args.row_limit_s}")
+        return [float(args.row_limit_s)] * len(batch_sizes)
+    if args.quick:
+        weights = [1 + b / 2 for b in batch_sizes]
+        return [max(QUICK_MIN_ROW_S, QUICK_BUDGET_S * w / sum(weights)) for w in weights]
+    return [FULL_ROW_LIMIT_S] * len(batch_sizes)
 
 
 def run(args: argparse.Namespace) -> int:
     from kvlib.measure.provenance import device_name
     from kvlib.measure.roofline import measure_bandwidth_bytes_per_s, roofline_enabled
 
-    mode = QUICK if args.quick else FULL
-    max_new_tokens = args.max_new_tokens or mode["max_new_tokens"]
-    repeats = args.repeats or mode["repeats"]
-    warmup = mode["warmup"] if args.warmup is None else args.warmup
     device = resolve_device(args.device)
     names = args.dtypes or (["float16", "bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     unknown = [d for d in names if d not in DTYPES]
@@ -316,40 +548,46 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:  # torch takes absurd counts and then crashes (100000 threads: a segmentation fault)
         checks.whole("--threads", args.threads, maximum=MAX_THREADS)
         torch.set_num_threads(args.threads)
-    grid = {
-        (dt, b): row_specs(args.model, args.weights, args.device, dt, b, args.prompt_len, max_new_tokens, args.seed)
-        for dt in dtypes
-        for b in args.batch_sizes
-    }
-    for specs in grid.values():  # every row checked before anything is loaded or measured
-        for spec in specs:
+    planned, dtype_notes = plan_rows(args, device, dtypes)
+    limits_s = row_limits_s(args, [row.specs[0].batch_size for row in planned])
+    for row in planned:  # every row checked before anything is loaded or measured
+        for spec in row.specs:
             spec.validate()
     csv_path = Path(args.csv)
     columns = csv_columns()
     check_outputs({"--csv": (csv_path, columns)})  # before anything is loaded or measured
 
     bandwidth = measure_bandwidth_bytes_per_s(device) if roofline_enabled() else math.nan
+    first = planned[0].specs[0] if planned else None
     print(
-        f"bench: {args.model} ({args.weights} weights), prompt {args.prompt_len}, {max_new_tokens} new tokens, "
-        f"{repeats} repeats after {warmup} warm-up, interleaved; {device} ({device_name(device)}), "
+        f"bench: {', '.join(args.model)} ({args.weights} weights), prompt {args.prompt_len}, "
+        f"{first.max_new_tokens if first else '-'} new tokens, {planned[0].repeats if planned else '-'} repeats after "
+        f"{planned[0].warmup if planned else '-'} warm-up, interleaved; {device} ({device_name(device)}), "
         f"{torch.get_num_threads()} torch threads, measured read bandwidth {bandwidth / 1e9:.1f} GB/s; kvlib: static "
-        f"cache, fast path{', torch.compile for batch 1' if args.compile and device.type == 'cpu' else ''}",
+        f"cache, fast path{', torch.compile for batch 1' if args.compile and device.type == 'cpu' else ''}; "
+        f"time bound per row {min(limits_s, default=0):.0f}-{max(limits_s, default=0):.0f} s",
         flush=True,
     )
+    for note in dtype_notes:
+        print(f"  {note}", flush=True)
     pool, rows, load = ModelPool(), [], LoadReading()
     compile_before = fastpath.COMPILE_ONE_ROW
     fastpath.COMPILE_ONE_ROW = args.compile
     try:
-        for (dt, batch), specs in grid.items():
-            row, reading = measure_row(specs, pool, repeats, warmup)
+        for plan, limit_s in zip(planned, limits_s, strict=True):
+            row, reading = measure_row(plan.specs, pool, plan.repeats, plan.warmup, limit_s, plan.support)
             rows.append(row)
             load = load.add(reading)
             append_rows(csv_path, [{c: row[c] for c in columns}], columns)
+            s0 = plan.specs[0]
             print(
-                f"  {dt} batch {batch}: kvlib {row['kvlib_tpot_p50_ms']:.2f} ms, HF dynamic "
-                f"{row['hf_dynamic_tpot_p50_ms']:.2f} ms, HF static {row['hf_static_tpot_p50_ms']:.2f} ms "
+                f"  {s0.model} {row['dtype']} batch {s0.batch_size}: kvlib {_fmt(row['kvlib_tpot_p50_ms'], '.2f')} ms, "
+                f"HF dynamic {_fmt(row['hf_dynamic_tpot_p50_ms'], '.2f')} ms, HF static "
+                f"{_fmt(row['hf_static_tpot_p50_ms'], '.2f')} ms in {row['row_s']:.0f} s "
                 f"(kvlib set-up {row['kvlib_setup_s']:.1f} s, not timed; other processes "
-                f"{reading.other_cores:.2f} cores{', BUSY' if reading.busy else ''})",
+                f"{reading.other_cores:.2f} cores{', BUSY' if reading.busy else ''}"
+                f"{'; TIME BOUND hit' if row['time_bound_hit'] else ''}"
+                f"{'; EMULATED ' + row['dtype'] if not plan.support.native else ''})",
                 flush=True,
             )
     finally:
@@ -358,37 +596,80 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     report, all_met = target_report(rows)
     print(f"\ntargets ({'all met' if all_met else 'some MISSED'}):\n{report}")
+    print("dtypes: " + "; ".join(dtype_notes))
     print(f"\n{torch.get_num_threads()} torch threads; {load.text()}")
     print(f"appended {len(rows)} rows to {csv_path}")
     return 1 if args.strict and not all_met else 0
 
 
-def measure_row(specs: list[RunSpec], pool: ModelPool, repeats: int, warmup: int) -> tuple[dict[str, Any], LoadReading]:
+def measure_row(
+    specs: list[RunSpec],
+    pool: ModelPool,
+    repeats: int,
+    warmup: int,
+    limit_s: float = math.inf,
+    support: DtypeSupport | None = None,
+) -> tuple[dict[str, Any], LoadReading]:
     """One row: kvlib's set-up (weight packing, compilation) timed on its own, then the three engines measured
-    interleaved by the harness (with other processes' CPU use over that time), then (half precision) the
-    agreement with float32. Returns the row and the load reading of its measurement."""
+    interleaved, one harness call per repeat (order reversed every other repeat), with other processes' CPU use
+    over that time, then (half precision) the agreement with float32. All of it within `limit_s` seconds from
+    the first measured run: no repeat is started that would cross the bound (by the last one's duration), and
+    one still running at the bound is stopped. Returns the row and the load reading of its measurement."""
     from kvlib.models.prompts import synthetic_prompts
 
     spec = specs[0]
     lm = pool.get(spec.model_key(), need_kvlib=True, need_hf=True)
+    need_ref = spec.dtype != "float32" and (support is None or support.native)
+    ref = pool.get(replace(spec, dtype="float32").model_key(), need_kvlib=True, need_hf=False) if need_ref else None
     setup_s = prepare_for_inference(lm.model, spec.batch_size)
+    measured: list[Any] = []
+    hit = False
+    t0 = time.perf_counter()
+    share, first = math.nan, None
     with LoadMonitor() as monitor:
-        m = measure_grid(specs, repeats=repeats, warmup=warmup, progress=sys.stderr.isatty(), pool=pool)
+        try:
+            with time_bound(limit_s):
+                for r in range(repeats):
+                    t_repeat = time.perf_counter()
+                    ordered = specs if r % 2 == 0 else specs[::-1]
+                    m = measure_grid(
+                        ordered, repeats=1, warmup=warmup if r == 0 else 0, progress=sys.stderr.isatty(), pool=pool
+                    )
+                    measured.append(m.runs.assign(repeat=r))
+                    took = (time.perf_counter() - t_repeat) / (1 + (warmup if r == 0 else 0))
+                    if r + 1 < repeats and time.perf_counter() - t0 + took > limit_s:
+                        hit = True  # another repeat would cross the bound
+                        break
+                if ref is not None:
+                    ids = synthetic_prompts(lm.cfg.vocab_size, spec.batch_size, spec.prompt_len, spec.seed, lm.device)
+                    share, first = agreement(lm.model, ref.model, ids, spec.max_new_tokens)
+        except RowTimeBound:
+            hit = True
     reading = monitor.reading
-    row = summarize(m)
+    if measured:
+        import pandas as pd
+
+        row = summarize(Measurement(pd.concat(measured, ignore_index=True), pd.DataFrame()))
+    else:
+        row = unmeasured_row(spec)
     row.update(
+        arch=lm.cfg.arch,
+        native_dtype=True if support is None else support.native,
+        row_limit_s=limit_s,
+        time_bound_hit=hit,
+        row_s=time.perf_counter() - t0,
         other_cpu_cores=reading.other_cores,
         busy_machine=reading.busy,
         loadavg_before=reading.loadavg_before,
         loadavg_after=reading.loadavg_after,
+        agreement_vs_fp32=share,
+        first_divergence_step=first,
     )
     row["kvlib_compile"] = bool(fastpath.COMPILE_ONE_ROW and spec.batch_size == 1 and lm.device.type == "cpu")
     row["kvlib_setup_s"] = setup_s
-    if spec.dtype != "float32":
-        ref = pool.get(replace(spec, dtype="float32").model_key(), need_kvlib=True, need_hf=False)
-        ids = synthetic_prompts(lm.cfg.vocab_size, spec.batch_size, spec.prompt_len, spec.seed, lm.device)
-        share, first = agreement(lm.model, ref.model, ids, spec.max_new_tokens)
-        row["agreement_vs_fp32"] = share
-        row["first_divergence_step"] = first
+    # What kvlib's model holds: its parameters (a tied embedding / LM head once) and, on top, the fast path's
+    # oneDNN-packed copy of the Linear weights (README "Speed", memory).
+    row["kvlib_weights_mib"] = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    row["kvlib_packed_copy_mib"] = fastpath.packed_bytes(lm.model) / 2**20
     row.update(check_targets(row))
     return row, reading

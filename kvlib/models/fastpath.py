@@ -7,6 +7,10 @@ PyTorch does for these shapes on CPU, and what this module does instead (measure
 - `Linear`: F.linear hands MKL (float32) or oneDNN (bfloat16) a plain weight. oneDNN then re-packs the whole
   matrix into its blocked layout on every call, and MKL's kernels for a few rows were slow on the study's CPU.
   `Linear` packs the weight for oneDNN once and keeps the packed copy (it costs the weight's size in memory).
+  For one row (batch-1 decoding) which kernel wins depends on the CPU (measured: MKL's plain F.linear on an
+  Intel Xeon with AVX-512, the packed one on an AMD EPYC): `prepare_for_inference` times both on the model's own
+  matrices once per process (`ONE_ROW_KERNEL = "auto"`), and when plain wins, batch-1 decoding holds no packed
+  copy at all (the copies are released; the prompt's many rows go through F.linear, as fast for many rows).
 - `one_row_matvec`: for a single row (batch 1 decoding) a matrix-vector product written as one float32 dot
   product per output, compiled by torch.compile into one vectorised loop over the weight: faster than either
   library's kernel here. Optional (COMPILE_ONE_ROW, or KVLIB_COMPILE=1): compiling takes seconds once per
@@ -32,6 +36,7 @@ from torch import nn
 
 # Module-level switches, so that the bench and the tests can compare with and without each part.
 PACK_CPU_WEIGHTS = True  # Linear multiplies with oneDNN-packed weights (False: plain F.linear)
+ONE_ROW_KERNEL = "auto"  # one-row inputs without COMPILE_ONE_ROW: "packed", "plain" (F.linear) or "auto" (measured)
 COMPILE_ONE_ROW = os.environ.get("KVLIB_COMPILE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -43,6 +48,7 @@ class _PackedWeight:
         self.tensor: torch.Tensor | None = None
         self.source: weakref.ref | None = None  # the storage packed from: a new tensor means a new packing
         self.version = -1  # its version counter then: an in-place write (copy_, init_random) means a new packing
+        self.wanted = True  # False after prepare_for_inference for a batch-1 decode that does not use it
 
     def __deepcopy__(self, memo: dict) -> _PackedWeight:
         return _PackedWeight()
@@ -60,11 +66,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fast_cpu_inference(x) and x.dtype == self.weight.dtype:
-            if COMPILE_ONE_ROW and x.numel() == x.shape[-1]:
+            one_row = x.numel() == x.shape[-1]
+            if COMPILE_ONE_ROW and one_row:
                 y = one_row_matvec(x.reshape(-1), self.weight, self.bias)
                 if y is not None:
                     return y.view(*x.shape[:-1], -1)
-            packed = self.packed_weight() if PACK_CPU_WEIGHTS else None
+            use_packed = PACK_CPU_WEIGHTS and self._packed.wanted
+            if one_row and _one_row_plain(self.weight.dtype):
+                use_packed = False  # F.linear measured faster for one row on this CPU (one_row_kernel)
+            packed = self.packed_weight() if use_packed else None
             if packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -161,17 +171,83 @@ def one_query_attention(
 
 
 _matvec_ready: set[tuple] = set()  # (dtype, out, in, has bias) already run through the compiled kernel
+_ONE_ROW_CHOICE: dict[torch.dtype, str] = {}  # dtype -> "packed" or "plain": the measured one-row winner
+
+
+def one_row_kernel(model: nn.Module, dtype: torch.dtype) -> str:
+    """The faster kernel for one row on this CPU, "packed" or "plain", for `model`'s matrices in `dtype`.
+
+    ONE_ROW_KERNEL when set; else measured once per process and dtype: every distinct Linear shape of the model
+    (weighted by how often it occurs: one decode step's matrix work), packed against F.linear, interleaved,
+    median of 5 rounds after one warm-up round. A few hundred milliseconds, spent outside any timed step."""
+    if ONE_ROW_KERNEL in ("packed", "plain"):
+        return ONE_ROW_KERNEL
+    if dtype in _ONE_ROW_CHOICE:
+        return _ONE_ROW_CHOICE[dtype]
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight.is_cpu and m.weight.dtype == dtype:
+            shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
+    if not shapes or not _onednn(dtype):
+        return "plain"
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for (out_f, in_f), count in shapes.items():
+        w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype)
+        cases.append(
+            (torch.randn(1, in_f, generator=gen).to(dtype), w, torch.ops.mkldnn._reorder_linear_weight(w), count)
+        )
+    kernels = {
+        "packed": lambda x, w, pk: torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], ""),
+        "plain": lambda x, w, pk: F.linear(x, w),
+    }
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for r in range(6):
+        for name in kernels if r % 2 == 0 else list(kernels)[::-1]:
+            total = 0.0
+            for x, w, pk, count in cases:
+                t0 = time.perf_counter()
+                kernels[name](x, w, pk)
+                total += (time.perf_counter() - t0) * count
+            if r:  # round 0 warms up
+                times[name].append(total)
+    medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    _ONE_ROW_CHOICE[dtype] = choice = min(medians, key=medians.get)
+    return choice
+
+
+def _one_row_plain(dtype: torch.dtype) -> bool:
+    return ONE_ROW_KERNEL == "plain" or (ONE_ROW_KERNEL == "auto" and _ONE_ROW_CHOICE.get(dtype) == "plain")
+
+
+def release_packed(model: nn.Module) -> None:
+    """Drop the packed copies of `model`'s weights (they are made again when wanted)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m._packed.tensor, m._packed.source = None, None
 
 
 @torch.inference_mode()
 def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
-    """Pack every Linear's weight, and compile the one-row kernel if batch-1 decoding will use it, now rather
-    than inside a timed prefill or decode step. Returns the seconds this took (about 0 when all was ready)."""
+    """Get `model` ready to decode `batch_size` rows (0: at load time, as for 1 but without compiling) now rather
+    than inside a timed prefill or decode step: pack every Linear's weight, or, for batch-1 decoding whose
+    one-row kernel is not the packed one (compiled, or F.linear where it measured faster), release the packed
+    copies instead so that only the parameters are held; compile the one-row kernel if batch-1 decoding will
+    use it. Returns the seconds this took (about 0 when all was ready)."""
     t0 = time.perf_counter()
-    for m in model.modules():
-        if not isinstance(m, Linear) or not m.weight.is_cpu:
-            continue
-        if PACK_CPU_WEIGHTS:
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu]
+    dtypes = {m.weight.dtype for m in linears}
+    # Batch 0 (at load time: the batch is not known yet) prepares for batch 1, the most common use, so that the
+    # memory held does not change when the first batch-1 decode starts.
+    one_row_unpacked = batch_size in (0, 1) and (
+        (COMPILE_ONE_ROW and batch_size == 1) or all(one_row_kernel(model, dt) == "plain" for dt in dtypes)
+    )
+    for m in linears:
+        m._packed.wanted = not one_row_unpacked
+    if one_row_unpacked:
+        release_packed(model)
+    for m in linears:
+        if PACK_CPU_WEIGHTS and not one_row_unpacked:
             m.packed_weight()
         signature = (m.weight.dtype, m.out_features, m.in_features, m.bias is not None)
         if COMPILE_ONE_ROW and batch_size == 1 and signature not in _matvec_ready:

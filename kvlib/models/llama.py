@@ -45,7 +45,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # In-place where a fresh tensor is ours anyway: the same arithmetic in the same order as HF's. (F.rms_norm
+        # computes the same but was slower at batch 1: in torch 2.13 on CPU it is a composite of ~9 ops.)
+        h = h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * h.to(x.dtype)
 
 
@@ -74,6 +76,40 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated_half * sin
 
 
+class RopeTable:
+    """cos and sin of every position up to the context, computed once per (dtype, device) with the arithmetic
+    of `rope_cos_sin`; a forward pass then only gathers its positions' rows: one small gather per step instead
+    of recomputing angles, and the sign of rotate_half folded into the sine (`sin_signed`), so that rotating is
+    four ops with no concatenation (`rotate_folded`), bit-identical to `rotate` (tests)."""
+
+    def __init__(self, inv_freq: torch.Tensor, n_positions: int) -> None:
+        self.inv_freq, self.n_positions = inv_freq, n_positions
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin_signed) of `positions` (B, T), each (B, T, 1, hd): broadcast over the heads of (B, T, h, hd)."""
+        key = (dtype, positions.device)
+        top = int(positions.max()) + 1  # a window cache or a perplexity run may go past the context: grow
+        if key not in self._tables or self._tables[key][0].shape[0] < top:
+            self.n_positions = max(self.n_positions, top)
+            all_positions = torch.arange(self.n_positions, device=positions.device)[None]  # (1, n_positions)
+            cos, sin = rope_cos_sin(all_positions, self.inv_freq.to(positions.device), dtype)  # (1, 1, n, hd)
+            half = sin.shape[-1] // 2
+            sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half's sign, folded in
+            self._tables[key] = (cos[0, 0], sin_signed[0, 0])  # (n_positions, hd) each
+        cos, sin_signed = self._tables[key]
+        if positions.is_cpu and positions.shape[0] > 1 and bool((positions == positions[:1]).all()):
+            positions = positions[:1]  # no padding: every sequence has the same positions, gather them once
+        return cos[positions][:, :, None], sin_signed[positions][:, :, None]  # (B or 1, T, 1, hd)
+
+
+def rotate_folded(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`rotate` of x (..., hd) with the sign folded into the sine: x * cos + swap_halves(x) * sin_signed.
+    (-a) * s and a * (-s) round alike, so this is bit-identical to HF's x * cos + rotate_half(x) * sin."""
+    out = x * cos
+    return out.add_(x.roll(x.shape[-1] // 2, dims=-1).mul_(sin_signed))
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -94,11 +130,13 @@ class LlamaAttention(nn.Module):
         is_causal: bool,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # positions applied before k enters the cache
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv_proj(x)  # (B, T, (nh + 2 nkv) hd)
+        # Queries and keys are adjacent in the fused projection: rotate both in one pass, before k enters the cache.
+        qk = rotate_folded(qkv[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd), cos, sin)  # (B, T, nh + nkv, hd)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
+        v = qkv[..., (nh + nkv) * hd :].view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         y = attend(q, k, v, cache, self.layer_idx, start, mask, is_causal)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -112,7 +150,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # each (B, T, I)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaBlock(nn.Module):
@@ -152,6 +190,7 @@ class Llama(nn.Module):
         # Not a buffer: model.to(bfloat16) would round the frequencies, and the angles p * f of late positions
         # with them (by radians). HF's own buffer is rounded that way; kvlib.models.loading restores it to float32.
         self.inv_freq = rope_inv_freq(cfg)  # (hd/2,) float32
+        self.rope = RopeTable(self.inv_freq, cfg.n_positions)
 
     def forward(
         self,
@@ -170,9 +209,7 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         mask, is_causal = attention_mask(T, start, key_valid, input_ids.device)
         x = self.wte(input_ids)  # (B, T, C)
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)  # (B, 1, T, hd) each, shared by every layer
+        cos, sin = self.rope(position_ids, x.dtype)  # (B, T, 1, hd) each, shared by every layer
         for block in self.h:
             x = block(x, cos, sin, cache, start, mask, is_causal)
         if last_only:

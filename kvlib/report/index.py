@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from kvlib.errors import KvlibError
+from kvlib.report.findings import findings
 from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
 
 CSS = """
@@ -41,7 +42,36 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; } .muted { color: #777; font-size: 0.9em; }
 code { background: #f6f6f6; padding: 0 0.2em; }
+ul.findings { font-size: 1.08em; padding-left: 1.2em; } ul.findings li { margin: 0.45em 0; }
+ul.findings li.contradicts { list-style: "⚠ "; } td.metric { min-width: 22em; }
+span.meaning { font-size: 0.88em; color: #555; }
 """
+
+# What each headline number means, for a reader who did not write the notebooks (by metric; else its note).
+MEANINGS = {
+    "speedup": "How many times faster a whole generation was with the cache than without it (naive total time / "
+    "cached total time, paired repeat by repeat). Above 1: the cache helped.",
+    "ttft_ms": "Time to first token: from the start of a generation (the cache's creation) to the first new token; "
+    "mostly the prefill of the prompt.",
+    "tpot_ms": "Time per output token after the first: the median decode step, with the cache.",
+    "tpot_naive_ms": "Time per output token without a cache: each step recomputes the whole sequence.",
+    "kv_mib_per_token": "Memory the cache holds for one token of one sequence: a key and a value per layer and "
+    "key/value head.",
+    "mbu": "Model bandwidth utilisation: the bytes a decode step must read (weights and cache) per second, as a "
+    "share of this machine's measured read bandwidth. Near 100%: the step runs as fast as memory allows.",
+    "best_throughput": "The most tokens generated per second, all sequences of a batch together, over the batch "
+    "sizes measured.",
+    "best_saving_equal_tokens": "The largest memory saving over the plain static cache by a layout whose tokens "
+    "were still exactly the static cache's.",
+    "batch_throughput_gain": "Decode throughput at the largest batch over the smallest; perfect scaling would equal "
+    "the ratio of the batch sizes.",
+    "paged_waste_pct": "Share of the reserved cache memory that held no token of a sequence still generating.",
+}
+
+
+def reading_page(nb: str) -> str:
+    """The reading view of a notebook: prose, tables and figures, code hidden (Makefile: nbconvert --no-input)."""
+    return f"{nb}.reading.html"
 
 
 def _fmt(value: Any) -> str:
@@ -89,32 +119,37 @@ def _img(path: Path) -> str:
 
 
 def _headline_table(rows: pd.DataFrame, with_source: bool = True) -> str:
-    head = "<tr><th>metric</th><th>value</th><th>spread (IQR)</th><th>conditions</th>"
+    head = "<tr><th>metric: what it means</th><th>value</th><th>spread (IQR)</th><th>conditions</th>"
     head += "<th>from</th></tr>" if with_source else "</tr>"
     body = []
     for _, r in rows.iterrows():
         spread = ""
         if not (pd.isna(r["q25"]) or pd.isna(r["q75"])):
             spread = f"{_fmt(r['q25'])}–{_fmt(r['q75'])} (n={int(r['n'])})"
-        source = f'<td><a href="{html.escape(r["notebook"])}.html">{html.escape(r["notebook"])}</a></td>'
+        source = f'<td><a href="{html.escape(reading_page(r["notebook"]))}">{html.escape(r["notebook"])}</a></td>'
+        meaning = MEANINGS.get(str(r["metric"]), "")
         body.append(
-            f"<tr><td>{html.escape(str(r['label']))}</td><td class=num>{_fmt(r['value'])} {html.escape(str(r['unit']))}"
+            f"<tr><td class=metric><b>{html.escape(str(r['label']))}</b>"
+            + (f"<br><span class=meaning>{html.escape(meaning)}</span>" if meaning else "")
+            + f"</td><td class=num>{_fmt(r['value'])} {html.escape(str(r['unit']))}"
             f"</td><td class=num>{spread}</td><td>{html.escape(str(r['note']) if pd.notna(r['note']) else '')}</td>"
             f"{source if with_source else ''}</tr>"
         )
     return f"<table class=headline>{head}{''.join(body)}</table>"
 
 
-def _random_weights(infos: list[dict[str, Any]]) -> list[str]:
-    """The notebooks whose runs used random weights, with what their loader said."""
-    hits = []
+def _random_weights(infos: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(the notebooks whose runs used random weights, what their loaders said, each reason once)."""
+    names, reasons = [], []
     for info in infos:
         used = info["meta"].get("weights", [])
         used = [used] if isinstance(used, str) else used
         if "random" in used:
+            names.append(info["name"])
             why = info["meta"].get("weights_warning") or info["meta"].get("weights_source") or ""
-            hits.append(f"{info['name']}{': ' + why if why else ''}")
-    return hits
+            if why and why not in reasons:
+                reasons.append(why)
+    return names, reasons
 
 
 def _provenance(infos: list[dict[str, Any]], profile: str) -> str:
@@ -136,6 +171,26 @@ def _provenance(infos: list[dict[str, Any]], profile: str) -> str:
     )
 
 
+def _findings_html(out: Path, notebooks: Sequence[str]) -> str:
+    """The findings (kvlib.report.findings), each with a link to the reading view of the notebook that shows it."""
+    found = findings(out, list(notebooks))
+    if not found:
+        return "<h2>Findings</h2><p>No finding yet: the data of this report cannot carry one (see the notebooks).</p>"
+    items = []
+    for f in found:
+        number = f.notebook.split("_", 1)[0]
+        items.append(
+            f"<li{' class=contradicts' if f.contradicts else ''}>{f.html} "
+            f"<a href='{html.escape(reading_page(f.notebook))}'>notebook {html.escape(number)}</a></li>"
+        )
+    return (
+        "<h2>Findings</h2><ul class=findings>" + "".join(items) + "</ul><p class=muted>Each sentence is computed "
+        "from the CSVs in data/ when the index is built; a comparison that rests on one repeat, or a lossy layout "
+        "that lost no token in its run, is left out rather than overstated. ⚠ marks a result that contradicts the "
+        "textbook.</p>"
+    )
+
+
 def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path:
     """Write out/index.html from what the notebooks left in out/; returns its path."""
     out = Path(out)
@@ -144,13 +199,18 @@ def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path
         f"<h1>KV caching, measured — profile <code>{html.escape(profile)}</code></h1>",
         "<p>What a KV cache buys and what it costs, measured on this machine by the study's notebooks. Every number "
         "below was computed from the CSVs in <a href='data/'>data/</a>; each notebook's page shows how.</p>",
+        _findings_html(out, notebooks),
     ]
-    random_nbs = _random_weights(infos)
+    random_nbs, reasons = _random_weights(infos)
     if random_nbs:
+        every = len(random_nbs) == len([i for i in infos if i["ran"]])
+        which = "every notebook" if every else "notebooks " + ", ".join(random_nbs)
         parts.append(
-            "<div class=banner><strong>⚠ RANDOM WEIGHTS.</strong> Pretrained weights were not available, so these "
-            "runs used the real architectures with seeded random weights. Times and memory are those of the real "
-            "models; generated tokens are meaningless. (" + html.escape("; ".join(random_nbs)) + ")</div>"
+            f"<div class=banner><strong>⚠ RANDOM WEIGHTS</strong> in {html.escape(which)}. Pretrained weights were "
+            "not available, so these runs used the real architecture with seeded random weights. Times and memory "
+            "are those of the real model; generated tokens are meaningless."
+            + (f" <span class=muted>({html.escape(' '.join(reasons))})</span>" if reasons else "")
+            + "</div>"
         )
     missing = [i["name"] for i in infos if not i["ran"]]
     failed = [i["name"] for i in infos if i["failed"]]
@@ -176,17 +236,26 @@ def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path
             if f.get("key") and path.exists():
                 parts.append(
                     f"<figure>{_img(path)}<figcaption><b>{html.escape(f.get('title', ''))}</b> — "
-                    f"{html.escape(f.get('caption', ''))} (<a href='{html.escape(info['name'])}.html'>"
+                    f"{html.escape(f.get('caption', ''))} (<a href='{html.escape(reading_page(info['name']))}'>"
                     f"{html.escape(info['name'])}</a>)</figcaption></figure>"
                 )
 
-    parts.append("<h2>Notebooks</h2><ol>")
+    parts.append(
+        "<h2>Notebooks</h2><p class=muted>Each title opens the notebook's reading view (prose, tables and figures, "
+        "code hidden); beside it, the full executed notebook with its code.</p><ol>"
+    )
     for info in infos:
         status = "" if info["ran"] else " <span class=muted>(not run)</span>"
-        page = f"<a href='{html.escape(info['name'])}.html'>{html.escape(info['title'])}</a>" if info["ran"] else ""
+        name = html.escape(info["name"])
+        page = f"<a href='{html.escape(reading_page(info['name']))}'>{html.escape(info['title'])}</a>"
         parts.append(
-            f"<li>{page or html.escape(info['title'])}{status} <span class=muted>({html.escape(info['name'])}, "
-            f"<a href='{html.escape(info['name'])}.ipynb'>executed notebook</a>)</span>"
+            f"<li>{page if info['ran'] else html.escape(info['title'])}{status} <span class=muted>({name}"
+            + (
+                f": <a href='{name}.html'>full notebook with code</a>, <a href='{name}.ipynb'>executed .ipynb</a>"
+                if info["ran"]
+                else ""
+            )
+            + ")</span>"
         )
         if not info["headline"].empty:
             parts.append(_headline_table(info["headline"], with_source=False))

@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ def run_notebook(
     print(f"{step} {notebook} ...", flush=True)
     staged_nb = stage / f"{notebook}.ipynb"
     failed = out / f"{notebook}.failed.ipynb"
+    progress = Progress(step, notebook, _previous_durations(out / f"{notebook}.ipynb"))
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -184,7 +186,8 @@ def run_notebook(
             parameters=params,
             kernel_name=KERNEL,
             cwd=str(notebooks_dir),
-            progress_bar=sys.stderr.isatty(),
+            progress_bar=False,  # our own per-cell lines (Progress), on a terminal or not
+            engine_name=_engine_with(progress),
             extra_arguments=["--IPKernelApp.log_level=CRITICAL"],  # quiet: its TCP notice, its shutdown chatter
         )
     except PapermillExecutionError as e:
@@ -211,6 +214,131 @@ def run_notebook(
     _clean_stage(stage)
     print(f"{step} {notebook} ... {seconds:.0f} s", flush=True)
     return seconds
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+
+HEARTBEAT_S = 20.0  # while a cell runs, a line this often (a TTY gets one line rewritten in place)
+
+
+def _previous_durations(executed: Path) -> list[float] | None:
+    """Seconds each code cell took in the report's previous run of this notebook (papermill records them), or None."""
+    import json
+
+    try:
+        cells = json.loads(executed.read_text()).get("cells", [])
+        durations = [c["metadata"]["papermill"].get("duration") for c in cells if c.get("cell_type") == "code"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return [float(d) for d in durations] if durations and all(d is not None for d in durations) else None
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """Prints, per notebook, which code cell runs (its first line), the time so far and an estimate of what is
+    left, from the durations papermill recorded for each cell in the previous run of the notebook (when there is
+    one with as many code cells). On a terminal one line is rewritten in place; otherwise (make's output piped to
+    a log, CI) a line at every cell and every HEARTBEAT_S while a long cell runs."""
+
+    def __init__(self, step: str, notebook: str, previous: list[float] | None, stream: Any = None) -> None:
+        self.step, self.notebook, self.previous = step, notebook, previous
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.total = 0
+        self.done = 0  # code cells finished
+        self.current = ""
+        self.cell_t0 = self.t0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def estimate(self) -> str:
+        """'about 1m20s left' from the previous run's cell durations; '' without a usable previous run."""
+        if not self.previous or len(self.previous) != self.total:
+            return ""
+        running = time.perf_counter() - self.cell_t0
+        left = sum(self.previous[self.done :]) - (running if self.done < self.total else 0.0)
+        left = max(left, 0.0)
+        return f", about {_clock(left)} left (previous run: {_clock(sum(self.previous))})"
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        cell = min(self.done + 1, self.total)
+        return (
+            f"{self.step} {self.notebook}: cell {cell}/{self.total} {self.current} · {_clock(elapsed)}"
+            + self.estimate()
+        )
+
+    def _print(self) -> None:
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r\033[K" + self.line()[:200])
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def start(self, code_cells: int) -> None:
+        self.total = code_cells
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(1.0 if self.tty else HEARTBEAT_S):
+            self._print()
+
+    def cell_start(self, cell: Any) -> None:
+        if cell.get("cell_type") != "code":
+            return
+        first = next((ln.strip() for ln in str(cell.get("source", "")).splitlines() if ln.strip()), "")
+        self.current = f"({first[:48]}{'…' if len(first) > 48 else ''})" if first else ""
+        self.cell_t0 = time.perf_counter()
+        self._print()
+
+    def cell_complete(self, cell: Any) -> None:
+        if cell.get("cell_type") == "code":
+            self.done += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.tty:
+            with self._lock:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+
+
+def _engine_with(progress: Progress) -> str:
+    """Register (under a fixed name) papermill's nbclient engine reporting each cell to `progress`."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class ProgressEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
+            start, complete = nb_man.cell_start, nb_man.cell_complete
+
+            def cell_start(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
+                progress.cell_start(cell)
+                return start(cell, cell_index, **kw)
+
+            def cell_complete(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
+                progress.cell_complete(cell)
+                return complete(cell, cell_index, **kw)
+
+            nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
+            progress.start(sum(c.get("cell_type") == "code" for c in nb_man.nb.cells))
+            try:
+                return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+            finally:
+                progress.stop()
+
+    papermill_engines.register("kvlib-progress", ProgressEngine)
+    return "kvlib-progress"
 
 
 class NotebookFailed(KvlibError):

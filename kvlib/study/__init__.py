@@ -270,6 +270,7 @@ class Outputs:
 
     def __post_init__(self) -> None:
         self.prefix = self.notebook.split("_", 1)[0]
+        self._banner_shown = False  # the random-weights banner: shown once per page, by the first random model
         out_dir = self.out_dir  # a path is taken as written (not read as YAML), but null is not a folder
         nulls = ("", "~", "null", "Null", "NULL", "None")
         if not isinstance(out_dir, (str, Path)) or (isinstance(out_dir, str) and out_dir.strip() in nulls):
@@ -321,6 +322,9 @@ class Outputs:
         import matplotlib.pyplot as plt
         from IPython.display import Markdown, display
 
+        from kvlib.study import plotting
+
+        plotting.tidy(fig)  # log scales where values span decades, legends outside the data, no text overlaps
         path = self.figures_dir / f"{self.prefix}_{name}.png"
         self._replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         title = fig._suptitle.get_text() if fig._suptitle is not None else (fig.axes[0].get_title() if fig.axes else "")
@@ -360,7 +364,9 @@ class Outputs:
         self.save()
 
     def loaded(self, lm: Any) -> None:
-        """Record the model a notebook measured (weights actually used, provenance); show the banner if random."""
+        """Record the model a notebook measured (weights actually used, provenance); show the banner if its weights
+        are random (once per page). A variant built with random weights on purpose (07's other key/value-head
+        counts) is not passed here: it is labelled where it appears, and the page's model keeps its weights."""
         from IPython.display import Markdown, display
 
         from kvlib.measure.provenance import provenance
@@ -375,7 +381,8 @@ class Outputs:
             provenance=provenance(lm.device, lm.dtype_name),
         )
         banner = weights_banner(lm.weights, lm.source)
-        if banner:
+        if banner and not self._banner_shown:  # once per notebook page, however many models it loads
+            self._banner_shown = True
             display(Markdown(banner))
 
     def describe(self, **info: Any) -> None:

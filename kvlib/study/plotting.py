@@ -3,11 +3,19 @@
 - Points and lines are medians over repeats; error bars and bands are the interquartile range (25th to 75th
   percentile), which says how much repeats disagreed without assuming a distribution. Every caption says so.
 - Every figure has a title and axis labels with units; `label` refuses an axis label without one.
+- Every decoding path and cache layout has one colour and one place in the order in every figure (COLORS, ORDER;
+  `color`, `order`, `colors`, `palette` match names such as "kvlib static cache", "static", "paged (block 16)").
+  `lines`, `points` and `bars` use them; a notebook calling seaborn itself passes `palette=plotting.palette(...)`.
+- `tidy`, called by kvlib.study.Outputs.figure before a figure is saved, puts legends outside the data (one for
+  the figure when the panels agree), gives a y axis whose values span decades a log scale, and wraps a title or
+  label longer than its axis, so that no text runs into another.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
+import zlib
 from typing import Any
 
 import matplotlib
@@ -17,6 +25,7 @@ import seaborn as sns
 ESTIMATOR = "median"
 ERRORBAR = ("pi", 50)  # seaborn's percentile interval of width 50: the 25th to 75th percentile
 PALETTE = "colorblind"
+SEQUENTIAL = "crest"  # for a numeric hue (batch sizes, lengths): light to dark, never a path's or layout's colour
 _UNIT = re.compile(r"\(.+\)|\[.+\]")  # "latency (ms)" or "latency [ms]"
 
 
@@ -43,31 +52,139 @@ def label(ax: Any, title: str, x: str, y: str) -> None:
     ax.set_ylabel(y)
 
 
-# One colour per decoding path and engine in every figure of the study (indices into the colorblind palette).
-_COLOR_INDEX = {
-    "kvlib static cache": 0,
-    "kvlib dynamic cache": 1,
-    "kvlib naive (no cache)": 3,
-    "hf static cache": 2,
-    "hf dynamic cache": 4,
-    "hf naive (no cache)": 5,
-    "kvlib": 0,
-    "hf": 2,
-    "naive": 3,
-    "cached": 0,
-}
-_SPARE = (6, 7, 9, 8)
+# One colour and one place in the order for every decoding path and cache layout, in every figure of the study.
+# A name is matched by what it says ("kvlib static cache", "static", "hf static cache" are the static layout; "paged
+# (block 16)" is the paged one); kvlib's paths take the full colour, Hugging Face's the light shade of the same
+# layout. Listed in the order figures show them: the baseline first, then the exact layouts, the lossy ones last.
+_STYLES: tuple[tuple[str, str, str], ...] = (
+    # (key, colour, what it is)
+    ("naive", "#4d4d4d", "no cache: every step recomputes the whole sequence"),
+    ("hf naive", "#a6a6a6", "Hugging Face generate, use_cache=False"),
+    ("dynamic", "#de8f05", "cache grown by concatenation every step"),
+    ("hf dynamic", "#f6c46a", "Hugging Face DynamicCache"),
+    ("static", "#0173b2", "cache preallocated to the run's length, written in place"),
+    ("hf static", "#86bde6", "Hugging Face StaticCache"),
+    ("static_context", "#08306b", "static cache preallocated to the model's whole context"),
+    ("paged", "#029e73", "block pool, blocks freed when a sequence ends"),
+    ("paged_keep", "#8fd9bd", "block pool, blocks kept until the batch ends"),
+    ("int8", "#d55e00", "int8 codes per token"),
+    ("int8 tail", "#f4a582", "int8 codes, recent tokens in full precision"),
+    ("int4", "#cc78bc", "int4 codes per token"),
+    ("int4 kivi", "#762a83", "int4, KIVI: keys per channel, recent tokens in full precision"),
+    ("hf quanto", "#ca9161", "Hugging Face QuantizedCache, quanto backend"),
+    ("hf hqq", "#8c510a", "Hugging Face QuantizedCache, HQQ backend"),
+    ("hf fp8", "#dfc27d", "Hugging Face fp8 cache"),
+    ("window", "#b59a00", "sliding window with attention sinks"),
+    ("prefix", "#00a5a5", "prefix prefilled once and shared"),
+    ("multi-head", "#3f007d", "one key/value head per query head"),
+    ("grouped-query", "#807dba", "key/value heads shared by groups of query heads"),
+    ("multi-query", "#bcbddc", "one key/value head for all query heads"),
+    ("kvlib", "#1a1a1a", "the engine: kvlib's own decoder"),
+    ("hf", "#c51b7d", "the engine: Hugging Face transformers"),
+    ("cached", "#0173b2", "with a cache (01's counted work)"),
+    # the parts of a run's memory (04): greys, except the cache, in the static layout's colour (the one measured)
+    ("weights", "#636363", "the model's weights"),
+    ("packed weight copy", "#969696", "kvlib's CPU fast path: a packed copy of the weights"),
+    ("kv cache", "#0173b2", "the KV cache"),
+    ("rest", "#d0d0d0", "everything else in the peak: activations, allocator, libraries"),
+)
+COLORS: dict[str, str] = {key: color for key, color, _ in _STYLES}
+ORDER: tuple[str, ...] = tuple(key for key, _, _ in _STYLES)
+_SPARE = ("#56b4e9", "#e69f00", "#009e73", "#f0e442", "#d55e00", "#cc79a7", "#999999", "#0072b2")
+
+
+def style_key(name: object) -> str | None:
+    """The key in COLORS of a path or layout name (None: not a known one). Marks in brackets ("[0 evicted]") and
+    sizes in parentheses are ignored: "paged (block 16)" -> "paged", "hf static cache" -> "hf static"."""
+    text = re.sub(r"\[.*?\]", "", str(name)).strip().lower()
+    if text in COLORS:
+        return text
+    engine = "hf " if text.startswith(("hf ", "hf's", "hugging face")) else ""
+    text = re.sub(r"^(kvlib|hf|hugging face)('s)?\s+", "", text)
+    if text == "none":  # a cache mode: no cache
+        return engine + "naive"
+    rules = (
+        ("naive", ("naive", "no cache", "use_cache=false")),
+        ("static_context", ("static_context", "static (context", "context")),
+        ("paged_keep", ("paged_keep", "paged (keep")),
+        ("quanto", ("quanto",)),
+        ("hqq", ("hqq",)),
+        ("fp8", ("fp8",)),
+        ("int4 kivi", ("kivi",)),
+        ("int8 tail", ("int8 per-token, 32", "int8, ", "int8 with")),
+        ("int8", ("int8",)),
+        ("int4", ("int4",)),
+        ("paged", ("paged",)),
+        ("window", ("window",)),
+        ("prefix", ("shared", "prefix")),
+        ("multi-head", ("multi-head",)),
+        ("grouped-query", ("grouped-query",)),
+        ("multi-query", ("multi-query",)),
+        ("dynamic", ("dynamic",)),
+        ("static", ("static", "full precision")),
+    )
+    for key, needles in rules:
+        if any(n in text for n in needles):
+            if key in ("quanto", "hqq", "fp8"):
+                return f"hf {key}"
+            if key == "int8 tail" and "tail" not in text:
+                continue
+            full = engine + key
+            return full if full in COLORS else key
+    return None
+
+
+def color(name: object) -> str:
+    """The colour of a path or layout in every figure; a name the study does not know gets a fixed spare colour."""
+    key = style_key(name)
+    if key is not None:
+        return COLORS[key]
+    return _SPARE[zlib.crc32(str(name).encode()) % len(_SPARE)]
+
+
+def order(labels: Any) -> list[str]:
+    """`labels` (repeats dropped) in the study's fixed order: known paths and layouts by ORDER, others after them
+    by name."""
+    labels = list(dict.fromkeys(str(v) for v in labels))
+    rank = {key: i for i, key in enumerate(ORDER)}
+
+    def where(v: str) -> tuple[int, str]:
+        key = style_key(v)
+        return (rank[key] if key is not None else len(rank), v)
+
+    return sorted(labels, key=where)
 
 
 def colors(labels: Any) -> tuple[dict[str, Any], list[str]]:
-    """(palette, order) for these hue labels: known paths keep their colour everywhere; others get spare ones."""
-    base = sns.color_palette(PALETTE, 10)
-    labels = list(dict.fromkeys(str(v) for v in labels))
-    known = [v for v in _COLOR_INDEX if v in labels]
-    rest = sorted(v for v in labels if v not in _COLOR_INDEX)
-    spare = _SPARE * (1 + len(rest) // len(_SPARE))
-    palette = {v: base[_COLOR_INDEX[v]] for v in known} | {v: base[i] for v, i in zip(rest, spare, strict=False)}
-    return palette, known + rest
+    """(palette, order) for these hue labels: every known path or layout keeps its colour and place everywhere.
+    Two labels of one figure that map to the same colour (paged with two block sizes) are told apart by shade."""
+    ordered = order(labels)
+    palette: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    for v in ordered:
+        c = color(v)
+        k = seen.get(c, 0)
+        seen[c] = k + 1
+        rgb = matplotlib.colors.to_rgb(c)
+        palette[v] = c if k == 0 else tuple(x + (1 - x) * min(0.6, 0.3 * k) for x in rgb)  # lighter shades
+    return palette, ordered
+
+
+def palette(labels: Any) -> dict[str, Any]:
+    """{label: colour} for these paths or layouts (seaborn's `palette=`); pair it with hue_order=order(labels)."""
+    return colors(labels)[0]
+
+
+def bars(data: Any, x: str, y: str, hue: str, ax: Any, **kwargs: Any) -> Any:
+    """A bar chart whose bars take the colours and order of their path or layout (`hue`); no error bars unless
+    `errorbar` is given (use it for counts that do not vary between runs)."""
+    palette, hue_order = colors(data[hue].unique())
+    kwargs.setdefault("errorbar", None)
+    kwargs.setdefault("legend", False)
+    categorical = y if data[x].dtype.kind in "fiu" and data[y].dtype.kind not in "fiu" else x
+    if categorical == hue:
+        kwargs.setdefault("order", hue_order)
+    return sns.barplot(data=data, x=x, y=y, hue=hue, palette=palette, hue_order=hue_order, ax=ax, **kwargs)
 
 
 def _hue(data: Any, hue: str | None, kwargs: dict[str, Any]) -> None:
@@ -76,15 +193,24 @@ def _hue(data: Any, hue: str | None, kwargs: dict[str, Any]) -> None:
 
 
 def lines(data: Any, x: str, y: str, hue: str | None, ax: Any, **kwargs: Any) -> Any:
-    """Medians with an interquartile band, one line per `hue`."""
+    """Medians with an interquartile band, one line per `hue`. Each line also has its own marker and dashes, so
+    that lines which coincide (two layouts holding the same bytes) both stay visible."""
     _hue(data, hue, kwargs)
-    return sns.lineplot(
-        data=data, x=x, y=y, hue=hue, ax=ax, estimator=ESTIMATOR, errorbar=ERRORBAR, marker="o", **kwargs
-    )
+    if hue is not None and "style" not in kwargs:
+        kwargs.update(style=hue, style_order=kwargs["hue_order"], markers=True, dashes=True)
+    else:
+        kwargs.setdefault("marker", "o")
+    return sns.lineplot(data=data, x=x, y=y, hue=hue, ax=ax, estimator=ESTIMATOR, errorbar=ERRORBAR, **kwargs)
 
 
 def points(data: Any, x: str, y: str, hue: str | None, ax: Any, **kwargs: Any) -> Any:
-    """Medians with interquartile error bars, for categories (not joined by lines: there is nothing between)."""
+    """Medians with interquartile error bars, for categories (not joined by lines: there is nothing between).
+    Without a `hue`, categories that are paths or layouts take their colours (and order) all the same."""
+    if hue is None and "color" not in kwargs and all(style_key(v) is not None for v in data[x].unique()):
+        kwargs.setdefault("order", order(data[x].unique()))
+        kwargs.update(hue=x, legend=False, palette=palette(data[x].unique()))
+        kwargs.setdefault("dodge", False)
+        hue = kwargs.pop("hue")
     _hue(data, hue, kwargs)
     kwargs.setdefault("dodge", 0.3 if hue else False)
     return sns.pointplot(
@@ -120,12 +246,129 @@ def scaled(values: Any, unit: str) -> tuple[float, str]:
 
 def log_axis(ax: Any, axis: str = "y") -> None:
     """A log scale labelled with plain numbers (20, 50, 100), not powers of ten; call it after plotting.
-    Minor ticks are labelled only when the axis spans less than a factor of 20 (else they crowd)."""
+    Minor ticks at 2 and 5 times a power of ten are labelled when the axis spans less than a factor of 100 (the
+    others would crowd against each other)."""
+    import math
+
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
     target = ax.yaxis if axis == "y" else ax.xaxis
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    ax.autoscale_view()  # the limits of the log scale, not the linear one's (which may reach below 0)
     lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+
+    def minor(v: float, _: Any) -> str:
+        lead = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 5) else ""
+
     target.set_major_formatter(fmt)
-    target.set_minor_formatter(fmt if lo > 0 and hi / lo < 20 else NullFormatter())
+    target.set_minor_formatter(FuncFormatter(minor) if lo > 0 and hi / lo < 100 else NullFormatter())
+
+
+# ---- the last touch before a figure is saved (kvlib.study.Outputs.figure calls it) ----------------------------------
+
+LOG_SPAN = 30.0  # a linear axis whose positive data span more than this factor gets a log scale
+
+
+def _legend_entries(ax: Any) -> list[tuple[Any, str]]:
+    legend = ax.get_legend()
+    if legend is None:
+        return []
+    return [(h, t.get_text()) for h, t in zip(legend.legend_handles, legend.get_texts(), strict=False)]
+
+
+def _handle_key(handle: Any) -> tuple[str, str]:
+    """What a legend handle looks like (kind and colour): entries of one label merge only when they look alike."""
+    getter = getattr(handle, "get_color", None) or getattr(handle, "get_facecolor", None)
+    try:
+        rgba = matplotlib.colors.to_hex(getter(), keep_alpha=True) if getter else ""
+    except (TypeError, ValueError):
+        rgba = ""
+    return type(handle).__name__, rgba
+
+
+def _merge_legends(fig: Any) -> None:
+    """Legends outside the data: one legend for the figure when the panels' entries agree (same label, same look),
+    else each panel's legend to its right; never on top of a panel."""
+    axes = [ax for ax in fig.axes if ax.get_legend() is not None]
+    if not axes:
+        return
+    entries: dict[str, Any] = {}
+    agree = True
+    for ax in axes:
+        for handle, text in _legend_entries(ax):
+            if text in entries and _handle_key(entries[text]) != _handle_key(handle):
+                agree = False
+            entries.setdefault(text, handle)
+    wide = len([a for a in fig.axes if a.has_data()]) > 1
+    if agree and wide:  # one legend under the panels, for all of them
+        for ax in axes:
+            ax.get_legend().remove()
+        longest = max((len(t) for t in entries), default=0)
+        fig.legend(
+            list(entries.values()),
+            list(entries),
+            loc="outside lower center",
+            ncols=max(1, min(len(entries), 4 if longest < 24 else 2)),
+            frameon=False,
+        )
+    else:  # each panel's legend to its right
+        for ax in axes:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+
+
+def log_if_decades(ax: Any, axis: str = "y") -> None:
+    """Log scale on a linear axis whose positive data span more than LOG_SPAN, and say so in its label (tidy does
+    it for every y axis; call it for an x axis of values, e.g. horizontal error bars)."""
+    scale = ax.get_yscale() if axis == "y" else ax.get_xscale()
+    fixed = not (ax.get_autoscaley_on() if axis == "y" else ax.get_autoscalex_on())  # limits set by the notebook
+    if scale != "linear" or fixed or not ax.has_data():
+        return
+    lo, hi = (ax.dataLim.y0, ax.dataLim.y1) if axis == "y" else (ax.dataLim.x0, ax.dataLim.x1)
+    sizes = [p.get_height() if axis == "y" else p.get_width() for p in ax.patches if hasattr(p, "get_height")]
+    if lo == 0 and sizes and all(v >= 0 for v in sizes):  # bars from 0: judge by the bars' positive lengths
+        positive = [v for v in sizes if v > 0]
+        lo, hi = (min(positive), max(positive)) if positive else (0, 0)
+    if not (lo > 0 and hi / lo > LOG_SPAN):
+        return
+    log_axis(ax, axis)
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    text = target.get_label().get_text()
+    if "log" not in text and text.rstrip().endswith(")"):
+        target.set_label_text(re.sub(r"\)\s*$", ", log scale)", text))
+
+
+def _wrap(text_artist: Any, limit_px: float, renderer: Any) -> None:
+    """Wrap a title or axis label onto more lines until it fits `limit_px` (its axis's length)."""
+    text = text_artist.get_text()
+    if not text or "\n" in text or limit_px <= 0:
+        return
+    width = text_artist.get_window_extent(renderer).width
+    if text_artist.get_rotation() == 90:
+        width = text_artist.get_window_extent(renderer).height
+    if width <= limit_px:
+        return
+    chars = max(12, int(len(text) * limit_px / width * 0.95))
+    text_artist.set_text(textwrap.fill(text, chars))
+
+
+def _wrap_texts(fig: Any) -> None:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.get_window_extent(renderer)
+        _wrap(ax.title, box.width, renderer)
+        _wrap(ax.xaxis.label, box.width, renderer)
+        _wrap(ax.yaxis.label, box.height, renderer)
+    if fig._suptitle is not None:
+        _wrap(fig._suptitle, fig.get_window_extent(renderer).width * 0.95, renderer)
+
+
+def tidy(fig: Any) -> None:
+    """What every figure gets before it is saved: log scales where values span decades, legends outside the data
+    (one per figure where the panels agree), and titles and labels wrapped so that no text runs into another."""
+    for ax in fig.axes:
+        log_if_decades(ax, "y")
+    _merge_legends(fig)
+    _wrap_texts(fig)

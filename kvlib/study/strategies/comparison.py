@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -10,7 +11,7 @@ from kvlib import checks
 from kvlib.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.decoders import Decoder
-from kvlib.models.prompts import synthetic_prompts
+from kvlib.models.prompts import prompts_for
 from kvlib.study.strategies.common import (
     Variant,
     check_sizes,
@@ -52,6 +53,7 @@ def comparison_table(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    tokenizer: Any | None = None,
 ) -> pd.DataFrame:
     """Every variant (label -> (layout, options)) on the same prompts, against the static cache ("static", which
     must be among them). One row per variant:
@@ -62,6 +64,7 @@ def comparison_table(
     how many the layout quantized or evicted; 0 for exact layouts, and for a lossy one that lost nothing in this
     run); repeats, ttft_ms / tpot_ms with _min / _max; max_abs_logit_diff, rel_logit_diff, token_agreement_pct
     (agreeing_steps of compared_steps), tokens_equal, first_divergence_step (see the package docstring).
+    Prompts: passages of the novel with `tokenizer` (a pretrained model's), else synthetic ids.
     """
     where = "comparison_table:"
     check_sizes(
@@ -72,7 +75,7 @@ def comparison_table(
     if variants.get("static", (None,))[0] != "static":
         raise KvlibError('comparison_table needs the exact reference: a variant "static" with layout "static"')
     device = model.wte.weight.device
-    ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
+    ids = prompts_for(model.cfg.vocab_size, tokenizer, batch_size, prompt_len, seed, device)  # text with a tokenizer
     exact = generate(model, ids, new_tokens, cache="static", keep_logits=True)
     runs, last = interleaved_runs(
         {k: generate_fn(model, ids, new_tokens, v) for k, v in variants.items()}, repeats, warmup
@@ -137,7 +140,7 @@ def memory_by_length(
     check_sizes(where, prompt_len=prompt_len, batch_size=batch_size, seed=seed)
     variants = check_variants(default_variants() if variants is None else variants, where)
     device = model.wte.weight.device
-    ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
+    ids = prompts_for(model.cfg.vocab_size, None, batch_size, prompt_len, seed, device)  # bytes only: synthetic ids
     rows = []
     for total in lengths:
         if total <= prompt_len:
@@ -165,14 +168,16 @@ def window_memory(
     window: int = 32,
     batch_size: int = 1,
     seed: int = 0,
+    tokenizer: Any | None = None,
 ) -> pd.DataFrame:
     """The sink + window cache against the static cache as the sequence grows: one row per (variant, length) with
     held_bytes, fits (total_tokens - 1 <= sink + window: nothing was evicted, so the layout was exact), and for the
-    window its error against the static cache over that run (the static rows carry zeros by definition)."""
+    window its error against the static cache over that run (the static rows carry zeros by definition).
+    Prompts: passages of the novel with `tokenizer` (a pretrained model's), else synthetic ids."""
     lengths = checks.whole_list("lengths", lengths, where="window_memory:")
     check_sizes("window_memory:", prompt_len=prompt_len, sink=sink, window=window, batch_size=batch_size, seed=seed)
     device = model.wte.weight.device
-    ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
+    ids = prompts_for(model.cfg.vocab_size, tokenizer, batch_size, prompt_len, seed, device)  # text with a tokenizer
     options = {"sink": sink, "window": window}
     rows = []
     for total in lengths:

@@ -7,15 +7,18 @@ from collections.abc import Sequence
 import pandas as pd
 
 from kvlib import checks
-from kvlib.models.loading import load
+from kvlib.models.loading import LoadedModel, load
 from kvlib.models.prompts import synthetic_prompts
 from kvlib.study.strategies.common import check_sizes, generate_fn, held_bytes, interleaved_runs, timing_summary
 
 
-def default_kv_heads(n_head: int) -> list[int]:
-    """n_head (multi-head), n_head / 3 (grouped; n_head / 2 when 3 does not divide it) and 1 (multi-query)."""
+def default_kv_heads(n_head: int, n_kv_head: int | None = None) -> list[int]:
+    """n_head (multi-head), n_head / 3 (grouped; n_head / 2 when 3 does not divide it) and 1 (multi-query); with
+    `n_kv_head` (a model's own, e.g. SmolLM2's 3 of 9), that instead of n_head / 3."""
     n_head = checks.whole("n_head", n_head, where="default_kv_heads:")
     mid = n_head // 3 if n_head % 3 == 0 else n_head // 2
+    if n_kv_head is not None:
+        mid = checks.whole("n_kv_head", n_kv_head, where="default_kv_heads:")
     return sorted({n_head, max(mid, 1), 1}, reverse=True)
 
 
@@ -43,12 +46,19 @@ def gqa_reduction(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    base: LoadedModel | None = None,
 ) -> pd.DataFrame:
-    """The same architecture with n_kv_head key/value heads (random weights, same width), through the static cache.
+    """The same architecture with n_kv_head key/value heads (same width), through the static cache.
 
-    One row per n_kv_head: held_bytes (the cache's tensors), formula_bytes (kv_bytes_per_token x batch x slots),
-    reduction (held bytes of the multi-head model / held bytes here), expected_reduction (n_head / n_kv_head),
-    reduction_exact (the two are equal), and timing. The models differ, so their tokens are not compared.
+    `base`, when given, is the model already loaded (e.g. SmolLM2-135M with its pretrained weights and its own 3
+    key/value heads for 9 query heads): it is measured as it is, and every other head count is built from its
+    config with seeded random weights (no such pretrained model exists); without it, every model has random
+    weights. kv_heads None: n_head, the base model's own count (else n_head / 3) and 1.
+
+    One row per n_kv_head: weights (pretrained or random), held_bytes (the cache's tensors), formula_bytes
+    (kv_bytes_per_token x batch x slots), reduction (held bytes of the multi-head model / held bytes here),
+    expected_reduction (n_head / n_kv_head), reduction_exact (the two are equal), and timing. The models differ, so
+    their tokens are not compared.
     """
 
     where = "gqa_reduction:"
@@ -57,12 +67,14 @@ def gqa_reduction(
         seed=seed,
     )  # fmt: skip
     kv_heads = checks.optional_whole_list("kv_heads", kv_heads, where=where)
-    base = load(model_name, weights="random", device=device, dtype=dtype, seed=seed, with_hf=False)
-    kv_heads = check_kv_heads(base.cfg.n_head, kv_heads, where=where) or default_kv_heads(base.cfg.n_head)
-    models = {
-        k: base if k == base.cfg.n_head else load(model_name, "random", device, dtype, seed, k, False) for k in kv_heads
-    }
-    ids = synthetic_prompts(base.cfg.vocab_size, batch_size, prompt_len, seed, base.device)
+    if base is None:
+        base = load(model_name, weights="random", device=device, dtype=dtype, seed=seed, with_hf=False)
+    own = base.cfg.n_kv_head
+    kv_heads = check_kv_heads(base.cfg.n_head, kv_heads, where=where) or default_kv_heads(
+        base.cfg.n_head, own if own != base.cfg.n_head else None
+    )
+    models = {k: base if k == own else load(model_name, "random", device, dtype, seed, k, False) for k in kv_heads}
+    ids = synthetic_prompts(base.cfg.vocab_size, batch_size, prompt_len, seed, base.device)  # the same for every model
     runs, last = interleaved_runs(
         {f"n_kv_head={k}": generate_fn(m.model, ids, new_tokens, ("static", {})) for k, m in models.items()},
         repeats,
@@ -70,13 +82,15 @@ def gqa_reduction(
     )
     timing = timing_summary(runs).set_index("variant")
     slots = prompt_len + new_tokens  # the static cache's preallocation
-    mha = base.cfg.kv_bytes_per_token(base.model.wte.weight.element_size()) * batch_size * slots
+    element = base.model.wte.weight.element_size()
+    mha = base.cfg.with_kv_heads(base.cfg.n_head).kv_bytes_per_token(element) * batch_size * slots
     rows = []
     for k, m in models.items():
         held = held_bytes(last[f"n_kv_head={k}"].cache)
         rows.append(
             {
                 "model": m.cfg.name,
+                "weights": m.weights,
                 "n_head": m.cfg.n_head,
                 "n_kv_head": k,
                 "attention": "multi-head" if k == m.cfg.n_head else ("multi-query" if k == 1 else "grouped-query"),

@@ -11,7 +11,7 @@ import torch
 from kvlib import checks
 from kvlib.models.decode import generate
 from kvlib.models.decoders import Decoder
-from kvlib.models.prompts import synthetic_prompts
+from kvlib.models.prompts import prompts_for
 from kvlib.study.strategies.common import (
     Variant,
     check_sizes,
@@ -62,6 +62,7 @@ def quantized_error(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    tokenizer: Any | None = None,
 ) -> pd.DataFrame:
     """kvlib's quantized layouts against its full-precision static cache, and (with `hf_model`, the same weights in
     transformers) HF's QuantizedCache backends against HF's own DynamicCache, all on the same prompts.
@@ -74,6 +75,7 @@ def quantized_error(
     storage, not quantization), ttft/tpot (kvlib: generate; HF: a greedy loop of forward calls, see
     kvlib.study.strategies.hf_quantized), and the error columns. HF's integer backends keep their last
     `hf_residual_len` tokens at full precision (transformers' default is 128) and quantize per channel in groups.
+    Prompts: passages of the novel with `tokenizer` (a pretrained model's), else synthetic ids.
     """
     where = "quantized_error:"
     check_sizes(
@@ -82,7 +84,7 @@ def quantized_error(
     )  # fmt: skip
     hf_backends = check_hf_backends(hf_backends, where)
     device = model.wte.weight.device
-    ids = synthetic_prompts(model.cfg.vocab_size, batch_size, prompt_len, seed, device)
+    ids = prompts_for(model.cfg.vocab_size, tokenizer, batch_size, prompt_len, seed, device)  # text with a tokenizer
     stored = batch_size * (prompt_len + new_tokens - 1)
     variants = {"full precision (static)": ("static", {})} | check_variants(
         default_quantized_variants() if variants is None else variants, where

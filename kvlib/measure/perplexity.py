@@ -1,0 +1,478 @@
+"""`python -m kvlib perplexity`: what a cache layout costs in quality, as the perplexity of real text through it.
+
+Perplexity is exp(mean negative log-likelihood of tokens 1..N-1), each token given all earlier ones *as the cache
+keeps them* (the study's counterpart of llama.cpp's perplexity tool). The text is tokenized without special tokens
+and cut to its first N tokens; random weights have no tokenizer and score seeded synthetic token ids instead
+(their perplexity is meaningless, and every output says so).
+
+Two methods, proven equal by tests/test_perplexity.py on short texts:
+
+- "token" (the reference): teacher forcing through the named layout itself, one token per step (cache slot i at
+  position i), so the number is what that cache really does. "none" is the model without a cache: one causal
+  forward pass over the whole text, which is what naive decoding recomputes at every step.
+- "fast" (for long sweeps; Llama-architecture models): one forward pass over the whole text that reproduces, per
+  query, exactly what the cache would have shown it: the window/sink pattern as an attention mask (and the sinks'
+  shifted positions for positions="cache"), and quantization as fake quantization of keys and values (quantized
+  then dequantized with the cache's own functions) used only where the cache would have held codes, never where
+  it would have held the full-precision tail.
+
+Hugging Face's QuantizedCache ("hf-quantized", backend quanto by default) runs token by token through HF's model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvlib import checks
+from kvlib.caches.base import CACHE_LAYOUTS, check_layout, make_cache
+from kvlib.caches.quantized import dequantize, dequantize_grouped, quantize, quantize_grouped
+from kvlib.errors import KvlibError
+from kvlib.measure.provenance import provenance
+from kvlib.measure.results import append_rows, check_outputs
+
+NAIVE = "none"
+HF_QUANTIZED = "hf-quantized"
+METHODS = ("token", "fast")
+# command-line flag -> layout option, for every layout option a flag can set
+FLAG_OPTIONS = {
+    "sink": "sink",
+    "window": "window",
+    "positions": "positions",
+    "bits": "bits",
+    "group": "group",
+    "residual": "residual_len",
+    "key_axis": "key_axis",
+    "backend": "backend",
+}
+HF_OPTIONS = ("bits", "residual_len", "backend")  # hf-quantized's options
+RANDOM_NOTE = "RANDOM WEIGHTS: synthetic token ids through a random model; this perplexity is meaningless"
+PROVENANCE = (
+    "git_commit",
+    "python_version",
+    "torch_version",
+    "transformers_version",
+    "platform",
+    "device_name",
+    "threads",
+    "timestamp",
+)
+CSV_COLUMNS = (
+    "model",
+    "weights",
+    "weights_source",
+    "text",
+    "tokens",
+    "scored",
+    "cache",
+    "options",
+    "method",
+    "nll_mean",
+    "perplexity",
+    "kv_bytes_held",
+    "bytes_per_token",
+    "time_s",
+    "device",
+    "dtype",
+    *PROVENANCE,
+)
+
+
+@dataclass
+class Perplexity:
+    nll: torch.Tensor  # (N - 1,) float64: -log p(token i | tokens < i as the cache keeps them), i = 1 .. N-1
+    kv_bytes_held: int  # bytes the cache holds after the whole text (0 for "none")
+    time_s: float
+
+    @property
+    def nll_mean(self) -> float:
+        return float(self.nll.mean())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_mean)
+
+    @property
+    def scored(self) -> int:
+        return self.nll.numel()
+
+
+# ---- inputs --------------------------------------------------------------------------------------------------------
+
+
+def read_text(path: str | Path | None) -> tuple[str, str]:
+    """(text, its name): the file's text (UTF-8, .gz unpacked), or the study's shipped novel when `path` is None."""
+    if path is None:
+        from kvlib.models.prompts import CORPUS_NAME, corpus_text
+
+        return corpus_text(), CORPUS_NAME
+    p = Path(path)
+    if not p.is_file():
+        raise KvlibError(f"text file {p} does not exist" if not p.exists() else f"text {p} is not a regular file")
+    try:
+        data = p.read_bytes()
+        text = (gzip.decompress(data) if p.suffix == ".gz" else data).decode("utf-8")
+    except (OSError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise KvlibError(f"cannot read text {p}: {getattr(e, 'strerror', None) or e}") from None
+    return text, p.name
+
+
+def text_token_ids(tokenizer: Any, text: str, n_tokens: int, name: str = "the text") -> torch.Tensor:
+    """The first `n_tokens` token ids of `text`, no special tokens, (1, n_tokens) long."""
+    chars = 8 * n_tokens + 64
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < n_tokens:
+        raise KvlibError(f"{name} has only {len(ids)} tokens; --tokens {n_tokens} were asked for")
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)[None]
+
+
+def layout_options_from(cache: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Check the layout and that every option given belongs to it; returns the options."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if cache == HF_QUANTIZED:
+        extra = sorted(set(given) - set(HF_OPTIONS))
+        if extra:
+            raise KvlibError(f"cache {cache!r} takes only {', '.join(HF_OPTIONS)}; not {', '.join(extra)}")
+        return given
+    if cache == NAIVE:
+        if given:
+            raise KvlibError(f"cache 'none' (no cache) takes no options; got {', '.join(sorted(given))}")
+        return {}
+    if cache not in CACHE_LAYOUTS:
+        names = ", ".join([NAIVE, *CACHE_LAYOUTS, HF_QUANTIZED])
+        raise KvlibError(f"unknown cache layout {cache!r}; choose one of {names}")
+    return check_layout(cache, given)
+
+
+def check_fits(cache: str, options: dict[str, Any], n_tokens: int, n_positions: int) -> None:
+    """Refuse texts the model or the layout cannot take: < 2 tokens, beyond the context, sinks holding it all."""
+    checks.whole("tokens", n_tokens, minimum=2)
+    if n_tokens > n_positions:
+        raise KvlibError(f"--tokens {n_tokens} exceeds the model's context of {n_positions} positions")
+    if cache == "window" and options.get("sink", 4) >= n_tokens:
+        raise KvlibError(
+            f"window cache: sink {options.get('sink', 4)} does not fit a text of {n_tokens} tokens "
+            "(the sinks alone would hold all of it); use fewer sinks"
+        )
+
+
+# ---- the reference: token by token through the cache -------------------------------------------------------------
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target], float64: logits (T, V), targets (T,)."""
+    return F.cross_entropy(logits.double(), targets, reduction="none")
+
+
+@torch.inference_mode()
+def perplexity_token_by_token(
+    model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None
+) -> Perplexity:
+    """Teacher forcing of `ids` (1, N) through the named layout, one token per step; "none": one causal pass."""
+    from kvlib.models.fastpath import prepare_for_inference
+
+    options = options or {}
+    N = ids.shape[1]
+    positions = torch.arange(N, device=ids.device)[None]  # (1, N)
+    t0 = time.perf_counter()
+    if cache == NAIVE:
+        logits = model(ids, positions, None, 0, None, last_only=False)[0]  # (N, V)
+        return Perplexity(_nll(logits[:-1], ids[0, 1:]), 0, time.perf_counter() - t0)
+    prepare_for_inference(model, 1)
+    kv = make_cache(cache, model.cfg, 1, N, ids.device, model.wte.weight.dtype, **options)
+    nll = torch.empty(N - 1, dtype=torch.float64)
+    for i in range(N):  # every token goes in, so that the bytes held are those of the whole text
+        logits = model(ids[:, i : i + 1], positions[:, i : i + 1], kv, i)[0, -1]  # (V,)
+        if i < N - 1:
+            nll[i] = _nll(logits[None], ids[0, i + 1 : i + 2])[0]
+    held = kv.used_bytes() if hasattr(kv, "used_bytes") else kv.nbytes()
+    return Perplexity(nll, held, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def perplexity_hf_quantized(
+    hf_model: Any, ids: torch.Tensor, bits: int = 4, residual_len: int = 128, backend: str = "quanto"
+) -> Perplexity:
+    """Teacher forcing through Hugging Face's model with its QuantizedCache, one token per call."""
+    from kvlib.study.strategies.hf_quantized import hf_cache_bytes, make_hf_quantized_cache
+
+    if hf_model is None:
+        raise KvlibError("hf-quantized needs the Hugging Face model (this configuration has none)")
+    try:
+        kv = make_hf_quantized_cache(hf_model, backend, bits, residual_len)
+    except (ImportError, ValueError) as e:
+        raise KvlibError(f"Hugging Face QuantizedCache ({backend}, {bits} bits) unavailable: {e}") from None
+    N = ids.shape[1]
+    nll = torch.empty(N - 1, dtype=torch.float64)
+    t0 = time.perf_counter()
+    for i in range(N):
+        out = hf_model(input_ids=ids[:, i : i + 1], past_key_values=kv, use_cache=True)
+        if i < N - 1:
+            nll[i] = _nll(out.logits[0, -1:], ids[0, i + 1 : i + 2])[0]
+    return Perplexity(nll, hf_cache_bytes(kv), time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def perplexity_hf(hf_model: Any, ids: torch.Tensor) -> Perplexity:
+    """Hugging Face's model, one causal pass, no cache: the external reference for the full cache."""
+    t0 = time.perf_counter()
+    logits = hf_model(input_ids=ids, use_cache=False).logits[0]
+    return Perplexity(_nll(logits[:-1], ids[0, 1:]), 0, time.perf_counter() - t0)
+
+
+# ---- the shortcut: one pass with a mask and fake quantization ------------------------------------------------------
+
+
+def window_mask(T: int, sink: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, T) bool: query i sees key j when j <= i and (j < sink or j > i - window) (the window's contract)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & ((j < sink) | (j > i - window))
+
+
+def quantized_where(T: int, options: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, T) bool: whether query i's step sees key j as integer codes (else at full precision) in the quantized
+    layout, which holds a full-precision tail: per token, the last residual_len tokens; per channel, the tokens
+    past the last whole group of residual_len. The first step attends to its own key at full precision."""
+    r = options.get("residual_len", 0)
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    per_token = options.get("key_axis", "token") == "token"
+    held = j <= i - r if per_token else j < (i + 1) // r * r
+    held[0] = False
+    return held & (j <= i)
+
+
+def fake_quantized(k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, nkv, T, hd) quantized and dequantized as the quantized layout stores them (per-channel keys: only
+    the whole groups of residual_len tokens; the rest is returned unchanged and never used as codes)."""
+    bits, group = options.get("bits", 8), options.get("group", 0) or k.shape[-1]
+    dtype = k.dtype
+    vq = dequantize_grouped(*quantize_grouped(v, bits, group, dtype), dtype)
+    if options.get("key_axis", "token") == "token":
+        return dequantize_grouped(*quantize_grouped(k, bits, group, dtype), dtype), vq
+    G = options["residual_len"]
+    B, nkv, T, hd = k.shape
+    n = T // G * G
+    kq = k.clone()
+    if n:
+        codes, scale, zero = quantize(k[:, :, :n].reshape(B, nkv, n // G, G, hd), bits, dim=3, dtype=dtype)
+        kq[:, :, :n] = dequantize(codes, scale, zero, dtype).reshape(B, nkv, n, hd)
+    return kq, vq
+
+
+def _rope(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from kvlib.models.llama import rope_cos_sin
+
+    return rope_cos_sin(positions[None], model.inv_freq.to(positions.device), dtype)
+
+
+def _attention(q, k, v, allowed, q_sink=None, sink=0, k_codes=None, v_codes=None, codes_where=None):
+    """Attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd) where `allowed` (T, T); with `q_sink`, the first
+    `sink` keys are scored against q_sink instead (their positions moved); with `k_codes`, keys and values are
+    taken from k_codes / v_codes where `codes_where` (T, T)."""
+    if k_codes is None and (q_sink is None or not sink):  # a plain mask: PyTorch's fused attention
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, nh, T, hd)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2)  # (B, nh, T, T)
+    if q_sink is not None and sink:
+        scores[..., :sink] = q_sink @ k[:, :, :sink].transpose(-1, -2)
+    if k_codes is not None:
+        kc, vc = k_codes.repeat_interleave(rep, 1), v_codes.repeat_interleave(rep, 1)
+        scores = torch.where(codes_where, q @ kc.transpose(-1, -2), scores)
+    p = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
+    if k_codes is None:
+        return p @ v
+    return (p * codes_where) @ vc + (p * ~codes_where) @ v
+
+
+@torch.inference_mode()
+def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None) -> Perplexity:
+    """One forward pass equal to `perplexity_token_by_token` (Llama-architecture models; exact layouts, window and
+    quantized); bytes held are computed by `held_bytes`."""
+    from kvlib.models.llama import rotate
+
+    options = options or {}
+    if model.cfg.arch != "llama":
+        raise KvlibError(f"method fast is implemented for Llama-architecture models; {model.cfg.name} is GPT-2")
+    if cache in (NAIVE, HF_QUANTIZED) or cache not in CACHE_LAYOUTS:
+        raise KvlibError(f"method fast does not apply to cache {cache!r}; use method token")
+    N = ids.shape[1]
+    t0 = time.perf_counter()
+    device, dtype = ids.device, model.wte.weight.dtype
+    causal = window_mask(N, 0, N, device)
+    allowed, codes_where, sink, q_sink_pos = causal, None, 0, None
+    if cache == "window":
+        sink, window = options.get("sink", 4), options.get("window", 64)
+        allowed = window_mask(N, sink, window, device)
+        if options.get("positions", "original") == "cache":
+            q_sink_pos = torch.arange(N, device=device).clamp(max=min(sink + window, N) - 1)
+    elif cache == "quantized":
+        codes_where = quantized_where(N, options, device)
+    elif not CACHE_LAYOUTS[cache].exact:
+        raise KvlibError(f"method fast has no mask for the lossy layout {cache!r}; use method token")
+    positions = torch.arange(N, device=device)
+    cos, sin = _rope(model, positions, dtype)
+    if q_sink_pos is not None:
+        cos_s, sin_s = _rope(model, q_sink_pos, dtype)
+    x = model.wte(ids)  # (1, N, C)
+    for block in model.h:
+        a = block.self_attn
+        q, k, v = a.qkv_proj(block.input_layernorm(x)).split(a.split_sizes, dim=-1)
+        q = q.view(1, N, a.n_head, a.head_dim).transpose(1, 2)  # (1, nh, N, hd)
+        k = k.view(1, N, a.n_kv_head, a.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+        v = v.view(1, N, a.n_kv_head, a.head_dim).transpose(1, 2)
+        qr, kr = rotate(q, cos, sin), rotate(k, cos, sin)
+        qs = rotate(q, cos_s, sin_s) if q_sink_pos is not None else None
+        kq = vq = None
+        if codes_where is not None:
+            kq, vq = fake_quantized(kr, v, options)
+        y = _attention(qr, kr, v, allowed, qs, sink, kq, vq, codes_where)  # (1, nh, N, hd)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(1, N, a.n_head * a.head_dim))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    logits = model.lm_head(model.norm(x))[0]  # (N, V)
+    nll = _nll(logits[:-1], ids[0, 1:])
+    return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0)
+
+
+def held_bytes(cfg: Any, cache: str, options: dict[str, Any], n_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes a layout holds after `n_tokens` tokens of one sequence (what its used_bytes() reports; tests check)."""
+    el = torch.empty((), dtype=dtype).element_size()
+    full = cfg.kv_bytes_per_token(el)  # K and V, every layer, one token
+    if cache == "window":
+        sink, window = options.get("sink", 4), options.get("window", 64)
+        return min(n_tokens, sink + window) * full
+    if cache != "quantized":
+        return n_tokens * full
+    bits, r = options.get("bits", 8), options.get("residual_len", 0)
+    hd = cfg.head_dim
+    ng = hd // (options.get("group", 0) or hd)
+    rows = cfg.n_layer * cfg.n_kv_head
+    if options.get("key_axis", "token") == "token":
+        n = max(n_tokens - r, 0)
+        key_scales = 2 * n * ng * el
+    else:
+        n = n_tokens // r * r
+        key_scales = 2 * (n // r) * hd * el
+    per_row = 2 * n * (hd * bits // 8) + 2 * n * ng * el + key_scales
+    return rows * per_row + (n_tokens - n) * full
+
+
+def perplexity(
+    model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None, method: str = "token"
+) -> Perplexity:
+    """The perplexity of `ids` (1, N) through `cache` by `method` ("token" or "fast")."""
+    method = checks.one_of("method", method, METHODS)
+    if method == "fast":
+        return perplexity_fast(model, ids, cache, options)
+    return perplexity_token_by_token(model, ids, cache, options)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kvlib.cli import add_model_args, flag, non_negative_int, positive_int
+
+    p = sub.add_parser("perplexity", help="perplexity of real text through a cache layout (quality of lossy caches)")
+    add_model_args(p, model="smollm2-135m")
+    p.add_argument("--text", default=None, help="a UTF-8 text file (.gz too) [the study's novel]")
+    p.add_argument("--tokens", type=int, default=2048, help="score the text's first N tokens [2048]")
+    p.add_argument(
+        "--cache", default="static", help=f"none, any layout ({', '.join(CACHE_LAYOUTS)}) or {HF_QUANTIZED} [static]"
+    )
+    p.add_argument("--method", choices=METHODS, default="token", help="token by token, or one masked pass [token]")
+    p.add_argument("--sink", type=non_negative_int, default=None, help="window: sink tokens kept [4]")
+    p.add_argument("--window", type=positive_int, default=None, help="window: recent tokens kept [64]")
+    p.add_argument("--positions", default=None, help="window: original or cache (StreamingLLM's) [original]")
+    p.add_argument("--bits", type=positive_int, default=None, help="quantized: 8, 4 or 2; hf-quantized: 4 or 2")
+    p.add_argument("--group", type=non_negative_int, default=None, help="quantized: channels per scale [head_dim]")
+    p.add_argument("--residual", type=non_negative_int, default=None, help="quantized: full-precision tail tokens")
+    flag(p, "key_axis", default=None, help="quantized: token or channel (KIVI) [token]")
+    p.add_argument("--backend", default=None, help="hf-quantized: quanto, hqq or fp8 [quanto]")
+    p.add_argument("--csv", default=None, help="append one row with provenance to this CSV [none]")
+    p.set_defaults(func=run)
+
+
+def _check_values(model: str, cache: str, options: dict[str, Any]) -> None:
+    """The layout's option values, checked before any model is loaded by making a 2-token cache of a preset's
+    shape (a local folder's shape is known only once loaded: its layout checks them then)."""
+    from kvlib.models.config import PRESETS, get_preset
+
+    if cache in CACHE_LAYOUTS and model in PRESETS:
+        make_cache(cache, get_preset(model), 1, 2, "cpu", torch.float32, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlib.models.loading import load
+    from kvlib.models.prompts import synthetic_prompts
+
+    given = {opt: getattr(args, flag) for flag, opt in FLAG_OPTIONS.items()}
+    options = layout_options_from(args.cache, given)
+    if args.tokens < 2:
+        raise KvlibError(f"--tokens must be at least 2 (the first token is never scored), got {args.tokens}")
+    if args.method == "fast" and args.cache in (NAIVE, HF_QUANTIZED):
+        raise KvlibError(f"--method fast does not apply to --cache {args.cache}; use --method token")
+    _check_values(args.model, args.cache, options)
+    text = name = None
+    if args.text is not None or args.weights != "random":
+        text, name = read_text(args.text)
+    check_outputs({"--csv": (args.csv, CSV_COLUMNS)})
+    lm = load(args.model, args.weights, args.device, args.dtype, args.seed, with_hf=args.cache == HF_QUANTIZED)
+    check_fits(args.cache, options, args.tokens, lm.cfg.n_positions)
+    if lm.tokenizer is None:
+        print(f"warning: {RANDOM_NOTE}", file=sys.stderr)
+        ids, name = synthetic_prompts(lm.cfg.vocab_size, 1, args.tokens, args.seed, lm.device), "synthetic token ids"
+    else:
+        ids = text_token_ids(lm.tokenizer, text, args.tokens, name).to(lm.device)
+    if args.cache == HF_QUANTIZED:
+        hf_opts = {"bits": 4, "residual_len": 128, "backend": "quanto", **options}
+        result = perplexity_hf_quantized(lm.hf, ids, **hf_opts)
+    else:
+        result = perplexity(lm.model, ids, args.cache, options, args.method)
+    opts_text = " ".join(f"{k}={v}" for k, v in options.items())
+    random = f" {RANDOM_NOTE}" if lm.weights == "random" else ""
+    print(
+        f"{lm.cfg.name} ({lm.weights}; {lm.source}){random}: {name}, first {args.tokens} tokens, cache {args.cache}"
+        f"{' ' + opts_text if opts_text else ''}, method {args.method}: perplexity {result.perplexity:.4f} "
+        f"(mean NLL {result.nll_mean:.5f} nats over {result.scored} tokens scored), KV held "
+        f"{result.kv_bytes_held:,} bytes ({result.kv_bytes_held / args.tokens:,.0f} per token), {result.time_s:.1f} s"
+    )
+    if args.csv:
+        row = {
+            "model": lm.cfg.name,
+            "weights": lm.weights,
+            "weights_source": lm.source,
+            "text": name,
+            "tokens": args.tokens,
+            "scored": result.scored,
+            "cache": args.cache,
+            "options": opts_text,
+            "method": args.method,
+            "nll_mean": result.nll_mean,
+            "perplexity": result.perplexity,
+            "kv_bytes_held": result.kv_bytes_held,
+            "bytes_per_token": result.kv_bytes_held / args.tokens,
+            "time_s": result.time_s,
+            "device": str(lm.device),
+            **{k: v for k, v in provenance(lm.device, lm.dtype_name).items() if k in PROVENANCE},
+            "dtype": lm.dtype_name,
+        }
+        append_rows(args.csv, [row], CSV_COLUMNS)
+        print(f"1 row appended to {args.csv}")
+    return 0

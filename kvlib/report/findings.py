@@ -1,0 +1,299 @@
+"""The findings that open the report: a few plain sentences, each computed from the notebooks' CSVs, with its number
+and the notebook that shows it.
+
+Every finding first checks that its data can carry it, with the notebooks' own guards (kvlib.study.Spread,
+spread_caveat): a comparison that rests on one repeat is left out; one whose interquartile ranges overlap is
+reported as no measurable difference; a lossy layout that quantized or evicted nothing is left out. When the data
+contradict the textbook, the sentence says so. A finding whose files are missing (a notebook not run, a profile
+without naive runs) is left out, never guessed.
+
+Notebooks the module does not know (a new 08_...) contribute their headline rows (headline=True) as findings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from kvlib.study import Spread, fmt
+
+
+@dataclass(frozen=True)
+class Finding:
+    html: str  # one sentence; numbers in <b>; no link (the index adds it)
+    notebook: str  # "02_naive_vs_cached": the page that shows it
+    contradicts: bool = False  # the data disagree with the textbook
+
+
+def _headline(out: Path, prefix: str) -> pd.DataFrame:
+    return pd.read_csv(out / "data" / f"{prefix}_headline.csv").set_index("metric")
+
+
+def _spread(row: pd.Series) -> Spread:
+    n = int(row["n"]) if not pd.isna(row["n"]) else 1
+    q25 = float(row["q25"]) if not pd.isna(row["q25"]) else math.nan
+    q75 = float(row["q75"]) if not pd.isna(row["q75"]) else math.nan
+    return Spread(float(row["value"]), q25, q75, n)
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x" if v < 10 else f"{v:.0f}x"
+
+
+def _iqr(s: Spread, what: str = "paired repeats") -> str:
+    return f"IQR {_x(s.q25)}–{_x(s.q75)} over {s.n} {what}"
+
+
+def speedup(out: Path) -> Finding | None:
+    """02: cached vs naive total time, paired by repeat."""
+    row = _headline(out, "02").loc["speedup"]
+    s = _spread(row)
+    beyond = s.excludes(1)
+    if beyond is None:
+        return None  # one repeat: no spread to tell the difference from noise
+    cache = row["label"].split("(", 1)[1].split(")", 1)[0] if "(" in row["label"] else "cached"
+    cond = str(row["note"]).split(";", 1)[0]
+    if beyond and s.median > 1:
+        return Finding(
+            f"Decoding with the {cache} cache was <b>{_x(s.median)} faster</b> than naive decoding, which recomputes "
+            f"every earlier token at each step (naive / cached total time, {_iqr(s)}; {cond}).",
+            "02_naive_vs_cached",
+        )
+    what = "made no measurable difference" if not beyond else f"was <b>{_x(1 / s.median)} slower</b>"
+    return Finding(
+        f"<b>Contrary to the textbook</b>, decoding with the {cache} cache {what} against naive decoding "
+        f"(naive / cached total time {_x(s.median)}, {_iqr(s)}; {cond}).",
+        "02_naive_vs_cached",
+        True,
+    )
+
+
+def hf_speedup(out: Path) -> Finding | None:
+    """03: Hugging Face generate with its dynamic cache vs use_cache=False."""
+    h = _headline(out, "03")
+    if "hf_speedup_dynamic" not in h.index:
+        return None
+    s = _spread(h.loc["hf_speedup_dynamic"])
+    beyond = s.excludes(1)
+    if beyond is None:
+        return None
+    if beyond and s.median > 1:
+        return Finding(
+            f"Inside Hugging Face's <code>generate</code>, its dynamic cache made a generation <b>{_x(s.median)}</b> "
+            f"as fast as <code>use_cache=False</code> ({_iqr(s)}).",
+            "03_huggingface",
+        )
+    what = "made no measurable difference" if not beyond else f"made it <b>{_x(1 / s.median)} slower</b>"
+    return Finding(
+        f"<b>Contrary to the textbook</b>, Hugging Face's dynamic cache {what} against <code>use_cache=False</code> "
+        f"(ratio {_x(s.median)}, {_iqr(s)}): at these sizes <code>generate</code>'s fixed cost per step outweighs "
+        "the recomputation the cache saves.",
+        "03_huggingface",
+        True,
+    )
+
+
+def kv_per_token(out: Path) -> Finding | None:
+    """04: bytes of cache per token, measured, against the formula."""
+    h = _headline(out, "04")
+    row = h.loc["kv_mib_per_token"]
+    kib = float(row["value"]) * 1024
+    measured = pd.read_csv(out / "data" / "04_cache_bytes.csv")
+    exact = int((measured["held_bytes"] == measured["formula_bytes"]).sum())
+    what = row["label"].split("(", 1)[1].rstrip(")") if "(" in row["label"] else ""
+    agree = (
+        f"exactly the formula 2 × layers × key/value heads × head size × bytes in all {len(measured)} configurations"
+        if exact == len(measured)
+        else f"<b>not the formula</b> in {len(measured) - exact} of {len(measured)} configurations"
+    )
+    text = f"The cache costs <b>{fmt(kib)} KiB per token</b> of every sequence{f' ({what})' if what else ''}: {agree}"
+    if "cache_equals_weights_tokens" in h.index:
+        tokens = float(h.loc["cache_equals_weights_tokens", "value"])
+        weights = float(h.loc["weights_mib", "value"]) if "weights_mib" in h.index else math.nan
+        text += (
+            f"; it outweighs the {fmt(weights)} MiB of weights once batch × length passes <b>{tokens:,.0f} tokens</b>"
+        )
+    return Finding(text + ".", "04_memory", exact != len(measured))
+
+
+def batching(out: Path) -> Finding | None:
+    """05: decode throughput from the smallest to the largest batch, cached path."""
+    runs = pd.read_csv(out / "data" / "05_runs.csv")
+    cached = runs[runs["cache"] != "none"]
+    if cached.empty or cached["batch_size"].nunique() < 2:
+        return None
+    b0, b1 = int(cached["batch_size"].min()), int(cached["batch_size"].max())
+    s0 = Spread.of(cached.loc[cached["batch_size"] == b0, "decode_tokens_per_s"])
+    s1 = Spread.of(cached.loc[cached["batch_size"] == b1, "decode_tokens_per_s"])
+    apart = s0.separated(s1)
+    if apart is None:
+        return None
+    gain, ideal = s1.median / s0.median, b1 / b0
+    numbers = f"{s0.median:,.0f} → {s1.median:,.0f} tokens/s, medians; perfect scaling: {_x(ideal)}"
+    if apart and gain > 1.1 * ideal:
+        return Finding(
+            f"Batching {b1} sequences instead of {b0} raised throughput <b>{_x(gain)}</b> ({numbers}): <b>more than "
+            "perfect scaling</b>, which the computation cannot do; the smaller batch was most likely slowed by other "
+            "work on the machine, so take this gain as an upper bound.",
+            "05_batch_sweep",
+            True,
+        )
+    if apart and gain >= 1.2:
+        return Finding(
+            f"Decoding a batch of {b1} sequences instead of {b0} raised throughput <b>{_x(gain)}</b> ({numbers}): "
+            "a decode step reads the weights once for the whole batch.",
+            "05_batch_sweep",
+        )
+    what = "did not measurably change throughput" if not apart else f"changed throughput only <b>{_x(gain)}</b>"
+    return Finding(
+        f"<b>Contrary to the textbook</b>, batching {b1} sequences instead of {b0} {what} ({numbers}): a decode "
+        "step here is limited by arithmetic or by threads competing for the cores, not by reading the weights.",
+        "05_batch_sweep",
+        True,
+    )
+
+
+def prompt_advantage(out: Path) -> Finding | None:
+    """06: naive / cached per-token latency at the shortest and the longest prompt, paired by repeat."""
+    path = out / "data" / "06_advantage.csv"
+    if not path.exists():
+        return None  # no naive runs in this profile
+    adv = pd.read_csv(path)
+    p0, p1 = int(adv["prompt_len"].min()), int(adv["prompt_len"].max())
+    if p0 == p1:
+        return None
+    a0, a1 = (Spread.of(adv.loc[adv["prompt_len"] == p, "advantage"]) for p in (p0, p1))
+    grew = a0.separated(a1)
+    if grew is None:
+        return None
+    numbers = f"<b>{_x(a0.median)}</b> a cached step at a {p0}-token prompt and <b>{_x(a1.median)}</b> at {p1} tokens"
+    if grew and a1.median > a0.median:
+        return Finding(
+            f"The cache's advantage per token grows with the prompt: a naive step cost {numbers} (medians of "
+            f"paired repeats), because it recomputes the whole sequence.",
+            "06_prompt_sweep",
+        )
+    what = "shrank" if grew else "did not measurably change"
+    return Finding(
+        f"<b>Contrary to the textbook</b>, the cache's advantage per token {what} with the prompt: a naive step "
+        f"cost {numbers} (medians of paired repeats; the textbook expects it to grow with the length).",
+        "06_prompt_sweep",
+        True,
+    )
+
+
+def paged_waste(out: Path) -> Finding | None:
+    """07: reserved but unused memory on the most mixed batch, contiguous vs paged (byte counts: deterministic)."""
+    waste = pd.read_csv(out / "data" / "07_paged_waste.csv")
+    top = float(waste["spread"].max())
+    if top <= 0:
+        return None  # no mix of lengths: nothing to waste memory on
+    w = waste[waste["spread"] == top].groupby("layout")["waste_pct"].median()
+    static, paged = float(w["static"]), float(w["paged"])
+    vllm = static >= 60 and paged < 4
+    return Finding(
+        f"On a batch of mixed lengths, a contiguous cache left <b>{static:.0f}%</b> of its memory holding no token, "
+        f"the paged cache <b>{paged:.1f}%</b> "
+        + (
+            "(in line with vLLM's reported 60–80% and under 4%)."
+            if vllm
+            else "(<b>unlike</b> vLLM's reported 60–80% and under 4%)."
+        ),
+        "07_cache_strategies",
+        not vllm,
+    )
+
+
+def quantized(out: Path) -> Finding | None:
+    """07: kvlib's int8 and int4 caches that quantized tokens: saving and token agreement."""
+    q = pd.read_csv(out / "data" / "07_quantized.csv")
+    q = q[(q["status"] == "ok") & (q["engine"] == "kvlib") & (q["quantized_tokens"] > 0)]
+    parts = []
+    for bits in (8, 4):
+        rows = q[q["bits"] == bits].sort_values("held_bytes")
+        if len(rows):
+            r = rows.iloc[0]
+            parts.append(
+                f"int{bits} ({r['variant']}) saved <b>{r['saving_vs_full_pct']:.0f}%</b> of the memory with "
+                f"<b>{r['token_agreement_pct']:.1f}%</b> of teacher-forced token choices unchanged"
+            )
+    if not parts:
+        return None  # nothing quantized in this run: no result about quantization
+    return Finding(
+        "Quantizing the cache: " + "; ".join(parts) + " (against the full-precision cache of the same run).",
+        "07_cache_strategies",
+    )
+
+
+def window(out: Path) -> Finding | None:
+    """07: the sliding window once it evicted tokens."""
+    win = pd.read_csv(out / "data" / "07_window.csv")
+    w = win[(win["cache"] == "window") & ~win["fits"].astype(bool)]
+    if w.empty:
+        return None  # nothing evicted: the window was exact
+    r = w.sort_values("total_tokens").iloc[-1]
+    st = win[(win["cache"] == "static") & (win["total_tokens"] == r["total_tokens"])]
+    if st.empty:
+        return None
+    less = float(st["held_bytes"].iloc[0]) / float(r["held_bytes"])
+    agree = float(r["token_agreement_pct"])
+    cost = (
+        "and every teacher-forced token choice still matched the full cache's here"
+        if agree >= 100
+        else f"at a cost: <b>{agree:.1f}%</b> of teacher-forced token choices matched the full cache's"
+    )
+    return Finding(
+        f"Once it evicted tokens, the sliding-window cache held <b>{less:.1f}x</b> less memory than the full cache at "
+        f"{int(r['total_tokens'])} tokens, {cost}.",
+        "07_cache_strategies",
+    )
+
+
+KNOWN: dict[str, tuple[Callable[[Path], Finding | None], ...]] = {
+    "02": (speedup,),
+    "03": (hf_speedup,),
+    "04": (kv_per_token,),
+    "05": (batching,),
+    "06": (prompt_advantage,),
+    "07": (paged_waste, quantized, window),
+}
+_MISSING = (FileNotFoundError, KeyError, ValueError, IndexError, ZeroDivisionError, TypeError)
+
+
+def _generic(out: Path, notebook: str) -> list[Finding]:
+    """A notebook the index does not know: its headline rows, as sentences."""
+    path = out / "data" / f"{notebook.split('_', 1)[0]}_headline.csv"
+    if not path.exists():
+        return []
+    rows = pd.read_csv(path)
+    rows = rows[rows["headline"].astype(str).str.lower().isin(("true", "1"))]
+    found = []
+    for _, r in rows.iterrows():
+        note = f" ({r['note']})" if isinstance(r["note"], str) and r["note"] else ""
+        found.append(Finding(f"{r['label']}: <b>{fmt(float(r['value']))} {r['unit']}</b>{note}.", notebook))
+    return found
+
+
+def findings(out: str | Path, notebooks: list[str]) -> list[Finding]:
+    """The findings of the report in `out`, in the notebooks' order; what the data cannot carry is left out."""
+    out = Path(out)
+    found: list[Finding] = []
+    for nb in notebooks:
+        prefix = nb.split("_", 1)[0]
+        if prefix not in KNOWN:
+            with contextlib.suppress(*_MISSING):
+                found += _generic(out, nb)
+            continue
+        for compute in KNOWN[prefix]:
+            try:
+                f = compute(out)
+            except _MISSING:
+                f = None
+            if f is not None:
+                found.append(replace(f, notebook=nb))
+    return found
