@@ -25,7 +25,8 @@ TINY = ["--model", "tiny", "--weights", "random", "--repeats", "1", "--warmup", 
 RUN = ["run", "--engine", "kvlib", *TINY, "--prompt_len", "8", "--max_new_tokens", "3"]
 # the experiments' sizes (prompt 256 + 128 new tokens) exceed the tiny model's context; refused before loading anyway
 EXPERIMENTS = ["experiments", "--engine", "kvlib", "--model", "distilgpt2", *TINY[2:]]
-BENCH = ["bench", "--model", "tiny", "--weights", "random", "--batch-sizes", "1", "--dtypes", "float32", "--prompt-len", "8"]
+BENCH = ["bench", "--model", "tiny", "--weights", "random", "--batch-sizes", "1", "--dtypes", "float32"]
+BENCH += ["--prompt-len", "8"]
 BENCH += ["--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-compile"]
 PERPLEXITY = ["perplexity", "--model", "tiny-llama", "--weights", "random", "--tokens", "16"]
 # Every (command, option) that writes results; test_every_results_option_is_swept keeps this list complete.
