@@ -432,7 +432,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dtypes",
         type=csv_list(str),
         default=None,
-        help="comma-separated [float32,bfloat16 on CPU; float16,bfloat16 on CUDA]",
+        help="comma-separated [float32,bfloat16 on CPU (--quick: float32); float16,bfloat16 on CUDA]",
     )
     flag(p, "batch_sizes", type=csv_list(positive_int), default=[1, 4, 8], help="comma-separated [1,4,8]")
     flag(p, "prompt_len", type=positive_int, default=256, help="[256]")
@@ -522,17 +522,30 @@ def plan_rows(args: argparse.Namespace, device: torch.device, dtypes: list[str])
     return rows, notes
 
 
-def row_limits_s(args: argparse.Namespace, batch_sizes: Sequence[int]) -> list[float]:
+def row_limits_s(
+    args: argparse.Namespace, batch_sizes: Sequence[int], costs: Sequence[float] | None = None
+) -> list[float]:
     """The time bound of each planned row (given by its batch size): --row-limit-s, or with --quick the budget
-    shared in proportion to 1 + batch / 2, or FULL_ROW_LIMIT_S."""
+    shared in proportion to (1 + batch / 2) x the row's model cost (`costs`, 1 each by default: see
+    `model_cost`), or FULL_ROW_LIMIT_S."""
     if args.row_limit_s is not None:
         if not args.row_limit_s > 0:
             raise KvlibError(f"--row-limit-s must be a positive number of seconds, got {args.row_limit_s}")
         return [float(args.row_limit_s)] * len(batch_sizes)
     if args.quick:
-        weights = [1 + b / 2 for b in batch_sizes]
+        costs = [1.0] * len(batch_sizes) if costs is None else costs
+        weights = [(1 + b / 2) * c for b, c in zip(batch_sizes, costs, strict=True)]
         return [max(QUICK_MIN_ROW_S, QUICK_BUDGET_S * w / sum(weights)) for w in weights]
     return [FULL_ROW_LIMIT_S] * len(batch_sizes)
+
+
+def model_cost(model: str) -> float:
+    """A row's share of the quick budget grows with its model's depth: a 30-layer SmolLM2 step and prefill take
+    about three times a 6-layer distilgpt2's (measured here), so it gets three times the time."""
+    from kvlib.models.config import PRESETS
+
+    cfg = PRESETS.get(model)
+    return 1.0 if cfg is None else max(1.0, cfg.n_layer / 10)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -540,7 +553,10 @@ def run(args: argparse.Namespace) -> int:
     from kvlib.measure.roofline import measure_bandwidth_bytes_per_s, roofline_enabled
 
     device = resolve_device(args.device)
-    names = args.dtypes or (["float16", "bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
+    # --quick on CPU: float32 only (half-precision rows on request with --dtypes), so that the rows that carry the
+    # targets get enough of the 2-3 minutes to measure
+    cpu_default = ["float32"] if args.quick else ["float32", "bfloat16"]
+    names = args.dtypes or (["float16", "bfloat16"] if device.type == "cuda" else cpu_default)
     unknown = [d for d in names if d not in DTYPES]
     if unknown:
         raise KvlibError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
@@ -549,7 +565,9 @@ def run(args: argparse.Namespace) -> int:
         checks.whole("--threads", args.threads, maximum=MAX_THREADS)
         torch.set_num_threads(args.threads)
     planned, dtype_notes = plan_rows(args, device, dtypes)
-    limits_s = row_limits_s(args, [row.specs[0].batch_size for row in planned])
+    limits_s = row_limits_s(
+        args, [row.specs[0].batch_size for row in planned], [model_cost(row.specs[0].model) for row in planned]
+    )
     for row in planned:  # every row checked before anything is loaded or measured
         for spec in row.specs:
             spec.validate()
