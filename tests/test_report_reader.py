@@ -190,6 +190,19 @@ def test_tidy_puts_one_legend_outside_the_panels_and_logs_decades():
     assert all(not legend_box.overlaps(ax.get_window_extent()) for ax in axes)
 
 
+def test_notebook01_work_figure_keeps_growth_shapes_on_a_linear_axis():
+    """Regression (issue 12): tidy's automatic log scale turned notebook 01's linear-vs-constant work curves into
+    parallel-looking lines; keep_linear opts an axis out, and only that axis."""
+    fig, axes = plotting.figure(ncols=2, width=4, title="Work")
+    for ax in axes:
+        plotting.lines(_runs(), "batch_size", "tps", "path", ax)
+        plotting.label(ax, "Work", "step (count)", "work (FLOP)")
+    plotting.keep_linear(axes[0])
+    plotting.tidy(fig)
+    assert axes[0].get_yscale() == "linear" and "log" not in axes[0].get_ylabel()
+    assert axes[1].get_yscale() == "log"
+
+
 def test_tidy_wraps_a_label_longer_than_its_axis():
     fig, ax = plotting.figure(width=4, height=2.5, title="t")
     ax.plot([0, 1], [0, 50])

@@ -269,6 +269,14 @@ def log_axis(ax: Any, axis: str = "y") -> None:
 # ---- the last touch before a figure is saved (kvlib.study.Outputs.figure calls it) ----------------------------------
 
 LOG_SPAN = 30.0  # a linear axis whose positive data span more than this factor gets a log scale
+_KEEP_LINEAR = "_kvlib_keep_linear"
+
+
+def keep_linear(ax: Any, axis: str = "y") -> None:
+    """Keep `axis` of `ax` linear even when its values span decades: for a figure whose point is the *shape* of
+    growth (linear against constant, quadratic against linear), which a log scale would flatten into parallel
+    lines. The caption should then say that the smaller curve sits near zero."""
+    setattr(ax, f"{_KEEP_LINEAR}_{axis}", True)
 
 
 def _legend_entries(ax: Any) -> list[tuple[Any, str]]:
@@ -323,7 +331,7 @@ def log_if_decades(ax: Any, axis: str = "y") -> None:
     it for every y axis; call it for an x axis of values, e.g. horizontal error bars)."""
     scale = ax.get_yscale() if axis == "y" else ax.get_xscale()
     fixed = not (ax.get_autoscaley_on() if axis == "y" else ax.get_autoscalex_on())  # limits set by the notebook
-    if scale != "linear" or fixed or not ax.has_data():
+    if scale != "linear" or fixed or not ax.has_data() or getattr(ax, f"{_KEEP_LINEAR}_{axis}", False):
         return
     lo, hi = (ax.dataLim.y0, ax.dataLim.y1) if axis == "y" else (ax.dataLim.x0, ax.dataLim.x1)
     sizes = [p.get_height() if axis == "y" else p.get_width() for p in ax.patches if hasattr(p, "get_height")]
