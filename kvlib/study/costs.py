@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from kvlib import checks
+from kvlib.errors import KvlibError
 from kvlib.models.config import PRESETS, ModelConfig
 
 
@@ -78,50 +79,182 @@ def decode_work(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> pd.Da
 
 # ---- published architectures ----------------------------------------------------------------------------------
 
+FULL, SLIDING = "full_attention", "sliding_attention"  # Hugging Face's names of the two layer types
+
 
 @dataclass(frozen=True)
 class Architecture:
     cfg: ModelConfig  # only the attention shapes matter here: layers, heads, kv heads, head_dim
     params: float | None  # parameter count as published (None: not listed here)
     family: str
+    sliding_window: int = 0  # keys a sliding layer's query sees, itself included (0: no sliding layers)
+    layer_types: tuple[str, ...] = ()  # FULL / SLIDING per layer; () = every layer full attention
+    config_source: str = "the model's published config.json"  # where the shapes and the window come from
+
+    def windows(self) -> list[int | None]:
+        """Each layer's window (None: a full-attention layer), from `layer_types` and `sliding_window`."""
+        types = self.layer_types or (FULL,) * self.cfg.n_layer
+        return [self.sliding_window if t == SLIDING else None for t in types]
 
 
+def layer_pattern(n_layer: int, every: int) -> tuple[str, ...]:
+    """Hugging Face's default layer types for Gemma: layer i is full attention when (i + 1) % every == 0, sliding
+    otherwise (Gemma 2: every 2, local and global alternating; Gemma 3: every 6, five local to one global)."""
+    return tuple(FULL if (i + 1) % every == 0 else SLIDING for i in range(n_layer))
+
+
+# fmt: off
 def _arch(
-    name: str, n_embd: int, n_layer: int, n_head: int, n_kv_head: int, n_positions: int, vocab: int
+    name: str, n_embd: int, n_layer: int, n_head: int, n_kv_head: int, n_positions: int, vocab: int,
+    head_dim: int = 0,
 ) -> ModelConfig:
+    """The attention shapes of a published model; `head_dim` where it is not n_embd / n_head (Gemma: kvlib allows
+    that on its gemma3 architecture only; the MLP width is a placeholder, unused here)."""
+    shape = {} if not head_dim else {"head_dim": head_dim, "arch": "gemma3", "intermediate_size": 4 * n_embd}
     return ModelConfig(
         name=name, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-        n_positions=n_positions, vocab_size=vocab,
-    )  # fmt: skip
+        n_positions=n_positions, vocab_size=vocab, **shape,
+    )
+# fmt: on
 
 
-# Shapes from each model's published config.json; computed here, never measured (nothing this large runs here).
+def _preset(name: str, family: str) -> Architecture:
+    """A study preset as a table row; its sliding layers (Gemma 3) from its own config."""
+    cfg = PRESETS[name]
+    source = f"kvlib preset {name!r} (kvlib/models/config.py, the config its GGUF gives)"
+    return Architecture(cfg, cfg.n_params(), family, cfg.sliding_window, cfg.layer_types, source)
+
+
+_HF = "transformers"
+_GEMMA2_CONVERT = f"{_HF}/models/gemma2/convert_gemma2_weights_to_hf.py"
+_GEMMA3_CONVERT = f"{_HF}/models/gemma3/convert_gemma3_weights.py, _VARIANTS"
+# Shapes from each model's published config; computed here, never measured (nothing this large runs here). The
+# sliding-window rows cite where their shapes come from (`config_source`): Hugging Face's conversion scripts hold
+# the configs Google published (huggingface/transformers on GitHub, src/transformers/models/...), and the installed
+# transformers' config classes hold the defaults of the checkpoints their docstrings name.
+# fmt: off
 PUBLISHED: tuple[Architecture, ...] = (
     Architecture(PRESETS["distilgpt2"], PRESETS["distilgpt2"].n_params(), "GPT-2"),
     Architecture(PRESETS["gpt2"], PRESETS["gpt2"].n_params(), "GPT-2"),
     Architecture(PRESETS["gpt2-medium"], PRESETS["gpt2-medium"].n_params(), "GPT-2"),
     Architecture(PRESETS["smollm2-135m"], PRESETS["smollm2-135m"].n_params(), "Llama (GQA, 3 kv heads)"),
+    _preset("gemma3-270m", "Gemma 3 (5 local : 1 global)"),
     Architecture(_arch("gpt2-large", 1280, 36, 20, 20, 1024, 50257), None, "GPT-2"),
     Architecture(_arch("gpt2-xl", 1600, 48, 25, 25, 1024, 50257), None, "GPT-2"),
     Architecture(_arch("Llama-2-7B", 4096, 32, 32, 32, 4096, 32000), 6.74e9, "Llama (MHA)"),
     Architecture(_arch("Llama-2-13B", 5120, 40, 40, 40, 4096, 32000), 13.0e9, "Llama (MHA)"),
     Architecture(_arch("Llama-2-70B", 8192, 80, 64, 8, 4096, 32000), 69.0e9, "Llama (GQA, 8 kv heads)"),
     Architecture(_arch("Llama-3-8B", 4096, 32, 32, 8, 8192, 128256), 8.03e9, "Llama (GQA, 8 kv heads)"),
-    Architecture(_arch("Mistral-7B-v0.1", 4096, 32, 32, 8, 32768, 32000), 7.24e9, "Mistral (GQA, 8 kv heads)"),
+    Architecture(
+        _arch("Mistral-7B-v0.1", 4096, 32, 32, 8, 32768, 32000), 7.24e9, "Mistral (GQA, 8 kv heads)", 4096,
+        (SLIDING,) * 32,
+        "mistralai/Mistral-7B-v0.1 config.json (sliding_window 4096, max_position_embeddings 32768); the installed "
+        f"{_HF}' MistralConfig defaults name that checkpoint (32 layers, 8 kv heads, sliding_window 4096)",
+    ),
     Architecture(_arch("Falcon-7B", 4544, 32, 71, 1, 2048, 65024), None, "Falcon (multi-query, 1 kv head)"),
+    # Gemma 2: local (window 4096) and global layers alternating, the first one local.
+    Architecture(
+        _arch("Gemma-2-2B", 2304, 26, 8, 4, 8192, 256000, head_dim=256), None, "Gemma 2 (1 local : 1 global)", 4096,
+        layer_pattern(26, 2), f"the installed {_HF}' Gemma2Config defaults (hidden 2304, 26 layers, the 2B's shape)",
+    ),
+    Architecture(
+        _arch("Gemma-2-9B", 3584, 42, 16, 8, 8192, 256000, head_dim=256), None, "Gemma 2 (1 local : 1 global)", 4096,
+        layer_pattern(42, 2), f"{_GEMMA2_CONVERT}, gemma_9b_config",
+    ),
+    Architecture(
+        _arch("Gemma-2-27B", 4608, 46, 32, 16, 8192, 256000, head_dim=128), None, "Gemma 2 (1 local : 1 global)",
+        4096, layer_pattern(46, 2), f"{_GEMMA2_CONVERT}, gemma_27b_config",
+    ),
+    # Gemma 3: five local layers to one global; window 512 on the 270M and 1B, 1024 on the larger ones.
+    Architecture(
+        _arch("Gemma-3-1B", 1152, 26, 4, 1, 32768, 262144, head_dim=256), None, "Gemma 3 (5 local : 1 global)", 512,
+        layer_pattern(26, 6), f"{_GEMMA3_CONVERT}['gemma3_1b']",
+    ),
+    Architecture(
+        _arch("Gemma-3-4B", 2560, 34, 8, 4, 131072, 262144, head_dim=256), None, "Gemma 3 (5 local : 1 global)",
+        1024, layer_pattern(34, 6), f"{_GEMMA3_CONVERT}['gemma3_4b'] (context: Gemma3TextConfig's default 131,072)",
+    ),
+    Architecture(
+        _arch("Gemma-3-12B", 3840, 48, 16, 8, 131072, 262144, head_dim=256), None, "Gemma 3 (5 local : 1 global)",
+        1024, layer_pattern(48, 6), f"{_GEMMA3_CONVERT}['gemma3_12b'] (context: Gemma3TextConfig's default 131,072)",
+    ),
+    Architecture(
+        _arch("Gemma-3-27B", 5376, 62, 32, 16, 131072, 262144, head_dim=128), None, "Gemma 3 (5 local : 1 global)",
+        1024, layer_pattern(62, 6), f"{_GEMMA3_CONVERT}['gemma3_27b'] (context: Gemma3TextConfig's default 131,072)",
+    ),
+)
+# fmt: on
+
+# Which runtimes allocate a sliding layer's cache for the window only (what the windowed columns assume), and how;
+# each line says where that is read. Nothing else is claimed here.
+SLIDING_RUNTIMES: tuple[dict[str, str], ...] = (
+    {
+        "runtime": "Hugging Face transformers (installed version), DynamicCache",
+        "what it holds on a sliding layer": "the last sliding_window - 1 tokens (DynamicSlidingWindowLayer), chosen "
+        "per layer from config.layer_types (Gemma 2/3) or, without layer_types, for every layer of a config with a "
+        "sliding_window (Mistral)",
+        "source": "transformers/cache_utils.py: DynamicSlidingWindowLayer.update, get_layer_types_and_kwargs",
+    },
+    {
+        "runtime": "Hugging Face transformers (installed version), StaticCache",
+        "what it holds on a sliding layer": "min(sliding_window, max_cache_len) preallocated slots "
+        "(StaticSlidingWindowLayer)",
+        "source": "transformers/cache_utils.py: StaticSlidingWindowLayer.__init__",
+    },
+    {
+        "runtime": "vLLM (v1 engine)",
+        "what it holds on a sliding layer": "paged blocks; a sliding-window layer group's manager frees the blocks "
+        "that fall wholly before the window (so it holds the window rounded up to whole blocks)",
+        "source": "vllm-project/vllm, vllm/v1/core/single_type_kv_cache_manager.py: SlidingWindowManager."
+        "remove_skipped_blocks",
+    },
+    {
+        "runtime": "llama.cpp",
+        "what it holds on a sliding layer": "a separate SWA cache of min(context, n_swa x sequences + n_ubatch) "
+        "cells padded to 256, for architectures whose loader sets a SWA pattern (Gemma 2: set_swa_pattern(2), "
+        "Gemma 3: set_swa_pattern(6)); --swa-full gives the SWA layers the whole context instead",
+        "source": "ggml-org/llama.cpp, src/llama-kv-cache-iswa.cpp (llama_kv_cache_iswa constructor); "
+        "src/llama-model.cpp (hparams of LLM_ARCH_GEMMA2 / LLM_ARCH_GEMMA3)",
+    },
 )
 
 
-def kv_bytes_table(bytes_per_element: int, architectures: tuple[Architecture, ...] = PUBLISHED) -> pd.DataFrame:
-    """KV-cache bytes per token of each architecture at the given element size: one row per architecture."""
-    checks.whole("bytes_per_element", bytes_per_element, where="kv_bytes_table:")
+def kv_bytes_table(
+    bytes_per_element: int,
+    architectures: tuple[Architecture, ...] = PUBLISHED,
+    context_tokens: int | None = None,
+) -> pd.DataFrame:
+    """KV-cache bytes of each architecture at the given element size, one row per architecture.
+
+    `kv_bytes_per_token` is what one token adds to a full cache (every layer keeps every token). At a context of
+    `context_tokens` tokens (None: each model's own context length), the windowed columns count each layer type
+    apart, as a cache that keeps only the window on a sliding layer holds it:
+
+        global layers:  n_global x 2 x n_kv_head x head_dim x bytes x context
+        sliding layers: n_sliding x 2 x n_kv_head x head_dim x bytes x min(context, window)
+
+    (batch 1). `windowed_over_full` is their sum over the full cache's bytes at that context (1 without sliding
+    layers). Raises KvlibError on a bad argument.
+    """
+    where = "kv_bytes_table:"
+    checks.whole("bytes_per_element", bytes_per_element, where=where)
     if not isinstance(architectures, (tuple, list)) or not all(isinstance(a, Architecture) for a in architectures):
         what = "a sequence of kvlib.study.costs.Architecture"
-        raise checks.fail("architectures", architectures, what, "kv_bytes_table:")
+        raise checks.fail("architectures", architectures, what, where)
+    if context_tokens is not None:
+        checks.whole("context_tokens", context_tokens, where=where)
     rows = []
     for a in architectures:
         c = a.cfg
         per_token = c.kv_bytes_per_token(bytes_per_element)
+        per_layer_token = 2 * c.n_kv_head * c.head_dim * bytes_per_element  # K and V of one token on one layer
+        context = c.n_positions if context_tokens is None else context_tokens
+        windows = a.windows()
+        sliding = [w for w in windows if w is not None]
+        n_global = len(windows) - len(sliding)
+        global_bytes = n_global * per_layer_token * context
+        sliding_bytes = sum(per_layer_token * min(context, w) for w in sliding)
+        full_bytes = per_token * context
         rows.append(
             {
                 "architecture": c.name,
@@ -136,7 +269,17 @@ def kv_bytes_table(bytes_per_element: int, architectures: tuple[Architecture, ..
                 "kv_bytes_per_token": per_token,
                 "kv_mib_per_token": per_token / 2**20,
                 "kv_gib_full_context": per_token * c.n_positions / 2**30,
+                "sliding_window": a.sliding_window if sliding else 0,
+                "n_sliding_layers": len(sliding),
+                "n_global_layers": n_global,
+                "context_tokens": context,
+                "kv_bytes_global_layers": global_bytes,
+                "kv_bytes_sliding_layers": sliding_bytes,
+                "kv_bytes_windowed": global_bytes + sliding_bytes,
+                "kv_bytes_full_cache": full_bytes,
+                "windowed_over_full": (global_bytes + sliding_bytes) / full_bytes,
                 "source": "computed from published config",
+                "config_source": a.config_source,
             }
         )
     return pd.DataFrame(rows)
@@ -207,6 +350,58 @@ def context_budget(
     return pd.DataFrame(rows)
 
 
+def require_sliding_layers(cfg: ModelConfig, name: str = "hybrid_model") -> ModelConfig:
+    """`cfg`, if it has sliding-window layers (Gemma 3); else a one-line KvlibError naming the parameter."""
+    checks.config(name, cfg, where="parameter")
+    if not cfg.is_hybrid:
+        hybrid = [n for n, c in PRESETS.items() if c.is_hybrid]
+        raise KvlibError(
+            f"parameter {name}: {cfg.name} has no sliding-window layers; choose a model trained with them "
+            f"({', '.join(hybrid)})"
+        )
+    return cfg
+
+
+def hybrid_cache_bytes(
+    cfg: ModelConfig, tokens: list[int], batch_size: int = 1, dtype: torch.dtype | str = "float32"
+) -> pd.DataFrame:
+    """Computed, not measured: the KV bytes after each number of tokens of a full cache of `cfg`'s shape ("static":
+    every layer keeps every token) and of the hybrid layout (a sliding layer keeps min(tokens, window)), split by
+    layer type. One row per (tokens, layout); `ratio_to_full` is the layout's bytes over the full cache's."""
+    from kvlib.measure.memory import bytes_per_element, layer_slots
+
+    where = "hybrid_cache_bytes:"
+    checks.config("cfg", cfg, where=where)
+    tokens = checks.whole_list("tokens", tokens, where=where)
+    checks.whole("batch_size", batch_size, where=where)
+    per_slot = 2 * batch_size * cfg.n_kv_head * cfg.head_dim * bytes_per_element(dtype)  # K and V, one layer
+    sliding = [cfg.window_of(layer) is not None for layer in range(cfg.n_layer)]
+    rows = []
+    for t in tokens:
+        full = per_slot * t * cfg.n_layer
+        for layout in ("static", "hybrid"):
+            slots = layer_slots(cfg, t, "full" if layout == "static" else layout)
+            on_sliding = per_slot * sum(n for n, s in zip(slots, sliding, strict=True) if s)
+            on_full = per_slot * sum(n for n, s in zip(slots, sliding, strict=True) if not s)
+            rows.append(
+                {
+                    "model": cfg.name,
+                    "layout": layout,
+                    "batch_size": batch_size,
+                    "tokens": t,
+                    "kv_bytes": on_sliding + on_full,
+                    "kv_mib": (on_sliding + on_full) / 2**20,
+                    "bytes_sliding_layers": on_sliding,
+                    "bytes_full_layers": on_full,
+                    "ratio_to_full": (on_sliding + on_full) / full if full else 1.0,
+                    "sliding_window": cfg.sliding_window,
+                    "n_sliding_layers": sum(sliding),
+                    "source": "computed: kvlib.measure.memory.kv_cache_bytes_formula",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 # ---- measured: bytes the caches actually hold -----------------------------------------------------------------
 
 
@@ -214,7 +409,9 @@ def measured_cache_bytes(
     lm: Any, layouts: list[str], batch_sizes: list[int], seq_lens: list[int], seed: int = 0
 ) -> pd.DataFrame:
     """Fill a cache of each layout with a real prefill of B x T tokens; count the bytes its tensors hold and
-    compare with the formula 2 x layers x B x T x kv heads x head_dim x bytes. One row per (layout, B, T)."""
+    compare with the formula 2 x layers x B x T x kv heads x head_dim x bytes, summed per layer (the hybrid layout
+    of a model with sliding layers keeps min(T, window) on those: kvlib.measure.memory.kv_cache_bytes_formula).
+    One row per (layout, B, T)."""
     from kvlib.caches.base import check_layout, make_cache
 
     where = "measured_cache_bytes:"
@@ -238,7 +435,7 @@ def measured_cache_bytes(
                 with torch.inference_mode():
                     prefill(lm.model, ids, positions, cache, None)
                 held = held_cache_bytes(cache)
-                formula = kv_cache_bytes_formula(lm.cfg, batch, tokens, lm.dtype)
+                formula = kv_cache_bytes_formula(lm.cfg, batch, tokens, lm.dtype, layout)  # per layer type
                 rows.append(
                     {
                         "model": lm.cfg.name,

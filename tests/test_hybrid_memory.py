@@ -1,0 +1,187 @@
+"""The per-layer KV-cache formula of models with sliding-window layers (Gemma 3): by hand, against the bytes the
+caches hold (kvlib's hybrid layout and Hugging Face's caches on Gemma 3), and the published-architectures table
+with its window column, checked against the installed transformers' own configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlib.caches.base import CACHE_LAYOUTS
+from kvlib.errors import KvlibError
+from kvlib.measure.memory import cache_tokens, held_cache_bytes, kv_cache_bytes_formula, layer_slots, layer_windows
+from kvlib.models.config import get_preset
+from kvlib.study import costs
+
+TINY_GEMMA = get_preset("tiny-gemma")  # 4 layers: sliding, sliding, full, sliding; window 8; 2 kv heads of 32
+GEMMA = get_preset("gemma3-270m")  # 18 layers, full at 5, 11, 17; window 512; 1 kv head of 256
+needs_hybrid = pytest.mark.skipif("hybrid" not in CACHE_LAYOUTS, reason="the hybrid layout is not registered yet")
+
+
+def test_layer_windows_and_slots_by_hand():
+    assert layer_windows(TINY_GEMMA) == [8, 8, None, 8]
+    assert layer_windows(get_preset("tiny")) == [None, None]
+    assert layer_slots(TINY_GEMMA, 20, "hybrid") == [8, 8, 20, 8]
+    assert layer_slots(TINY_GEMMA, 5, "hybrid") == [5, 5, 5, 5]  # shorter than the window: every token
+    assert layer_slots(TINY_GEMMA, 20, "static") == [20] * 4  # a full layout keeps every token everywhere
+    assert layer_slots(TINY_GEMMA, 20) == [20] * 4
+    assert layer_slots(TINY_GEMMA, 20, "dynamic", engine="hf") == [7, 7, 20, 7]  # HF keeps window - 1
+    assert layer_slots(TINY_GEMMA, 20, "static", engine="hf") == [8, 8, 20, 8]
+    assert layer_slots(get_preset("tiny"), 20, "hybrid") == [20, 20]  # no sliding layers: nothing changes
+
+
+def test_formula_by_hand():
+    # one slot of one layer: 2 (K, V) x batch 3 x 2 kv heads x head_dim 32 x 4 bytes = 1536 bytes
+    assert kv_cache_bytes_formula(TINY_GEMMA, 3, 20, torch.float32, "hybrid") == 1536 * (8 + 8 + 20 + 8)
+    assert kv_cache_bytes_formula(TINY_GEMMA, 3, 20, "float32") == 1536 * 4 * 20  # a full cache of the same shape
+    assert kv_cache_bytes_formula(TINY_GEMMA, 3, 20, "bfloat16", "hybrid") == 768 * 44
+    assert kv_cache_bytes_formula(TINY_GEMMA, 3, 0, "float32", "hybrid") == 0
+    # Gemma 3 270M at 32K tokens: 15 sliding layers keep 512, 3 full layers keep 32768; one slot of one layer is
+    # 2 x 1 kv head x 256 x 4 bytes = 2 KiB
+    hybrid = kv_cache_bytes_formula(GEMMA, 1, 32768, "float32", "hybrid")
+    full = kv_cache_bytes_formula(GEMMA, 1, 32768, "float32")
+    assert hybrid == 2048 * (15 * 512 + 3 * 32768) and full == 2048 * 18 * 32768
+    assert hybrid / full == pytest.approx(0.1796875)
+    assert full == GEMMA.kv_bytes_per_token(4) * 32768  # the full formula is the familiar per-token one
+
+
+def test_cache_tokens_of_the_hybrid_layout():
+    assert cache_tokens("kvlib", "hybrid", 10, 5) == 15  # preallocated like static (full layers: P + N slots)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((TINY_GEMMA, 1, 4, "float32"), {"layout": 3}),
+        ((TINY_GEMMA, 1, 4, "float32"), {"layout": ""}),
+        ((TINY_GEMMA, 1, 4, "float32"), {"engine": "vllm"}),
+        ((TINY_GEMMA, 1, -1, "float32"), {"layout": "hybrid"}),
+        (("tiny-gemma", 1, 4, "float32"), {"layout": "hybrid"}),
+    ],
+)
+def test_formula_refuses_bad_arguments(args, kwargs):
+    with pytest.raises(KvlibError):
+        kv_cache_bytes_formula(*args, **kwargs)
+
+
+# ---- Hugging Face's caches on a Gemma 3 of tiny-gemma's shape hold what the formula says ---------------------
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_gemma():
+    from transformers import Gemma3ForCausalLM
+
+    from kvlib.models.config import hf_config_from
+
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(hf_config_from(TINY_GEMMA)).eval()
+
+
+@pytest.mark.parametrize(("prompt", "new"), [(5, 2), (6, 9), (21, 4)])  # within, across and well past the window
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_formula_equals_held_hf_gemma(hf_tiny_gemma, cache, prompt, new):
+    ids = torch.randint(0, TINY_GEMMA.vocab_size, (2, prompt), generator=torch.Generator().manual_seed(1))
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.inference_mode():
+        out = hf_tiny_gemma.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            return_dict_in_generate=True, pad_token_id=0, **extra,
+        )  # fmt: skip
+    tokens = cache_tokens("hf", cache, prompt, new)
+    held = held_cache_bytes(out.past_key_values)
+    assert held == kv_cache_bytes_formula(TINY_GEMMA, 2, tokens, torch.float32, cache, engine="hf") > 0
+    if tokens > TINY_GEMMA.sliding_window:  # the window really saved something
+        assert held < kv_cache_bytes_formula(TINY_GEMMA, 2, tokens, torch.float32)
+
+
+# ---- kvlib's hybrid layout holds what the formula says (once the layout exists) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    from kvlib.models.loading import load
+
+    return load("tiny-gemma", weights="random")
+
+
+@needs_hybrid
+@pytest.mark.parametrize(("batch", "prompt", "new"), [(1, 3, 2), (2, 8, 1), (3, 9, 12), (2, 20, 17)])
+def test_formula_equals_held_kvlib_hybrid(tiny_gemma, batch, prompt, new):
+    from kvlib.models.decode import generate
+    from kvlib.models.prompts import synthetic_prompts
+
+    ids = synthetic_prompts(TINY_GEMMA.vocab_size, batch, prompt, seed=2)
+    g = generate(tiny_gemma.model, ids, new, cache="hybrid")
+    tokens = cache_tokens("kvlib", "hybrid", prompt, new)
+    assert held_cache_bytes(g.cache) == kv_cache_bytes_formula(TINY_GEMMA, batch, tokens, torch.float32, "hybrid")
+
+
+@needs_hybrid
+def test_measured_cache_bytes_of_hybrid_and_static(tiny_gemma):
+    df = costs.measured_cache_bytes(tiny_gemma, ["static", "hybrid"], [1, 2], [4, 8, 9, 30])
+    assert len(df) == 16 and (df["held_bytes"] == df["formula_bytes"]).all()
+    h = df[(df["layout"] == "hybrid") & (df["batch_size"] == 1)].set_index("tokens")["held_bytes"]
+    s = df[(df["layout"] == "static") & (df["batch_size"] == 1)].set_index("tokens")["held_bytes"]
+    assert h[4] == s[4] and h[8] == s[8]  # within the window the two hold the same
+    assert h[9] < s[9] and h[30] < s[30] and h[30] - h[9] == (30 - 9) * 2 * 2 * 32 * 4  # then only the full layer grows
+
+
+# ---- the published-architectures table -----------------------------------------------------------------------
+
+
+def test_table_windowed_bytes_by_hand():
+    t = costs.kv_bytes_table(bytes_per_element=2, context_tokens=32768).set_index("architecture")
+    # Mistral-7B-v0.1: window 4096 on all 32 layers, so at 32K the cache is 8x smaller (the Mistral paper's figure)
+    assert t.loc["Mistral-7B-v0.1", "sliding_window"] == 4096 and t.loc["Mistral-7B-v0.1", "n_global_layers"] == 0
+    assert t.loc["Mistral-7B-v0.1", "windowed_over_full"] == pytest.approx(1 / 8)
+    # Gemma 3 27B: 62 layers, every sixth global (10), 16 kv heads of 128, window 1024
+    per = 2 * 16 * 128 * 2
+    g = t.loc["Gemma-3-27B"]
+    assert (g["n_global_layers"], g["n_sliding_layers"]) == (10, 52)
+    assert g["kv_bytes_global_layers"] == 10 * per * 32768 and g["kv_bytes_sliding_layers"] == 52 * per * 1024
+    assert g["kv_bytes_full_cache"] == 62 * per * 32768
+    # Gemma 2: half the layers local, window 4096; Llama has no window: ratio 1
+    assert t.loc["Gemma-2-9B", "windowed_over_full"] == pytest.approx(0.5 + 0.5 * 4096 / 32768)
+    assert t.loc["Llama-3-8B", "windowed_over_full"] == 1 and t.loc["Llama-3-8B", "sliding_window"] == 0
+    # own context (None): Gemma-3-1B at 32768 positions
+    own = costs.kv_bytes_table(bytes_per_element=2).set_index("architecture")
+    assert own.loc["Gemma-3-1B", "context_tokens"] == 32768 and own.loc["Gemma-3-4B", "context_tokens"] == 131072
+    assert own["config_source"].str.len().gt(10).all()
+
+
+def test_table_windows_short_context():
+    """Below the window a sliding layer holds every token: no saving."""
+    t = costs.kv_bytes_table(bytes_per_element=2, context_tokens=512).set_index("architecture")
+    assert (t["windowed_over_full"] == 1).all()
+
+
+def test_table_refuses_bad_context():
+    with pytest.raises(KvlibError):
+        costs.kv_bytes_table(2, context_tokens=0)
+
+
+def test_table_rows_match_the_installed_transformers():
+    """The rows the table says come from transformers' config defaults agree with the installed version."""
+    from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig
+
+    t = costs.kv_bytes_table(bytes_per_element=2).set_index("architecture")
+    rows = {a.cfg.name: a for a in costs.PUBLISHED}
+    for name, hf in (("Gemma-2-2B", Gemma2Config()), ("Mistral-7B-v0.1", MistralConfig())):
+        row = t.loc[name]
+        assert (row["n_layer"], row["n_head"], row["n_kv_head"], row["head_dim"], row["sliding_window"]) == (
+            hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim, hf.sliding_window,
+        )  # fmt: skip
+    assert list(rows["Gemma-2-2B"].layer_types) == Gemma2Config().layer_types  # local first, alternating
+    for name, n in (("Gemma-3-1B", 26), ("Gemma-3-4B", 34), ("Gemma-3-12B", 48), ("Gemma-3-27B", 62)):
+        assert list(rows[name].layer_types) == Gemma3TextConfig(num_hidden_layers=n).layer_types
+    # the study's own preset: the pattern HF derives is the one its config holds
+    assert costs.layer_pattern(18, 6) == GEMMA.layer_types == rows["gemma3-270m"].layer_types
+
+
+def test_runtimes_cite_a_source():
+    assert {r["runtime"].split(" (")[0].split(",")[0] for r in costs.SLIDING_RUNTIMES} >= {
+        "Hugging Face transformers",
+        "vLLM",
+        "llama.cpp",
+    }
+    assert all(r["source"] for r in costs.SLIDING_RUNTIMES)
