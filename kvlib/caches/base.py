@@ -48,6 +48,20 @@ class KVCache(ABC):
             raise checks.fail("dtype", dtype, "a floating-point torch.dtype (torch.float32, ...)", where)
         self.dtype = dtype
         self.lengths = [0] * cfg.n_layer  # slots written so far, per layer
+        self._refuse_on_hybrid(cfg)
+
+    def _refuse_on_hybrid(self, cfg: ModelConfig) -> None:
+        """The compose/refuse rule for models trained with sliding-window layers (Gemma 3): exact layouts work
+        (they return every key at its slot, and the model masks each sliding layer's window itself); lossy ones
+        (window, quantized) refuse with one line, because their kept keys are not at known slots (window) or they
+        would approximate layers whose exact cache is already small (the hybrid layout keeps only the window)."""
+        if cfg.is_hybrid and not self.exact:
+            n_sliding = sum(cfg.window_of(i) is not None for i in range(cfg.n_layer))
+            raise KvlibError(
+                f"{self.name} cache: {cfg.name} already attends over a sliding window of {cfg.sliding_window} keys "
+                f"on {n_sliding} of {cfg.n_layer} layers; the lossy {self.name} layout does not compose with it "
+                "(use hybrid, exact and windowed, or dynamic/static/paged)"
+            )
 
     @property
     def seq_len(self) -> int:
