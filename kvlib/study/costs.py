@@ -227,8 +227,8 @@ def kv_bytes_table(
     """KV-cache bytes of each architecture at the given element size, one row per architecture.
 
     `kv_bytes_per_token` is what one token adds to a full cache (every layer keeps every token). At a context of
-    `context_tokens` tokens (None: each model's own context length), the windowed columns count each layer type
-    apart, as a cache that keeps only the window on a sliding layer holds it:
+    `context_tokens` tokens (capped at each model's own context length; None: that length), the windowed columns
+    count each layer type apart, as a cache that keeps only the window on a sliding layer holds it:
 
         global layers:  n_global x 2 x n_kv_head x head_dim x bytes x context
         sliding layers: n_sliding x 2 x n_kv_head x head_dim x bytes x min(context, window)
@@ -248,7 +248,7 @@ def kv_bytes_table(
         c = a.cfg
         per_token = c.kv_bytes_per_token(bytes_per_element)
         per_layer_token = 2 * c.n_kv_head * c.head_dim * bytes_per_element  # K and V of one token on one layer
-        context = c.n_positions if context_tokens is None else context_tokens
+        context = c.n_positions if context_tokens is None else min(context_tokens, c.n_positions)
         windows = a.windows()
         sliding = [w for w in windows if w is not None]
         n_global = len(windows) - len(sliding)
@@ -298,6 +298,41 @@ def max_context_tokens(budget_bytes: float, weight_bytes: float, kv_bytes_per_to
     return int(free // (kv_bytes_per_token * batch_size))
 
 
+def max_context_tokens_windowed(
+    budget_bytes: float,
+    weight_bytes: float,
+    kv_bytes_per_token_layer: float,
+    n_global: int,
+    n_sliding: int,
+    window: int,
+    batch_size: int = 1,
+    context_limit: int | None = None,
+) -> int:
+    """The most tokens per sequence whose windowed KV cache fits in what the budget leaves after the weights:
+    bytes(T) = batch x kv_bytes_per_token_layer x (n_global x T + n_sliding x min(T, window)). Without global
+    layers the cache stops growing at the window, so memory never limits a longer context: the answer is then
+    `context_limit` (or 2^62 without one) when the window fits, 0 otherwise."""
+    where = "max_context_tokens_windowed:"
+    checks.number("budget_bytes", budget_bytes, minimum=0, where=where)
+    checks.number("weight_bytes", weight_bytes, minimum=0, where=where)
+    checks.number("kv_bytes_per_token_layer", kv_bytes_per_token_layer, minimum=0, above=True, where=where)
+    checks.whole("n_global", n_global, minimum=0, where=where)
+    checks.whole("n_sliding", n_sliding, minimum=0, where=where)
+    checks.whole("window", window, where=where)
+    checks.whole("batch_size", batch_size, where=where)
+    if n_global + n_sliding == 0:
+        raise KvlibError(f"{where} n_global + n_sliding must be at least 1")
+    free = (budget_bytes - weight_bytes) / (batch_size * kv_bytes_per_token_layer)  # token-layer slots that fit
+    if free <= 0:
+        return 0
+    within = int(free // (n_global + n_sliding))  # every layer still holds every token
+    if within <= window or n_sliding == 0:
+        return within
+    if n_global == 0:
+        return 2**62 if context_limit is None else int(context_limit)
+    return int((free - n_sliding * window) // n_global)
+
+
 def context_budget(
     budget_bytes: float,
     batch_sizes: list[int],
@@ -311,7 +346,9 @@ def context_budget(
     and for each published architecture with a parameter count (16-bit weights), from `kv_bytes_table` rows.
 
     One row per (model, batch size); `measured` tells the study's own model from the computed ones, and
-    `limited_by` whether memory or the model's context length comes first.
+    `limited_by` whether memory or the model's context length comes first. An architecture with sliding-window
+    layers gets a second row, "<name> (windowed cache)", for a cache that keeps only the window on those layers
+    (`max_context_tokens_windowed`).
     """
     where = "context_budget:"
     batch_sizes = checks.whole_list("batch_sizes", batch_sizes, where=where)
@@ -321,15 +358,24 @@ def context_budget(
     checks.whole("context_limit", context_limit, where=where)
     if architectures is not None and not isinstance(architectures, pd.DataFrame):
         raise checks.fail("architectures", architectures, "None or a DataFrame from kv_bytes_table", where)
-    entries = [(model, True, weight_bytes, kv_bytes_per_token, context_limit)]
+    entries = [(model, True, weight_bytes, kv_bytes_per_token, context_limit, None)]
     if architectures is not None:
         for _, a in architectures[architectures["params"].notna()].iterrows():
-            bpe = a["bytes_per_element"]
-            entries.append((a["architecture"], False, a["params"] * bpe, a["kv_bytes_per_token"], a["context_len"]))
+            bpe, name = a["bytes_per_element"], a["architecture"]
+            entries.append((name, False, a["params"] * bpe, a["kv_bytes_per_token"], a["context_len"], None))
+            if a.get("n_sliding_layers", 0):  # also with only the window cached on its sliding layers
+                entries.append((f"{name} (windowed cache)", False, a["params"] * bpe, a["kv_bytes_per_token"],
+                                a["context_len"], a))  # fmt: skip
     rows = []
-    for name, measured, weights, per_token, limit in entries:
+    for name, measured, weights, per_token, limit, windowed in entries:
         for b in batch_sizes:
-            tokens = max_context_tokens(budget_bytes, weights, per_token, b)
+            if windowed is None:
+                tokens = max_context_tokens(budget_bytes, weights, per_token, b)
+            else:
+                tokens = max_context_tokens_windowed(
+                    budget_bytes, weights, per_token / windowed["n_layer"], int(windowed["n_global_layers"]),
+                    int(windowed["n_sliding_layers"]), int(windowed["sliding_window"]), b, limit,
+                )  # fmt: skip
             if tokens == 0:
                 limited_by = "no room: weights exceed the budget"
             else:
