@@ -94,6 +94,37 @@ def test_formula_equals_held_hf_gemma(hf_tiny_gemma, cache, prompt, new):
         assert held < kv_cache_bytes_formula(TINY_GEMMA, 2, tokens, torch.float32)
 
 
+def test_hf_dynamic_sliding_layers_keep_views_of_larger_tensors(hf_tiny_gemma):
+    """What HF's DynamicCache keeps alive on a sliding layer is more than the window - 1 keys it shows: right after
+    the prefill the whole prompt (the slice is a view into it), after a decode step the window."""
+    from kvlib.measure.memory import held_storage_bytes
+
+    ids = torch.randint(0, TINY_GEMMA.vocab_size, (1, 21), generator=torch.Generator().manual_seed(3))
+    per_slot = 2 * 2 * 32 * 4  # K and V, 2 kv heads of 32, float32: one token of one layer
+    for new, sliding_slots in ((1, 21), (4, 8)):  # 1 new token: no decode step yet
+        with torch.inference_mode():
+            out = hf_tiny_gemma.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                return_dict_in_generate=True, pad_token_id=0,
+            )  # fmt: skip
+        tokens = 21 + new - 1
+        assert held_cache_bytes(out.past_key_values) == per_slot * (3 * 7 + tokens)  # what the views show
+        assert held_storage_bytes(out.past_key_values) == per_slot * (3 * sliding_slots + tokens)  # what they keep
+
+
+def test_kvlib_caches_hold_no_hidden_storage():
+    from kvlib.caches.base import make_cache
+    from kvlib.measure.memory import held_storage_bytes
+
+    for layout in ("static", "dynamic") + (("hybrid",) if "hybrid" in CACHE_LAYOUTS else ()):
+        cache = make_cache(layout, TINY_GEMMA, 2, 30, "cpu", torch.float32)
+        if layout == "dynamic":
+            for layer in range(TINY_GEMMA.n_layer):
+                k = torch.zeros(2, 2, 30, 32)
+                cache.update(layer, k, k.clone(), 0)
+        assert held_storage_bytes(cache) == held_cache_bytes(cache) > 0, layout
+
+
 # ---- kvlib's hybrid layout holds what the formula says (once the layout exists) -----------------------------
 
 

@@ -167,6 +167,31 @@ def held_cache_bytes(cache: Any) -> int:
     raise KvlibError(f"cannot count the bytes of a cache of type {type(cache).__name__}")
 
 
+def held_storage_bytes(cache: Any) -> int:
+    """Bytes of the memory blocks (storages) behind the tensors a cache holds, each block counted once.
+
+    `held_cache_bytes` counts the elements the cache's tensors show; this counts what they keep alive. The two
+    differ where a cache keeps a view into a larger tensor: Hugging Face's DynamicCache on a sliding layer keeps
+    the last window - 1 keys as a slice of the tensor it concatenated, so right after the prefill the slice keeps
+    the whole prompt's keys alive, and after a decode step window keys (tests/test_hybrid_memory.py)."""
+    if cache is None:
+        return 0
+    from kvlib.caches.base import KVCache
+
+    if isinstance(cache, KVCache):
+        tensors = cache.tensors()
+    elif hasattr(cache, "layers"):
+        tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    else:
+        raise KvlibError(f"cannot count the storage of a cache of type {type(cache).__name__}")
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def module_weight_bytes(module: torch.nn.Module | None) -> int:
     """Bytes of a module's parameters (a tied parameter, GPT-2's embedding / LM head, counted once), plus the
     copies kvlib's CPU fast path packs for its kernels (kvlib.models.fastpath): weights the process holds."""
