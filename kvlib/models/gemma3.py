@@ -203,9 +203,10 @@ class Gemma3(nn.Module):
         self.embed_scale = cfg.n_embd**0.5  # HF: a float32 scalar tensor, cast to the weights' dtype when used
         self.h = nn.ModuleList(Gemma3Block(cfg, i) for i in range(cfg.n_layer))  # HF: model.layers
         self.norm = GemmaRMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if not cfg.tie_word_embeddings:
             raise KvlibError(f"{cfg.name}: Gemma 3 ties its LM head to the embedding")
+        with torch.device("meta"):  # its own weight would be replaced at once: don't allocate 262,144 x 640 floats
+            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         # Not buffers (see kvlib.models.llama): float32 frequencies whatever the model's dtype.
         self.rope_full = RopeTable(inv_freq(cfg.rope_theta, cfg.head_dim), cfg.n_positions)
