@@ -293,3 +293,15 @@ def test_harness_formula_column_is_per_layer_on_gemma(tmp_path):
     assert main(argv) == 0
     r = pd.read_csv(csv).iloc[0]
     assert r["kv_cache_bytes"] == r["kv_cache_bytes_formula"]
+
+
+def test_attention_flops_count_the_window():
+    """Counted work (notebook 01): a query on a sliding layer reads at most the window's keys."""
+    for window in (None, 1, 5, 8, 40):
+        for start in (0, 3, 7, 8, 30):
+            for n in (0, 1, 2, 9, 25):
+                brute = sum(p + 1 if window is None else min(p + 1, window) for p in range(start, start + n))
+                assert costs.keys_seen(n, start, window) == brute, (window, start, n)
+    # tiny-gemma: 3 sliding layers (window 8) and 1 full; 4 heads of 32; one query at position 20
+    assert costs.attention_flops(TINY_GEMMA, 1, 20) == 4 * 32 * 4 * (3 * 8 + 21)
+    assert costs.attention_flops(get_preset("tiny"), 1, 20) == 4 * 16 * 4 * 2 * 21  # no window: every key

@@ -1,7 +1,7 @@
 """What decoding costs, counted rather than timed, and the KV-cache size of well-known architectures.
 
 Counts are the minimal work the computation needs (matmul FLOPs = 2 x multiply-adds; causal attention counts only
-the keys a query may see), per decode step:
+the keys a query may see: on a sliding-window layer, at most its window), per decode step:
 
 - naive: step i runs the whole sequence so far (P + i tokens) through the model: every key and value of every
   earlier token is projected again, and every query attends over its prefix;
@@ -32,13 +32,25 @@ def linear_flops_per_token(cfg: ModelConfig) -> int:
     return 2 * cfg.block_matmul_params() * cfg.n_layer
 
 
+def keys_seen(n_queries: int, start: int, window: int | None = None) -> int:
+    """Keys the causal attention of `n_queries` queries at positions start, start+1, ... reads: the query at
+    position p sees p + 1 keys, or min(p + 1, window) on a sliding-window layer (Gemma 3's local layers)."""
+    first, last = start + 1, start + n_queries  # keys seen by the first and the last query, without a window
+    if window is None or last <= window:
+        return n_queries * start + n_queries * (n_queries + 1) // 2
+    below = min(last, window)  # queries that still see every key: first .. below keys
+    growing = below * (below + 1) // 2 - (first - 1) * first // 2 if below >= first else 0
+    return growing + (last - max(first - 1, window)) * window  # the rest see the window
+
+
 def attention_flops(cfg: ModelConfig, n_queries: int, start: int) -> int:
-    """QK^T and AV FLOPs for `n_queries` queries at positions start, start+1, ...; query j sees j + 1 keys."""
+    """QK^T and AV FLOPs for `n_queries` queries at positions start, start+1, ...: 4 x head_dim x heads per key a
+    query sees, summed over layers; query j sees j + 1 keys, at most the window on a sliding layer (`keys_seen`)."""
     checks.config("cfg", cfg, where="attention_flops:")
     checks.whole("n_queries", n_queries, minimum=0, where="attention_flops:")
     checks.whole("start", start, minimum=0, where="attention_flops:")
-    keys_seen = n_queries * start + n_queries * (n_queries + 1) // 2
-    return 4 * cfg.head_dim * cfg.n_head * cfg.n_layer * keys_seen
+    seen = sum(keys_seen(n_queries, start, cfg.window_of(layer)) for layer in range(cfg.n_layer))
+    return 4 * cfg.head_dim * cfg.n_head * seen
 
 
 def decode_work(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> pd.DataFrame:
