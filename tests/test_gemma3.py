@@ -204,3 +204,15 @@ def test_real_gemma3_270m_continues_like_hf_past_its_window():
     assert torch.equal(mine.tokens, theirs.tokens)
     tol = REL_TOL * max(1.0, theirs.step_logits.abs().max().item())
     assert (mine.step_logits - theirs.step_logits).abs().max().item() <= tol
+
+
+def test_prefix_sharing_on_a_hybrid_model_equals_the_naive_path(tiny_gemma):
+    """Full layouts work on a hybrid model because the model masks the window: here the paged cache with a
+    shared prefix, whose suffixes are written at slot 13 (past the window of 8)."""
+    from kvlib.caches.prefix import generate_with_shared_prefix
+
+    prefix, suffixes = synthetic_prompts(512, 1, 13, seed=1), synthetic_prompts(512, 3, 6, seed=2)
+    shared = generate_with_shared_prefix(tiny_gemma.model, prefix, suffixes, 10, block_size=4, keep_logits=True)
+    naive = generate(tiny_gemma.model, torch.cat([prefix.expand(3, -1), suffixes], 1), 10, "none", keep_logits=True)
+    assert torch.equal(shared.tokens, naive.tokens)
+    assert (shared.step_logits - naive.step_logits).abs().max().item() <= REL_TOL * naive.step_logits.abs().max()
