@@ -259,3 +259,67 @@ def test_regression_time_bound_is_not_swallowed_by_an_except_exception_fallback(
             except Exception:
                 continue
     assert time.perf_counter() - t0 < 1.0
+
+
+# ---- Gemma 3 (issue 15): its own row, kvlib's hybrid cache, the "no slower than HF generate" check -----------
+
+
+def _plan_args(**over) -> argparse.Namespace:
+    args = dict(
+        model=None, weights="random", device="cpu", dtypes=None, batch_sizes=bench.DEFAULT_BATCH_SIZES,
+        prompt_len=bench.DEFAULT_PROMPT_LEN, max_new_tokens=None, repeats=None, warmup=None, seed=0, quick=False,
+        emulated=False, row_limit_s=None,
+    )  # fmt: skip
+    args.update(over)
+    return argparse.Namespace(**args)
+
+
+def test_gemma_row_shape_and_hybrid_cache(native_bf16):
+    args = _plan_args(model=["smollm2-135m", "gemma3-270m"])
+    rows, _ = bench.plan_rows(args, torch.device("cpu"), ["float32", "bfloat16"])
+    gemma = [r.specs for r in rows if r.specs[0].model == "gemma3-270m"]
+    assert len(gemma) == 1  # batch 1, float32 only
+    kv, dyn, sta = gemma[0]
+    assert (kv.batch_size, kv.prompt_len, kv.dtype) == (1, 2048, "float32")
+    assert (kv.engine, kv.cache) == ("kvlib", "hybrid") and (dyn.cache, sta.cache) == ("dynamic", "static")
+    smol = [r.specs for r in rows if r.specs[0].model == "smollm2-135m"]
+    assert len(smol) == 6 and all(s[0].cache == "static" and s[0].prompt_len == 256 for s in smol)
+    # an explicit --prompt-len / --batch-sizes wins over the model's own shape
+    args = _plan_args(model=["gemma3-270m"], prompt_len=600, batch_sizes=[2])
+    rows, _ = bench.plan_rows(args, torch.device("cpu"), ["float32"])
+    assert [(r.specs[0].batch_size, r.specs[0].prompt_len) for r in rows] == [(2, 600)]
+
+
+def test_quick_leaves_gemma_out_of_its_default_models():
+    assert "gemma3-270m" in bench.DEFAULT_MODELS and "gemma3-270m" not in bench.QUICK_MODELS
+    assert set(bench.QUICK_MODELS) < set(bench.DEFAULT_MODELS)
+
+
+def test_gemma_report_and_targets():
+    row = {
+        "model": "gemma3-270m", "arch": "gemma3", "dtype": "float32", "batch_size": 1, "prompt_len": 2048,
+        "device": "cpu", "native_dtype": True, "ratio_hf_best": 1.2, "ratio_hf_dynamic": 1.5, "mbu": 0.1,
+        "kvlib_tpot_p50_ms": 30.0,
+    }  # fmt: skip
+    assert set(bench.check_targets(row).values()) == {"n/a"}  # issue 11's targets do not judge Gemma rows
+    text = bench.gemma_report([row])
+    assert text.strip().startswith("met") and "1.20x" in text and "1.50x" in text
+    assert bench.gemma_report([{**row, "ratio_hf_best": 0.8}]).strip().startswith("MISSED")
+    assert "not measured" in bench.gemma_report([{**row, "ratio_hf_best": math.nan}])
+    assert bench.gemma_report([{**row, "arch": "llama"}]) is None
+
+
+@pytest.mark.skipif(
+    "hybrid" not in __import__("kvlib.caches.base", fromlist=["CACHE_LAYOUTS"]).CACHE_LAYOUTS,
+    reason="the hybrid layout is not registered yet",
+)
+def test_bench_runs_tiny_gemma_on_its_hybrid_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
+    csv = tmp_path / "bench.csv"
+    args = ["bench", "--model", "tiny-gemma", "--weights", "random", "--prompt_len", "20", "--max_new_tokens", "3"]
+    args += ["--repeats", "1", "--warmup", "0", "--no-compile", "--batch-sizes", "1", "--dtypes", "fp32"]
+    assert main([*args, "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid cache vs HF generate" in out and "tiny-gemma float32 batch 1, prompt 20" in out
+    df = pd.read_csv(csv)
+    assert len(df) == 1 and df.loc[0, "arch"] == "gemma3" and df.loc[0, "kvlib_tpot_p50_ms"] > 0

@@ -2,9 +2,11 @@
 
 - "paged": a block pool with per-sequence block tables (paged.py); also the storage for prefix sharing (prefix.py)
 - "quantized": int8 / int4 keys and values with scales, optional full-precision tail (quantized.py); lossy
+- "hybrid": per layer type, a ring of sliding_window slots on sliding layers, static on full ones (hybrid.py);
+  exact, for models trained with sliding windows (Gemma 3)
 - "window": attention sinks plus a sliding window, bounded memory (window.py); lossy once it slides
 """
 
-from kvlib.caches import paged, quantized, window
+from kvlib.caches import hybrid, paged, quantized, window
 
-__all__ = ["paged", "quantized", "window"]
+__all__ = ["hybrid", "paged", "quantized", "window"]

@@ -48,6 +48,7 @@ class KVCache(ABC):
             raise checks.fail("dtype", dtype, "a floating-point torch.dtype (torch.float32, ...)", where)
         self.dtype = dtype
         self.lengths = [0] * cfg.n_layer  # slots written so far, per layer
+        refuse_on_hybrid(type(self), cfg)
 
     @property
     def seq_len(self) -> int:
@@ -82,6 +83,28 @@ class KVCache(ABC):
     @abstractmethod
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored keys and values of `layer`, filled slots only, as (B, n_kv_head, T, head_dim)."""
+
+
+def refuse_on_hybrid(cls: type[KVCache], cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> None:
+    """The compose/refuse rule for models trained with sliding-window layers (Gemma 3): exact layouts work
+    (they return every key at its slot, and the model masks each sliding layer's window itself); lossy ones
+    (window, quantized) refuse with one line, because their kept keys are not at known slots (window) or they
+    would approximate layers whose exact cache is already small (the hybrid layout keeps only the window).
+    With `options`, a window layout larger than the model's own window says so."""
+    if not cfg.is_hybrid or cls.exact:
+        return
+    n_sliding = sum(cfg.window_of(i) is not None for i in range(cfg.n_layer))
+    why = ""
+    defaults = dict(_options_of(cls))
+    if options is not None and "window" in defaults:
+        kept = options.get("window", defaults["window"]) + options.get("sink", defaults.get("sink", 0))
+        if isinstance(kept, int) and kept > cfg.sliding_window:
+            why = f"its {kept} kept keys (sink + window) are more than the model's own window; "
+    raise KvlibError(
+        f"{cls.name} cache: {cfg.name} already attends over a sliding window of {cfg.sliding_window} keys on "
+        f"{n_sliding} of {cfg.n_layer} layers; {why}the lossy {cls.name} layout does not compose with it "
+        "(use hybrid, exact and windowed, or dynamic/static/paged)"
+    )
 
 
 CACHE_LAYOUTS: dict[str, type[KVCache]] = {}
@@ -200,4 +223,6 @@ def make_cache(
     """A cache of the named layout for `batch_size` sequences of at most `max_len` positions; `options` are the
     layout's own (`layout_options(layout)`), checked by name here and by value by the layout."""
     check_layout(layout, options)
+    if isinstance(cfg, ModelConfig):
+        refuse_on_hybrid(CACHE_LAYOUTS[layout], cfg, options)
     return CACHE_LAYOUTS[layout](cfg, batch_size, max_len, device, dtype, **options)

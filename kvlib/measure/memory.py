@@ -2,11 +2,23 @@
 
 Units: bytes everywhere inside; MiB (2^20 bytes) and MB (10^6 bytes) only at the edges, named as such.
 
-KV-cache formula: 2 (K and V) x layers x batch x tokens x n_kv_head x head_dim x bytes per element. `tokens` is
-what the cache holds or reserves at the end of a generation, which depends on the layout (`cache_tokens`):
+KV-cache formula, a sum over layers (`kv_cache_bytes_formula`):
+
+    bytes = sum over layers l of 2 (K and V) x batch x n_kv_head x head_dim x bytes per element x slots_l
+
+    slots_l = min(tokens, window_l)  on a sliding-window layer, when the layout keeps only the window there
+                                     (kvlib's `hybrid`: a ring buffer of window_l slots; HF's StaticCache);
+              min(tokens, window_l - 1)  HF's DynamicCache on a sliding layer (it keeps window - 1 past tokens
+                                     and attends over those plus the new one);
+              tokens                 on every other layer, and on every layer of every other layout.
+
+For a model without sliding layers (GPT-2, Llama, SmolLM2) this is the familiar
+2 x layers x batch x tokens x n_kv_head x head_dim x bytes per element. `tokens` is what the cache holds or
+reserves at the end of a generation, which depends on the layout (`cache_tokens`):
 
 - a growing ("dynamic") cache holds prompt + new - 1 tokens: the last new token is never fed back;
-- kvlib's static cache is preallocated for prompt + new slots (the last one is never written);
+- kvlib's static cache is preallocated for prompt + new slots (the last one is never written), and so are the
+  full-attention layers of kvlib's hybrid cache (its sliding layers: min(prompt + new, window) slots);
 - Hugging Face's static cache is sized by `generate` to max_length - 1 = prompt + new - 1 slots.
 
 Peak memory of one run:
@@ -59,12 +71,58 @@ def bytes_per_element(dtype: torch.dtype | str) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def kv_cache_bytes_formula(cfg: ModelConfig, batch_size: int, tokens: int, dtype: torch.dtype | str) -> int:
-    """2 x layers x batch x tokens x n_kv_head x head_dim x bytes per element."""
-    checks.config("cfg", cfg, where="kv_cache_bytes_formula:")
-    checks.whole("batch_size", batch_size, where="kv_cache_bytes_formula:")
-    checks.whole("tokens", tokens, minimum=0, where="kv_cache_bytes_formula:")
-    return 2 * cfg.n_layer * batch_size * tokens * cfg.n_kv_head * cfg.head_dim * bytes_per_element(dtype)
+# Layouts that keep only the window on a sliding layer: kvlib's name, and the engine it belongs to. Every other
+# layout (dynamic, static, paged, quantized, ...) holds every token on every layer, as far as this formula goes.
+WINDOWED_LAYOUTS = {("kvlib", "hybrid"), ("hf", "static"), ("hf", "dynamic")}
+
+
+def layer_windows(cfg: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window (keys a query sees, itself included), None on a full-attention layer."""
+    checks.config("cfg", cfg, where="layer_windows:")
+    return [cfg.window_of(layer) for layer in range(cfg.n_layer)]
+
+
+def layer_slots(cfg: ModelConfig, tokens: int, layout: str = "full", engine: str = "kvlib") -> list[int]:
+    """Token slots each layer's cache holds (or reserves) after `tokens` positions, one entry per layer.
+
+    `layout` is a cache layout name ("hybrid", "static", "dynamic", ...; "full" for any layout that keeps every
+    token) and `engine` "kvlib" or "hf" (Hugging Face's caches use their own rules on sliding layers: the module
+    docstring). Without sliding layers every entry is `tokens`.
+    """
+    where = "layer_slots:"
+    checks.whole("tokens", tokens, minimum=0, where=where)
+    checks.one_of("engine", engine, ("kvlib", "hf"), where=where)
+    if not isinstance(layout, str) or not layout:
+        raise checks.fail("layout", layout, 'a cache layout name ("full", "hybrid", "static", ...)', where)
+    windows = layer_windows(cfg)
+    if (engine, layout) not in WINDOWED_LAYOUTS:
+        return [tokens] * len(windows)
+    keep = 1 if (engine, layout) == ("hf", "dynamic") else 0  # HF's DynamicSlidingWindowLayer keeps window - 1
+    return [tokens if w is None else min(tokens, w - keep) for w in windows]
+
+
+def kv_cache_bytes_formula(
+    cfg: ModelConfig,
+    batch_size: int,
+    tokens: int,
+    dtype: torch.dtype | str,
+    layout: str = "full",
+    engine: str = "kvlib",
+) -> int:
+    """KV-cache bytes after `tokens` positions, summed over layers (the module docstring's formula):
+
+        sum over layers l of 2 x batch x n_kv_head x head_dim x bytes per element x slots_l
+
+    with slots_l from `layer_slots` (min(tokens, window_l) on a sliding layer of a windowed layout such as
+    kvlib's "hybrid", `tokens` otherwise). The default layout "full" is 2 x layers x batch x tokens x n_kv_head x
+    head_dim x bytes, for any model. Raises KvlibError on a bad argument.
+    """
+    where = "kv_cache_bytes_formula:"
+    checks.config("cfg", cfg, where=where)
+    checks.whole("batch_size", batch_size, where=where)
+    checks.whole("tokens", tokens, minimum=0, where=where)
+    per_slot = 2 * batch_size * cfg.n_kv_head * cfg.head_dim * bytes_per_element(dtype)  # K and V, one layer
+    return per_slot * sum(layer_slots(cfg, tokens, layout, engine))
 
 
 def cache_tokens(engine: str, cache: str, prompt_len: int, max_new_tokens: int) -> int:
@@ -81,8 +139,8 @@ def cache_tokens(engine: str, cache: str, prompt_len: int, max_new_tokens: int) 
     checks.whole("max_new_tokens", max_new_tokens, where="cache_tokens:")
     if cache == "none":
         return 0
-    if engine == "kvlib" and cache == "static":
-        return prompt_len + max_new_tokens  # decode.generate preallocates P + N slots
+    if engine == "kvlib" and cache in ("static", "hybrid"):
+        return prompt_len + max_new_tokens  # decode.generate preallocates P + N slots (hybrid: on full layers)
     # Growing caches, and HF's static cache (sized max_length - 1 by generate), end with the last token unfed.
     return prompt_len + max_new_tokens - 1
 
@@ -107,6 +165,31 @@ def held_cache_bytes(cache: Any) -> int:
     if isinstance(cache, (tuple, list)):  # the legacy ((k, v), ...) format
         return sum(_tensor_bytes(c) if isinstance(c, torch.Tensor) else held_cache_bytes(c) for c in cache)
     raise KvlibError(f"cannot count the bytes of a cache of type {type(cache).__name__}")
+
+
+def held_storage_bytes(cache: Any) -> int:
+    """Bytes of the memory blocks (storages) behind the tensors a cache holds, each block counted once.
+
+    `held_cache_bytes` counts the elements the cache's tensors show; this counts what they keep alive. The two
+    differ where a cache keeps a view into a larger tensor: Hugging Face's DynamicCache on a sliding layer keeps
+    the last window - 1 keys as a slice of the tensor it concatenated, so right after the prefill the slice keeps
+    the whole prompt's keys alive, and after a decode step window keys (tests/test_hybrid_memory.py)."""
+    if cache is None:
+        return 0
+    from kvlib.caches.base import KVCache
+
+    if isinstance(cache, KVCache):
+        tensors = cache.tensors()
+    elif hasattr(cache, "layers"):
+        tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    else:
+        raise KvlibError(f"cannot count the storage of a cache of type {type(cache).__name__}")
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def module_weight_bytes(module: torch.nn.Module | None) -> int:

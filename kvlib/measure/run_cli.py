@@ -26,6 +26,8 @@ from kvlib.measure.results import append_rows, check_outputs
 CSV_COLUMNS = (*RUN_COLUMNS, "experiment")  # `experiment` is "run" for rows of the run command
 STEPS_CSV_COLUMNS = (*STEP_COLUMNS, "experiment")
 DEFAULT_CACHE = {"hf": "dynamic", "kvlib": "static"}  # what --use_cache 1 means for each engine
+# ... except kvlib on a model trained with sliding-window layers (Gemma 3): its own exact cache, "hybrid"
+HYBRID_CACHE = "hybrid"
 
 # The assignment's experiments: (name, what it asks, [(use_cache, batch_size, prompt_len), ...]); 128 new tokens.
 EXPERIMENTS: list[tuple[str, str, list[tuple[int, int, int]]]] = [
@@ -42,10 +44,26 @@ def zero_or_one(text: str) -> int:
     return int(text)
 
 
-def resolve_cache(engine: str, use_cache: int | None, cache: str | None) -> str:
-    """The cache mode from --use_cache and --cache; an error when they contradict each other."""
+def default_cache(engine: str, model: str | None = None) -> str:
+    """What --use_cache 1 means: HF's DynamicCache; kvlib's static cache, or on a model with sliding-window
+    layers (a preset or saved folder whose config has them: Gemma 3) kvlib's hybrid cache, which keeps only the
+    window there. A model that cannot be read here gets the plain default (its error comes from validation)."""
+    if engine == "kvlib" and model is not None:
+        from kvlib.study import model_config
+
+        try:
+            if model_config(model).is_hybrid:
+                return HYBRID_CACHE
+        except KvlibError:
+            pass
+    return DEFAULT_CACHE[engine]
+
+
+def resolve_cache(engine: str, use_cache: int | None, cache: str | None, model: str | None = None) -> str:
+    """The cache mode from --use_cache and --cache (and the model, for kvlib's default: `default_cache`); an error
+    when they contradict each other."""
     if cache is None:
-        return "none" if use_cache == 0 else DEFAULT_CACHE[engine]
+        return "none" if use_cache == 0 else default_cache(engine, model)
     if use_cache == 0 and cache != "none":
         raise KvlibError(f"--use_cache 0 contradicts --cache {cache}")
     if use_cache == 1 and cache == "none":
@@ -71,7 +89,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="measure one configuration (the assignment's run_model.py)")
     _common_args(p, "hf: transformers generate; kvlib: this project's decoder [hf]")
     flag(p, "use_cache", type=zero_or_one, default=None, help="1: with a KV cache, 0: without [1]")
-    p.add_argument("--cache", default=None, help="none, dynamic or static (kvlib: any layout) [by --use_cache]")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="none, dynamic or static (kvlib: any layout) [by --use_cache: hf dynamic; kvlib static, hybrid on Gemma]",
+    )
     flag(p, "batch_size", type=positive_int, default=1, help="[1]")
     flag(p, "prompt_len", type=positive_int, default=256, help="[256]")
     flag(p, "max_new_tokens", type=positive_int, default=128, help="[128]")
@@ -134,7 +156,7 @@ def summary_line(m: Measurement, spec_id: int = 0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cache = resolve_cache(args.engine, args.use_cache, args.cache)
+    cache = resolve_cache(args.engine, args.use_cache, args.cache, args.model)
     spec = RunSpec(
         engine=args.engine,
         cache=cache,
@@ -172,7 +194,7 @@ def experiment_specs(args: argparse.Namespace) -> list[tuple[str, str, list[RunS
         specs = [
             RunSpec(
                 engine=args.engine,
-                cache=DEFAULT_CACHE[args.engine] if use_cache else "none",
+                cache=default_cache(args.engine, args.model) if use_cache else "none",
                 model=args.model,
                 weights=args.weights,
                 batch_size=batch_size,

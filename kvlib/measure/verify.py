@@ -6,6 +6,14 @@ and static caches) must produce the same tokens and, at every step, logits withi
 (kvlib's and HF's dynamic and static) must hold exactly the bytes of the formula 2 x layers x B x T x n_kv_head x
 head_dim x bytes per element. Exit 0 only when all of them do. Pretrained models get passages of Pride and
 Prejudice as prompts, random weights synthetic ids (kvlib.models.prompts).
+
+Models trained with sliding-window layers (Gemma 3, `cfg.is_hybrid`) add kvlib's exact "hybrid" layout (a ring of
+sliding_window slots on sliding layers) and, for every cache, the per-layer formula (kvlib.measure.memory: HF's
+dynamic cache keeps window - 1 keys on a sliding layer, its static cache and kvlib's hybrid the window). With a
+plain (unpadded) batch, `run` checks a left-padded batch too, so that both prompts longer than the window and
+padding inside the ring are proven in one command. References: Hugging Face's `generate` given the 2D
+attention_mask, from which Gemma 3 builds one mask per layer type itself (a custom 4D mask would silently drop the
+sliding window).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from kvlib import checks
 from kvlib.caches.base import CACHE_LAYOUTS
 from kvlib.errors import KvlibError
 from kvlib.measure.memory import bytes_per_element, cache_tokens, held_cache_bytes, kv_cache_bytes_formula
+from kvlib.models.config import ModelConfig
 from kvlib.models.decode import Generation, generate
 from kvlib.models.hf import hf_generate
 from kvlib.models.loading import LoadedModel, load
@@ -28,12 +37,14 @@ from kvlib.models.prompts import padded_prompts_for, prompt_source, prompts_for
 # fp32 paths differ only by the order of floating-point sums; half precision rounds every activation.
 RELATIVE_LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 HF_PATHS = ("dynamic", "static")  # "none" is the reference
-DENSE_CACHES = ("dynamic", "static")  # caches whose bytes must equal the formula (paged rounds up to blocks)
+DENSE_CACHES = ("dynamic", "static", "hybrid")  # caches whose bytes must equal the formula (paged: whole blocks)
 
 
-def kvlib_paths() -> tuple[str, ...]:
-    """kvlib's naive path and every registered exact cache layout (dynamic, static, paged, ...)."""
-    return ("none", *(name for name, cls in CACHE_LAYOUTS.items() if cls.exact))
+def kvlib_paths(cfg: ModelConfig | None = None) -> tuple[str, ...]:
+    """kvlib's naive path and every registered exact cache layout (dynamic, static, paged, ...); "hybrid" only for
+    a model with sliding-window layers (on any other it is the static cache)."""
+    hybrid = cfg is not None and cfg.is_hybrid
+    return ("none", *(n for n, cls in CACHE_LAYOUTS.items() if cls.exact and (n != "hybrid" or hybrid)))
 
 
 @dataclass
@@ -112,7 +123,7 @@ def _kv_fields(lm: LoadedModel, engine: str, cache: str, g: Generation, P: int, 
     B = g.tokens.shape[0]
     return {
         "kv_bytes": held_cache_bytes(g.cache),
-        "kv_formula_bytes": kv_cache_bytes_formula(lm.cfg, B, slots, lm.dtype),
+        "kv_formula_bytes": kv_cache_bytes_formula(lm.cfg, B, slots, lm.dtype, layout=cache, engine=engine),
         "kv_must_match": cache in DENSE_CACHES,
     }
 
@@ -127,7 +138,7 @@ def verify_prompts(
     ref = hf_generate(lm.hf, ids, N, cache="none", attention_mask=mask, keep_logits=True)
     tol = RELATIVE_LOGIT_TOL[lm.dtype] * max(1.0, ref.step_logits.abs().max().item())
     results = [compare("hf use_cache=False (reference)", ref.tokens, ref.step_logits, ref.tokens, ref.step_logits, tol)]
-    for cache in kvlib_paths():
+    for cache in kvlib_paths(lm.cfg):
         # The paged cache stores no pad slots when given the mask (each row's padding maps to a scratch block).
         options = {"attention_mask": mask} if cache == "paged" and mask is not None else None
         g = generate(lm.model, ids, N, cache=cache, attention_mask=mask, keep_logits=True, cache_options=options)
@@ -194,16 +205,32 @@ def run(args: argparse.Namespace) -> int:
         f"prompt {args.prompt_len}{' (left-padded)' if args.padded else ''}, {args.max_new_tokens} new tokens; "
         f"prompts: {prompt_source(lm.tokenizer)}"
     )
-    ids, mask = make_prompts(lm, args.batch_size, args.prompt_len, args.seed, args.padded)
+    failed = []
+    passes = [args.padded] if args.padded or not lm.cfg.is_hybrid else [False, True]
+    for padded in passes:
+        if len(passes) > 1:
+            print(f"-- {'left-padded batch' if padded else 'batch without padding'} --")
+        failed += verify_and_report(lm, args, padded)
+    print("all paths agree" if not failed else f"MISMATCH: {', '.join(failed)}")
+    return 0 if not failed else 1
+
+
+def verify_and_report(lm: LoadedModel, args: argparse.Namespace, padded: bool) -> list[str]:
+    """One batch of prompts through every path, its table printed; returns the paths that failed."""
+    ids, mask = make_prompts(lm, args.batch_size, args.prompt_len, args.seed, padded)
     results, ref = verify_prompts(lm, ids, mask, args.max_new_tokens)
     print(format_table(results))
     N = args.max_new_tokens
     slots = ids.shape[1] + N
     print(f"KV formula of kvlib's static cache (P + N slots): {formula_line(lm, args.batch_size, slots)}")
     print("(dynamic caches and HF's static one hold P + N - 1 slots; * paged: its pool of whole blocks holds more)")
+    if lm.cfg.is_hybrid:
+        w = lm.cfg.sliding_window
+        print(
+            f"(sliding layers: kvlib's hybrid and HF's static cache hold min(slots, {w}), HF's dynamic cache "
+            f"min(slots, {w - 1}): the per-layer formula, kvlib.measure.memory)"
+        )
     if lm.tokenizer is not None:
         tail = lm.tokenizer.decode(ids[0][-12:] if mask is None else ids[0][mask[0].bool()][-12:])
         print(f"row 0: ...{tail!r} -> {lm.tokenizer.decode(ref.tokens[0])!r}")
-    failed = [r.path for r in results if not r.ok]
-    print("all paths agree" if not failed else f"MISMATCH: {', '.join(failed)}")
-    return 0 if not failed else 1
+    return [r.path for r in results if not r.ok]

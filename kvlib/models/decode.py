@@ -5,7 +5,7 @@ on EOS compares runs of different lengths.
 
 - naive ("none"): every step runs the whole sequence so far through the model, recomputing every key and value
   (nanoGPT's `generate`). Step 0 is the same work as a prefill.
-- cached ("dynamic", "static", or any registered layout): one prefill of the prompt fills the cache, then each
+- cached ("dynamic", "static", "hybrid", or any registered layout): one prefill of the prompt fills the cache, then each
   decode step feeds one token at an explicit slot and attends over the cache.
 """
 
@@ -100,7 +100,7 @@ def check_inputs(
     """Refuse prompts the model cannot run: not a (batch, prompt_len) tensor of token ids, ids outside the
     vocabulary (the embedding would fail with an IndexError), or a mask of another shape."""
     if not isinstance(model, DECODERS):
-        raise checks.fail("model", model, "a kvlib decoder: kvlib.models.gpt2.GPT or kvlib.models.llama.Llama")
+        raise checks.fail("model", model, "a kvlib decoder: kvlib.models.gpt2.GPT, llama.Llama or gemma3.Gemma3")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in TOKEN_DTYPES:
         what = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else input_ids
         raise checks.fail(name, what, "a (batch, prompt_len) tensor of token ids (torch.long or torch.int)")

@@ -52,7 +52,9 @@ def encode(lm: LoadedModel, prompt: str, chat: bool) -> tuple[torch.Tensor, str]
         ids = tok(text, add_special_tokens=False)["input_ids"]
         how = "the tokenizer's chat template (one user message)"
     else:
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        # The tokenizer's own special tokens: Gemma's <bos>, which it was trained to see first (and HF's
+        # generate gets from tokenizer(prompt)); SmolLM2's tokenizer adds none.
+        ids = tok(prompt, add_special_tokens=True)["input_ids"]
         how = "the tokenizer"
     if not ids:
         raise KvlibError("the prompt is empty")

