@@ -3,8 +3,10 @@
 - "paged": a block pool with per-sequence block tables (paged.py); also the storage for prefix sharing (prefix.py)
 - "quantized": int8 / int4 keys and values with scales, optional full-precision tail (quantized.py); lossy
 - "window": attention sinks plus a sliding window, bounded memory (window.py); lossy once it slides
+- "streaming", "h2o", "tova", "snapkv", "knorm": eviction policies under one token budget (eviction.py); lossy
+  once a sequence outgrows the budget
 """
 
-from kvlib.caches import paged, quantized, window
+from kvlib.caches import eviction, paged, quantized, window
 
-__all__ = ["paged", "quantized", "window"]
+__all__ = ["eviction", "paged", "quantized", "window"]
