@@ -1,19 +1,25 @@
 """Eviction policies as cache layouts under one token budget: StreamingLLM, H2O, TOVA, SnapKV and K-norm.
 
 One mechanism, many scores (kvpress's design: a "press" is a score function behind a shared pruning step).
-`EvictionCache` keeps, per layer and per sequence, at most `budget` tokens (the newest token included). Every
-write appends the new keys and values after the kept ones; attention runs over [kept + new]; then, if more than
-`budget` tokens are held, the lowest-scoring unprotected ones are dropped. A policy is a subclass whose content is
-its score (and its docstring: the rule, the paper, what we changed). Scores are per key-value head unless the
-policy says otherwise, so different heads may keep different positions.
+`EvictionCache` keeps, per layer and per sequence, at most `budget` tokens (the newest token included). A policy
+is a subclass whose content is its score (and its docstring: the rule, the paper, what we changed); the lowest-
+scoring unprotected tokens are the ones dropped. Scores are per key-value head unless the policy says otherwise,
+so different heads may keep different positions. When tokens are dropped:
 
+- a decode step (a one-token write after the prompt) first makes room: if `budget` tokens are held, the lowest-
+  scoring one is dropped (by the scores known then), and the new token is appended, so attention sees at most
+  `budget` keys, its own included. This is StreamingLLM's convention and the "window" layout's (sink + window
+  slots, the newest included), so "streaming" equals "window" token for token (tests). The papers' own code
+  appends first, attends over budget + 1 keys and evicts after: the same rule, one step earlier; their cache
+  size is our budget - 1.
+- a multi-token write attends over [kept + chunk] with a causal mask inside the chunk, and is then reduced to the
+  budget: the prompt attends to all of itself (exactly, as in the papers' implementations); a later chunk (a
+  question that arrives after the context was compressed) sees only what was kept.
+
+Also:
 - Positions: keys are cached after their position is applied (GPT-2 adds it to the input, Llama rotates keys), so
   a kept key keeps its original position and evicting is only dropping slots; nothing is re-rotated.
-- Prefill: the prompt attends to all of itself (exact), then the cache is compressed to its budget, as in the
-  papers' implementations. A later multi-token write (a second prefill chunk, e.g. a question that arrives after
-  the context was compressed) attends over [kept + chunk] with a causal mask inside the chunk, then compresses
-  again. Decode steps are one-token writes.
-- Attention weights: H2O, TOVA and SnapKV set `needs_attention`; `kvlib.models.attention.attend` then computes
+- Attention weights: H2O, TOVA and SnapKV set `needs_attention`; `kvlib.models.attention.attend` then computes,
   after its usual attention, the attention each key *received* from this write's last `observed_queries(layer)`
   queries, softmax(q k^T * scale) with the same mask, summed over those queries and over the query heads that
   share the key's key-value head, (B, nkv, S) float32, and hands it to `observe`. Layouts without the flag are
@@ -40,9 +46,9 @@ POOLINGS = ("avg", "max")
 
 
 class EvictionCache(KVCache):
-    """A token budget and one eviction rule: after each write (and, for policies that need attention weights,
-    after `observe`), keep the `budget` highest-scoring tokens per sequence and key-value head; tokens at
-    positions < `sink` and the newest `recent` positions are protected (never evicted). Not registered itself."""
+    """A token budget and one eviction rule: keep the `budget` highest-scoring tokens per sequence and key-value
+    head (see the module docstring for when); tokens at positions < `sink` and the newest `recent` positions are
+    protected (never evicted). Not registered itself."""
 
     name = "eviction"
     exact = False  # lossy once a sequence outgrows the budget; exact, token for token, while it fits (tests)
@@ -88,6 +94,8 @@ class EvictionCache(KVCache):
             )
         B, nkv, T, _ = k.shape
         self._check_write(layer, k, start, capacity=self.max_len)
+        if T == 1 and start > 0 and self.k[layer] is not None:
+            self._evict(layer, self.budget - 1)  # a decode step: make room for the new token before attention
         new_pos = torch.arange(start, start + T, device=k.device).expand(B, nkv, T)  # (B, nkv, T)
         new_scores = self.new_scores(layer, k, new_pos)  # (B, nkv, T)
         if self.k[layer] is None:  # contiguous(): k may be a view into the fused qkv projection
@@ -125,15 +133,17 @@ class EvictionCache(KVCache):
         """New scores from the attention received (policies with `needs_attention`)."""
         raise NotImplementedError
 
-    def _evict(self, layer: int) -> None:
-        """Keep the `budget` highest-scoring tokens, protected ones first, in order of position."""
+    def _evict(self, layer: int, n_keep: int | None = None) -> None:
+        """Keep the `n_keep` (default: `budget`) highest-scoring tokens, protected ones first, in order of position.
+        Protected: positions < sink and the newest `recent` positions written (those >= lengths[layer] - recent)."""
+        n_keep = self.budget if n_keep is None else n_keep
         pos = self.pos[layer]
-        if pos.shape[2] <= self.budget:
+        if pos.shape[2] <= n_keep:
             return
         end = self.lengths[layer]
         protected = (pos < self.sink) | (pos >= end - self.recent)  # (B, nkv, S)
         ranked = self.scores[layer].masked_fill(protected, float("inf"))
-        keep = ranked.topk(self.budget, dim=2).indices.sort(dim=2).values  # (B, nkv, budget)
+        keep = ranked.topk(n_keep, dim=2).indices.sort(dim=2).values  # (B, nkv, n_keep)
         rows = keep[..., None].expand(-1, -1, -1, self.cfg.head_dim)  # (B, nkv, budget, hd)
         self.k[layer] = self.k[layer].gather(2, rows)
         self.v[layer] = self.v[layer].gather(2, rows)
@@ -223,7 +233,9 @@ class H2OCache(EvictionCache):
     Score of a key = sum, over every query since it was written (the whole prompt at prefill, then each decode
     step), of the attention it received, per key-value head (summed over the query heads of a GQA group; the
     paper's models have one query head per key-value head). As in the authors' implementation, the prompt is
-    prefilled exactly and then reduced to the budget. Options: budget (256), recent (None: half the budget,
+    prefilled exactly and then reduced to the budget; at a decode step the token dropped is chosen by the
+    scores accumulated up to the previous step (the authors evict after the step's attention, with the same
+    scores: their heavy + recent sizes add up to our budget - 1). Options: budget (256), recent (None: half the budget,
     the paper's equal split between heavy hitters and recent tokens)."""
 
     name = "h2o"
@@ -260,8 +272,9 @@ class TOVACache(EvictionCache):
     Oren et al. 2024, "Transformers are Multi-State RNNs". Score = the last query's attention, mean over the
     layer's query heads; it is replaced at every write (TOVA keeps no history). What we changed: the newest
     token is always kept (as kvpress does; the paper may drop it, which rarely happens since a token attends
-    strongly to itself). At prefill the last prompt token's attention chooses the kept prompt tokens, as in the
-    authors' implementation. Option: budget (256)."""
+    strongly to itself), and a decode step drops the token the *previous* query attended least before attending
+    (the paper attends over budget + 1 states, then drops; the same choice). At prefill the last prompt
+    token's attention chooses the kept prompt tokens, as in the authors' implementation. Option: budget (256)."""
 
     name = "tova"
     needs_attention = True
