@@ -332,6 +332,21 @@ def test_the_mask_is_mapped_onto_the_kept_positions():
     assert got[1, 3].tolist() == [[False, True, False, True, True, False], [False, True, False, True, True, True]]
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_left_padding_leaves_the_other_sequences_as_if_alone(model, policy):
+    """With padding, attention masks the kept keys by their positions (visible_mask) at every step once tokens are
+    evicted; a sequence without padding in the batch then decodes exactly as it does alone."""
+    from kvlib.models.prompts import left_padded_prompts
+
+    ids, mask = left_padded_prompts(model.cfg.vocab_size, [5, 12], seed=2)
+    opts = options(policy, 8)
+    batch = generate(model, ids, 10, cache=policy, attention_mask=mask, cache_options=opts, keep_logits=True)
+    alone = generate(model, ids[1:], 10, cache=policy, cache_options=opts, keep_logits=True)
+    assert torch.equal(batch.tokens[1], alone.tokens[0])
+    torch.testing.assert_close(batch.step_logits[:, 1], alone.step_logits[:, 0], atol=1e-5, rtol=0)
+    assert bool(batch.step_logits.isfinite().all()) and batch.cache.kept_tokens() == 8
+
+
 # ---- bad options ----------------------------------------------------------------------------------------------------
 
 

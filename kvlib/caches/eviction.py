@@ -24,7 +24,9 @@ Also:
   queries, softmax(q k^T * scale) with the same mask, summed over those queries and over the query heads that
   share the key's key-value head, (B, nkv, S) float32, and hands it to `observe`. Layouts without the flag are
   untouched (attend checks one class attribute).
-- Padding: supported by gathering the attention mask's columns at each kept token's position (`visible_mask`).
+- Padding: the attention mask (over cache slots) is mapped onto the kept keys by their positions (`visible_mask`),
+  so left-padded batches run and each sequence is scored on its own; but pad slots count as tokens (they may be
+  kept and use budget, and streaming's sinks are the first slots). Compare policies one sequence at a time.
 - Helpers for the question settings of the pass-key probe: `prefill_then` and `answer_greedily` (bottom).
 
 Shapes: B batch, nkv key-value heads, n kept tokens, T new tokens of a write, S = n + T keys attended, hd head_dim.

@@ -69,7 +69,8 @@ def attend(
         if mask is not None and mask.shape[-1] != k.shape[2]:
             # A layout that keeps fewer keys than slots (eviction) maps the mask onto the keys it kept, or raises.
             mask = cache.visible_mask(layer, mask, q.shape[1])  # (B, nh, T, S)
-    if q.shape[2] == 1 and q.is_cpu and q.dtype != torch.float32 and scale is None and _shared_mask(mask):
+    one_query = q.shape[2] == 1 and q.is_cpu and q.dtype != torch.float32 and scale is None
+    if one_query and (mask is None or mask.shape[1] == 1):  # its mask is shared by the heads; its scale 1/sqrt(hd)
         y = one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)
     else:
         y = F.scaled_dot_product_attention(
@@ -117,8 +118,3 @@ def attention_received(
             s = s.masked_fill(torch.arange(S, device=q.device)[None, :] > q_at, float("-inf"))
         out += s.softmax(dim=-1).sum(dim=(2, 3))
     return out
-
-
-def _shared_mask(mask: torch.Tensor | None) -> bool:
-    """True when the mask (if any) is the same for every head, the only kind one_query_attention takes."""
-    return mask is None or mask.shape[1] == 1
