@@ -146,7 +146,7 @@ class EvictionCache(KVCache):
         protected = (pos < self.sink) | (pos >= end - self.recent)  # (B, nkv, S)
         ranked = self.scores[layer].masked_fill(protected, float("inf"))
         keep = ranked.topk(n_keep, dim=2).indices.sort(dim=2).values  # (B, nkv, n_keep)
-        rows = keep[..., None].expand(-1, -1, -1, self.cfg.head_dim)  # (B, nkv, budget, hd)
+        rows = keep[..., None].expand(-1, -1, -1, self.cfg.head_dim)  # (B, nkv, n_keep, hd)
         self.k[layer] = self.k[layer].gather(2, rows)
         self.v[layer] = self.v[layer].gather(2, rows)
         self.pos[layer] = pos.gather(2, keep)
