@@ -264,3 +264,60 @@ def test_replayed_prefill_answers_exactly_as_a_real_prefill(llama, cache, option
                 assert torch.equal(a, b), (cache, layer)
             else:
                 assert a.shape == b.shape and (a - b).abs().max() < 1e-5, (cache, layer)
+
+
+def test_report_finding_from_the_notebooks_files(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from kvlib.report.findings import findings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    acc = pd.DataFrame(
+        [("full (static)", "static", 1.0, "no eviction", 9, 9), ("h2o", "h2o", 0.25, "question-after", 1, 9),
+         ("knorm", "knorm", 0.25, "question-after", 5, 9), ("tova", "tova", 0.25, "question-after", 3, 9),
+         ("h2o", "h2o", 0.25, "question-aware", 7, 9), ("knorm", "knorm", 0.25, "question-aware", 2, 9)],
+        columns=["policy", "cache", "budget_fraction", "setting", "retrieved", "n"],
+    )  # fmt: skip
+    acc["accuracy_pct"] = 100 * acc["retrieved"] / acc["n"]
+    acc.to_csv(data / "09_accuracy.csv", index=False)
+    ppl = pd.DataFrame(  # h2o best by perplexity, worst at retrieval: perplexity did not predict
+        [("full (static)", 1.0, 0.0), ("h2o", 0.25, 1.0), ("knorm", 0.25, 9.0), ("tova", 0.25, 4.0)],
+        columns=["policy", "budget_fraction", "ppl_change_pct"],
+    )
+    ppl.to_csv(data / "09_perplexity.csv", index=False)
+    (data / "09_meta.json").write_text(json.dumps({"tokens": 1024}))
+    head = pd.DataFrame([{"metric": "full_cache_retrieval", "value": 100.0, "headline": True, "n": 1}])
+    head.to_csv(data / "09_headline.csv", index=False)
+    (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
+    assert "25% of a 1024-token prompt" in found.html
+    assert "<b>5/9</b> when the question came after compression (knorm)" in found.html
+    assert "<b>7/9</b> when the policy saw the question (h2o)" in found.html
+    assert "<b>9/9</b> for the full cache" in found.html and "<b>did not predict</b>" in found.html
+    assert "+1.00" in found.html  # ranks: perplexity 1, 3, 2 against retrieval 1, 3, 2 (fewest keys first)
+    head.assign(headline=False).to_csv(data / "09_headline.csv", index=False)  # random weights: no finding
+    assert findings(tmp_path, ["09_what_a_cache_forgets"]) == []
+
+
+def test_the_notebooks_grid_answers_as_the_command_does(llama):
+    from kvlib.study.passkey import accuracy, retrieval_grid
+
+    tok = WordTokenizer(llama.cfg.vocab_size)
+    builder = PasskeyPrompts(tok, 96, "neutral")
+    keys = passkey_keys(2, 5)
+    policies = [("static", {}), ("streaming", {}), ("tova", {})]
+    grid = retrieval_grid(llama, tok, builder, [0.2, 0.8], keys, policies, [0.5], new_tokens=5, batch=3)
+    assert len(grid) == 4 * (1 + 2 * 2)  # 4 prompts: the full cache once, each policy in both settings
+    for (cache, setting), rows in grid.groupby(["cache", "setting"]):
+        for depth in (0.2, 0.8):
+            prompts = [builder.prompt(depth, k) for k in keys]
+            ids = torch.tensor([p.ids for p in prompts])
+            opts = budget_options(cache, {}, 48) if cache != "static" else {}
+            real = answer(llama, ids, prompts[0].context_len, cache, opts, setting == "question-aware", 5)
+            got = rows[rows["depth"] == depth].sort_values("key")
+            want = sorted(zip(keys, real.tokens.tolist(), strict=True))
+            assert list(got["continuation"]) == [tok.decode(t) for _, t in want], (cache, setting, depth)
+    acc = accuracy(grid)
+    assert set(acc["n"]) == {4} and (acc["low_pct"] <= acc["accuracy_pct"]).all()

@@ -152,6 +152,11 @@ class Answers:
     cache: KVCache | None = field(default=None, repr=False)  # the cache after the last token
 
 
+def _dtype(model: Any) -> torch.dtype:
+    """The dtype the model computes in (its parameters'), for the caches made for it."""
+    return next(model.parameters()).dtype
+
+
 def kv_bytes(cache: Any) -> int:
     """Bytes of kept keys and values (used_bytes where the layout reports them, else every tensor it holds)."""
     return cache.used_bytes() if hasattr(cache, "used_bytes") else cache.nbytes()
@@ -175,7 +180,7 @@ def answer(
     B, N = ids.shape
     prepare_for_inference(model, B)
     t0 = time.perf_counter()
-    kv = make_cache(cache, model.cfg, B, N + new_tokens, ids.device, model.wte.weight.dtype, **options)
+    kv = make_cache(cache, model.cfg, B, N + new_tokens, ids.device, _dtype(model), **options)
     if not evicts(cache) or question_aware:
         logits = model(ids, torch.arange(N, device=ids.device).expand(B, N), kv, 0)[:, -1]
     elif cache == "window":  # no chunked writes
@@ -201,6 +206,7 @@ def question_chunk(model: Any, cache: KVCache, ids: torch.Tensor, context_len: i
     return logits
 
 
+@torch.inference_mode()
 def decode_answer(model: Any, cache: KVCache, logits: torch.Tensor, n_prompt: int, new_tokens: int) -> torch.Tensor:
     """Greedy decoding after a prompt of `n_prompt` tokens whose last logits (B, V) are given: (B, new_tokens)."""
     from kvlib.models.decode import decode_step, greedy

@@ -29,6 +29,7 @@ from kvlib.measure.passkey import (
     NO_SETTING,
     SETTINGS,
     Answers,
+    _dtype,
     budget_options,
     decode_answer,
     evicts,
@@ -109,7 +110,7 @@ def record_prefill(model: Any, ids: torch.Tensor, new_tokens: int) -> Recorded:
     B, N = ids.shape
     prepare_for_inference(model, B)
     t0 = time.perf_counter()
-    kv = make_cache("static", model.cfg, B, N + new_tokens, ids.device, model.wte.weight.dtype)
+    kv = make_cache("static", model.cfg, B, N + new_tokens, ids.device, _dtype(model))
     calls: list[tuple[torch.nn.Module, tuple, dict]] = []
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -137,9 +138,18 @@ def _swap(value: Any, old: KVCache, new: KVCache, n: int, upto: int) -> Any:
 
 @torch.inference_mode()
 def replay(rec: Recorded, cache: KVCache, upto: int | None = None) -> None:
-    """Write the recorded prefill of the first `upto` positions (all: None) into `cache`, as a real prefill would."""
+    """Write the recorded prefill of the first `upto` positions (all: None) into `cache`, as a real prefill would.
+
+    A layout that scores by attention (`needs_attention`) gets the attention modules called again with their
+    recorded inputs, so that `attend` hands it the same attention weights; any other layout only ever sees
+    `update` during a prefill, so it is given the keys and values the static cache received, layer by layer."""
     n = rec.ids.shape[1]
     upto = n if upto is None else upto
+    if not cache.needs_attention:
+        for layer in range(rec.cache.cfg.n_layer):
+            k, v = rec.cache.layer_kv(layer)  # (B, nkv, >= n, hd): what the prefill wrote
+            cache.update(layer, k[:, :, :upto], v[:, :, :upto], 0)
+        return
     for module, args, kwargs in rec.calls:
         module(
             *(_swap(a, rec.cache, cache, n, upto) for a in args),
@@ -156,7 +166,7 @@ def replayed_answer(
     `kvlib.measure.passkey.answer` without running the prefill again (its time excludes the prefill)."""
     B, N = rec.ids.shape
     t0 = time.perf_counter()
-    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, model.wte.weight.dtype, **options)
+    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, _dtype(model), **options)
     if question_aware or not evicts(cache):
         replay(rec, kv)
         logits = rec.logits
@@ -170,6 +180,7 @@ def replayed_answer(
 # ---- the grid ------------------------------------------------------------------------------------------------------
 
 
+@torch.inference_mode()
 def retrieval_grid(
     model: Any,
     tokenizer: Any,
@@ -185,57 +196,62 @@ def retrieval_grid(
 ) -> pd.DataFrame:
     """One row per (depth, key, policy, budget, setting): the continuation and whether the key was retrieved.
 
-    `policies`: (layout, options without the budget); a layout that does not evict is the full-cache reference
+    `policies`: (layout, options without the budget); a layout that does not evict is a full-cache reference
     (one row per prompt, setting "no eviction", budget = the prompt's length). Budgets are fractions of the prompt's
-    tokens. Prompts of one depth go `batch` at a time; each batch is prefilled once (`record_prefill`) and replayed
-    into every layout. time_s is the replay, question and decoding per prompt (the shared prefill: prefill_s)."""
+    tokens. Prompts (of every depth and key: they all have the same length and question) go `batch` at a time;
+    each batch is prefilled once (`record_prefill`) and replayed into every layout, the static cache's own answers
+    decoded from the recording cache itself. time_s is the replay, question and decoding per prompt (the shared
+    prefill: prefill_s)."""
     n_tokens = builder.n_tokens
     rows = []
-    for depth in depths:
-        prompts = [builder.prompt(depth, k) for k in keys]
-        for b in range(0, len(prompts), batch):
-            chunk = prompts[b : b + batch]
-            ids = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=next(model.parameters()).device)
-            rec = record_prefill(model, ids, new_tokens)
-            runs = []
-            for cache, opts in policies:
-                if not evicts(cache):
-                    runs.append((cache, opts, 1.0, NO_SETTING))
-                    continue
-                runs += [(cache, opts, f, s) for f in budget_fractions for s in settings]
-            for cache, opts, frac, setting in runs:
-                if evicts(cache):
-                    options = budget_options(cache, dict(opts), max(1, round(frac * n_tokens)))
-                    ans = replayed_answer(
-                        model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
-                    )
-                else:
-                    options = dict(opts)
-                    ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
-                budget = held_budget(cache, options)
-                for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
-                    text = tokenizer.decode(t, skip_special_tokens=True)
-                    rows.append(
-                        {
-                            "depth": depth,
-                            "actual_depth": round(p.actual_depth, 4),
-                            "key": p.key,
-                            "cache": cache,
-                            "policy": policy_label(cache, options),
-                            "options": " ".join(f"{k}={v}" for k, v in options.items()),
-                            "budget": budget if budget is not None else n_tokens,
-                            "budget_fraction": frac,
-                            "setting": setting,
-                            "continuation": text,
-                            "retrieved": int(retrieved(text, p.key)),
-                            "kv_bytes_held": ans.kv_bytes_held // len(chunk),
-                            "time_s": ans.time_s / len(chunk),
-                            "prefill_s": rec.time_s / len(chunk),
-                        }
-                    )
-            if progress is not None:
-                progress(f"depth {depth:g}, keys {b + 1}-{b + len(chunk)} of {len(keys)}: {len(runs)} layouts")
-            del rec
+    prompts = [builder.prompt(depth, k) for depth in depths for k in keys]
+    for b in range(0, len(prompts), batch):
+        chunk = prompts[b : b + batch]  # every prompt has n_tokens tokens and the same question: one batch
+        ids = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=next(model.parameters()).device)
+        rec = record_prefill(model, ids, new_tokens)
+        runs = []
+        for cache, opts in policies:
+            if not evicts(cache):
+                runs.append((cache, opts, 1.0, NO_SETTING))
+                continue
+            runs += [(cache, opts, f, s) for f in budget_fractions for s in settings]
+        for cache, opts, frac, setting in runs:
+            if evicts(cache):
+                options = budget_options(cache, dict(opts), max(1, round(frac * n_tokens)))
+                ans = replayed_answer(
+                    model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
+                )
+            elif cache == "static":  # the recording cache is the full cache: decode from it
+                options, t0 = dict(opts), time.perf_counter()
+                out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
+                ans = Answers(out, kv_bytes(rec.cache), time.perf_counter() - t0, rec.cache)
+            else:
+                options = dict(opts)
+                ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
+            budget = held_budget(cache, options)
+            for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
+                text = tokenizer.decode(t, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "depth": p.depth,
+                        "actual_depth": round(p.actual_depth, 4),
+                        "key": p.key,
+                        "cache": cache,
+                        "policy": policy_label(cache, options),
+                        "options": " ".join(f"{k}={v}" for k, v in options.items()),
+                        "budget": budget if budget is not None else n_tokens,
+                        "budget_fraction": frac,
+                        "setting": setting,
+                        "continuation": text,
+                        "retrieved": int(retrieved(text, p.key)),
+                        "kv_bytes_held": ans.kv_bytes_held // len(chunk),
+                        "time_s": ans.time_s / len(chunk),
+                        "prefill_s": rec.time_s / len(chunk),
+                    }
+                )
+        if progress is not None:
+            progress(f"prompts {b + 1}-{b + len(chunk)} of {len(prompts)}: prefilled once, {len(runs)} layouts")
+        del rec
     return pd.DataFrame(rows)
 
 
@@ -267,14 +283,18 @@ def perplexity_rows(
     on `ids` (1, N); "streaming" keeps exactly the window layout's tokens (tests/test_eviction.py), so it is
     measured as the window with window = budget - sink. The other eviction layouts have no mask for the one-pass
     method (what they keep depends on the attention), so they run token by token through the layout itself on
-    the shorter `token_ids` (1, M), against the full cache's perplexity on the same M tokens. Returns one row per
+    the shorter `token_ids` (1, M), against the full cache's perplexity on the same M tokens. A model other than
+    Llama's architecture has no one-pass method: everything then runs token by token on `token_ids`. Returns one row per
     (policy, budget fraction) with the method, tokens, perplexity and the change against the full cache (%)."""
     from kvlib.measure.perplexity import perplexity
 
-    full = {"fast": perplexity(model, ids, "static", {}, "fast").perplexity}
-    full["token"] = perplexity(model, token_ids, "static", {}, "fast").perplexity
+    one_pass = "fast" if model.cfg.arch == "llama" else "token"  # the one-pass method is Llama's only
+    if one_pass == "token":
+        ids = token_ids
+    full = {"fast": perplexity(model, ids, "static", {}, one_pass).perplexity}
+    full["token"] = perplexity(model, token_ids, "static", {}, one_pass).perplexity
     rows = [
-        {"policy": FULL, "cache": "static", "budget_fraction": 1.0, "method": "fast", "tokens": ids.shape[1],
+        {"policy": FULL, "cache": "static", "budget_fraction": 1.0, "method": one_pass, "tokens": ids.shape[1],
          "budget": ids.shape[1], "perplexity": full["fast"], "ppl_change_pct": 0.0},
     ]  # fmt: skip
     for cache, opts in policies:
@@ -290,11 +310,12 @@ def perplexity_rows(
                 layout, lopts = "window", {"sink": sink, "window": options["budget"] - sink}
             else:
                 layout, lopts = cache, options
-            ppl = perplexity(model, text, layout, lopts, "fast" if fast else "token").perplexity
+            method = one_pass if fast else "token"
+            ppl = perplexity(model, text, layout, lopts, method).perplexity
             base = full["fast" if fast else "token"]
             rows.append(
                 {"policy": policy_label(cache, options), "cache": cache, "budget_fraction": frac,
-                 "method": "fast" if fast else "token", "tokens": n, "budget": held_budget(cache, options),
+                 "method": method, "tokens": n, "budget": held_budget(cache, options),
                  "perplexity": ppl, "ppl_change_pct": 100 * (ppl / base - 1)}
             )  # fmt: skip
     return pd.DataFrame(rows)
