@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "kvlib.measure.bench",
     "kvlib.models.generate_cli",
     "kvlib.measure.perplexity",
+    "kvlib.measure.passkey",
 )
 
 

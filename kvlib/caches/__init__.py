@@ -5,8 +5,10 @@
 - "hybrid": per layer type, a ring of sliding_window slots on sliding layers, static on full ones (hybrid.py);
   exact, for models trained with sliding windows (Gemma 3)
 - "window": attention sinks plus a sliding window, bounded memory (window.py); lossy once it slides
+- "streaming", "h2o", "tova", "snapkv", "knorm": eviction policies under one token budget (eviction.py); lossy
+  once a sequence outgrows the budget
 """
 
-from kvlib.caches import hybrid, paged, quantized, window
+from kvlib.caches import eviction, hybrid, paged, quantized, window
 
-__all__ = ["hybrid", "paged", "quantized", "window"]
+__all__ = ["eviction", "hybrid", "paged", "quantized", "window"]

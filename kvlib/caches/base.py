@@ -33,6 +33,9 @@ class CacheOverflowError(KvlibError):
 class KVCache(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # lossy layouts (quantized, windowed) set False and report their error instead
+    # Eviction policies that score keys by the attention they receive (kvlib.caches.eviction) set True: attend then
+    # hands them the attention weights after each write. False costs nothing (one attribute read per layer).
+    needs_attention: ClassVar[bool] = False
 
     def __init__(
         self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
@@ -83,6 +86,15 @@ class KVCache(ABC):
     @abstractmethod
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored keys and values of `layer`, filled slots only, as (B, n_kv_head, T, head_dim)."""
+
+    def visible_mask(self, layer: int, mask: torch.Tensor, n_head: int) -> torch.Tensor:
+        """The attention mask over the keys the last `update` of `layer` returned, from `mask` (B or 1, 1, T,
+        slots) over cache slots, for a layout that returns fewer keys than slots written. Layouts that cannot say
+        which slot each returned key holds raise a KvlibError (this default)."""
+        raise KvlibError(
+            f"{self.name} cache returned fewer keys than the {mask.shape[-1]} slots written: it cannot be used "
+            "with left padding (attention_mask) or a multi-token write after the prompt"
+        )
 
 
 def refuse_on_hybrid(cls: type[KVCache], cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 `attend` stores this call's keys and values in the cache and attends over everything the cache returns; it is
 where a KV cache enters the computation. `attention_mask` builds the mask for T queries at explicit cache slots.
+`attention_received` computes the attention weights that the eviction policies (kvlib.caches.eviction) score by.
 
 Shapes: B batch, T new positions in this call, S positions visible to attention (cached + new), nh / nkv query /
 key-value heads, hd head_dim.
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from kvlib.caches.base import KVCache
-from kvlib.errors import KvlibError
 from kvlib.models.fastpath import one_query_attention
 
 
@@ -51,24 +51,70 @@ def attend(
     start: int,
     mask: torch.Tensor | None,
     is_causal: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (B, nh, T, hd) over this call's k, v (B, nkv, T, hd) and, with a cache,
-    every earlier key and value; returns (B, nh, T, hd).
+    every earlier key and value; returns (B, nh, T, hd). `scale` multiplies q k^T (None: 1/sqrt(hd)).
 
     Keys arrive with their positions already applied (GPT-2 added them to the input; Llama rotated them), so the
     cache stores them as they are and never needs to know about positions.
+
+    A cache whose `needs_attention` is set (the eviction policies of kvlib.caches.eviction: H2O, TOVA, SnapKV)
+    is then shown the attention its keys received (`attention_received`, the same scale and mask) through
+    `cache.observe`; for every other layout this costs one attribute read.
     """
     if cache is not None:
         # The whole point of the study: store this step's keys/values, attend over all of them.
         k, v = cache.update(layer, k, v, start)  # (B, nkv, S, hd)
-    if mask is not None and mask.shape[-1] != k.shape[2]:
-        # A layout that keeps fewer keys than slots (a window with sinks) cannot say which kept key is padding.
-        raise KvlibError(
-            f"{cache.name} cache returned {k.shape[2]} of {mask.shape[-1]} keys: it cannot be used with "
-            "left padding (attention_mask) or a multi-token write after the prompt"
-        )
-    if q.shape[2] == 1 and q.is_cpu and q.dtype != torch.float32:
-        return one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
-    )  # (B, nh, T, hd)
+        if mask is not None and mask.shape[-1] != k.shape[2]:
+            # A layout that keeps fewer keys than slots (eviction) maps the mask onto the keys it kept, or raises.
+            mask = cache.visible_mask(layer, mask, q.shape[1])  # (B, nh, T, S)
+    one_query = q.shape[2] == 1 and q.is_cpu and q.dtype != torch.float32 and scale is None
+    if one_query and (mask is None or mask.shape[1] == 1):  # its mask is shared by the heads; its scale 1/sqrt(hd)
+        y = one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)
+    else:
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )  # (B, nh, T, hd)
+    if cache is not None and cache.needs_attention:
+        n = cache.observed_queries(layer)
+        cache.observe(layer, attention_received(q, k, mask, is_causal, scale, n) if n else None)
+    return y
+
+
+def attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    n_queries: int,
+    block_elems: int = 1 << 24,
+) -> torch.Tensor:
+    """Attention each key received from the last `n_queries` queries: softmax(q k^T * scale) with the mask
+    attention used, summed over those queries and over the query heads sharing each key-value head.
+
+    q (B, nh, T, hd); k (B, nkv, S, hd); mask None or bool (B or 1, 1 or nh, T, S), True where visible;
+    `is_causal` (a fresh prefill: S == T) masks key j for query i when j > i. scale None: 1/sqrt(hd), as SDPA.
+    Returns (B, nkv, S) float32. Computed in blocks of queries of at most `block_elems` scores (memory bound).
+    """
+    B, nh, T, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    g = nh // nkv
+    scale = hd**-0.5 if scale is None else scale
+    kf = k.float()[:, :, None]  # (B, nkv, 1, S, hd)
+    out = torch.zeros(B, nkv, S, dtype=torch.float32, device=q.device)
+    rows = max(1, block_elems // max(1, B * nh * S))
+    for r0 in range(T - n_queries, T, rows):
+        r1 = min(r0 + rows, T)
+        qb = q[:, :, r0:r1].float().reshape(B, nkv, g, r1 - r0, hd)  # head h is in group h // g, as SDPA's GQA
+        s = (qb @ kf.transpose(-1, -2)) * scale  # (B, nkv, g, b, S)
+        if mask is not None:
+            mb = mask[:, :, r0:r1]
+            mb = mb[:, :, None] if mb.shape[1] == 1 else mb.reshape(mb.shape[0], nkv, g, r1 - r0, S)
+            s = s.masked_fill(~mb, float("-inf"))
+        elif is_causal:
+            q_at = torch.arange(r0, r1, device=q.device)[:, None] + (S - T)  # (b, 1)
+            s = s.masked_fill(torch.arange(S, device=q.device)[None, :] > q_at, float("-inf"))
+        out += s.softmax(dim=-1).sum(dim=(2, 3))
+    return out

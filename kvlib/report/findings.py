@@ -13,6 +13,7 @@ Notebooks the module does not know (a new 08_...) contribute their headline rows
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -254,6 +255,44 @@ def window(out: Path) -> Finding | None:
     )
 
 
+def passkey_retrieval(out: Path) -> Finding | None:
+    """09: pass-key retrieval under eviction at the smallest budget, both question settings, against the full cache;
+    whether perplexity's ranking of the policies predicted it. Left out for random weights (not a headline)."""
+    from kvlib.study.passkey import verdict
+
+    h = _headline(out, "09")
+    if str(h.loc["full_cache_retrieval", "headline"]).lower() not in ("true", "1"):
+        return None  # random weights: no finding
+    acc = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
+    ppl = pd.read_csv(out / "data" / "09_perplexity.csv")
+    tokens = json.loads((out / "data" / "09_meta.json").read_text())["tokens"]
+    full = acc[acc["setting"] == "no eviction"].iloc[0]
+    ev = acc[acc["setting"] != "no eviction"]
+    b = ev["budget_fraction"].min()
+    parts = []
+    for setting, how in (("question-after", "when the question came after compression"),
+                         ("question-aware", "when the policy saw the question")):  # fmt: skip
+        s = ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)]
+        if len(s):
+            top = s.sort_values(["accuracy_pct", "policy"], ascending=[False, True]).iloc[0]
+            parts.append(f"<b>{int(top['retrieved'])}/{int(top['n'])}</b> {how} ({top['policy']})")
+    if not parts:
+        return None
+    _, rho = verdict(acc, ppl, "question-after")
+    pred = (
+        ""
+        if rho is None
+        else f"; perplexity's ranking of the policies {'predicted' if rho <= -0.5 else '<b>did not predict</b>'} "
+        f"retrieval (rank correlation {rho:+.2f}, question-after)"
+    )
+    return Finding(
+        f"Evicting down to {100 * b:g}% of a {tokens}-token prompt, the best policy retrieved "
+        f"{' and '.join(parts)} of the pass keys, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> for the "
+        f"full cache{pred}.",
+        "09_what_a_cache_forgets",
+    )
+
+
 KNOWN: dict[str, tuple[Callable[[Path], Finding | None], ...]] = {
     "02": (speedup,),
     "03": (hf_speedup,),
@@ -261,6 +300,7 @@ KNOWN: dict[str, tuple[Callable[[Path], Finding | None], ...]] = {
     "05": (batching,),
     "06": (prompt_advantage,),
     "07": (paged_waste, quantized, window),
+    "09": (passkey_retrieval,),
 }
 _MISSING = (FileNotFoundError, KeyError, ValueError, IndexError, ZeroDivisionError, TypeError)
 

@@ -1,0 +1,436 @@
+"""Notebook 09's grid: pass-key retrieval under every eviction policy and budget, in both question settings, beside
+the perplexity of the same policies at the same budget, and the published figures (marked as theirs).
+
+Sharing the prefill. Every layout prefills a prompt attending to all of it (the layouts' contract: the prompt's own
+keys at full length, compression after), so the prefill's computation is the same for every layout and budget;
+only what the cache keeps differs. `record_prefill` therefore runs each batch of prompts once through a static
+cache, recording the inputs of every module that wrote to the cache (the attention modules), and `replay` calls
+those modules again, in order, with the same inputs and a fresh cache of another layout: the layout sees exactly
+the writes (and, for the policies that score by attention, exactly the attention) of a real prefill, at a fraction
+of its cost (no MLPs, no norms, no LM head). For question-after, the replay stops at the end of the context
+(attention is causal, so the context's part of the prompt's prefill is the context's own prefill), and the question
+runs through the model as a second chunk. tests/test_passkey.py checks that replayed answers equal
+`kvlib.measure.passkey.answer`'s, token for token, with the same keys and values kept: bit for bit for a whole
+prompt; for question-after up to float rounding (the context's rows of a longer prefill sum in another order than
+the context's own prefill), so a near-tie between two tokens or two kept keys could, rarely, go the other way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from kvlib.caches.base import KVCache, make_cache
+from kvlib.measure.passkey import (
+    NO_SETTING,
+    SETTINGS,
+    Answers,
+    _dtype,
+    budget_options,
+    decode_answer,
+    evicts,
+    held_budget,
+    kv_bytes,
+    question_chunk,
+    retrieved,
+    wilson,
+)
+
+FULL = "full (static)"
+# The published figures the study compares with, as issue 16 states them; none is measured here.
+THEIRS = pd.DataFrame(
+    [
+        # kvpress 0.5.5 (NVIDIA), SmolLM2-135M on CPU, 1024 tokens, question-agnostic (the context is compressed
+        # before the question), compression ratio 0.25 (a quarter of the context removed: 75% kept), 9 prompts.
+        ("kvpress", "full cache", "question-after", 1.0, 7, 9),
+        ("kvpress", "knorm", "question-after", 0.75, 6, 9),
+        ("kvpress", "expected attention", "question-after", 0.75, 3, 9),
+        ("kvpress", "streaming", "question-after", 0.75, 0, 9),
+        ("kvpress", "snapkv", "question-after", 0.75, 0, 9),
+    ],
+    columns=["source", "policy", "setting", "kept_fraction", "retrieved", "n"],
+)
+THEIRS_NOTES = (
+    "kvpress 0.5.5 (issue 16's run: SmolLM2-135M, 1024 tokens, 3 keys x 3 depths, question-agnostic): at "
+    "compression ratios 0.5 and 0.75 nearly every policy scored 0/9 (no exact counts given).",
+    "SnapKV (Li et al. 2024), on large models with the question inside its observation window: little loss at "
+    "strong compression (a claim without a number comparable here).",
+    "H2O (Zhang et al. 2023): issue 16 states no figure for it.",
+)
+# Issue 16's perplexity of 4096 tokens of the novel with SmolLM2 (Hugging Face): full 17.2, window only 256 tokens
+# 35.7, 4 sinks + 252 recent 20.0 (a budget of 256 / 4096 = 6.25%).
+THEIRS_PPL = pd.DataFrame(
+    [("issue 16 (HF, 4096 tokens)", "window only", 256 / 4096, 35.7 / 17.2 * 100 - 100),
+     ("issue 16 (HF, 4096 tokens)", "streaming", 256 / 4096, 20.0 / 17.2 * 100 - 100)],
+    columns=["source", "policy", "kept_fraction", "ppl_change_pct"],
+)  # fmt: skip
+
+
+def policy_label(cache: str, options: dict[str, Any] | None = None) -> str:
+    """How figures name a policy; the names keep the study's colours (kvlib.study.plotting): the full cache is the
+    static layout's colour, StreamingLLM the window's."""
+    options = options or {}
+    if not evicts(cache):
+        return FULL if cache == "static" else f"full ({cache})"
+    if cache in ("streaming", "window"):
+        return f"{cache} ({options.get('sink', 4)} sinks + window)"
+    return cache
+
+
+# ---- one prefill, replayed into every layout -----------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    """One prefill of `ids` (B, N) through a static cache: each cache-writing module's inputs, in call order."""
+
+    ids: torch.Tensor  # (B, N)
+    calls: list[tuple[torch.nn.Module, tuple, dict]]
+    logits: torch.Tensor  # (B, V): the prefill's last-position logits (identical for every layout)
+    cache: KVCache  # the static cache it filled (room for N + new_tokens)
+    time_s: float
+
+
+def _innermost(calls: list[tuple[torch.nn.Module, tuple, dict]]) -> list[tuple[torch.nn.Module, tuple, dict]]:
+    """The calls of modules none of whose submodules also wrote to the cache (the attention modules, not the blocks
+    or the model around them)."""
+    mods = {id(m) for m, _, _ in calls}
+    return [c for c in calls if not any(id(s) in mods for s in c[0].modules() if s is not c[0])]
+
+
+@torch.inference_mode()
+def record_prefill(model: Any, ids: torch.Tensor, new_tokens: int) -> Recorded:
+    """Prefill `ids` (B, N) through a static cache, recording the inputs of every module called with the cache."""
+    from kvlib.models.fastpath import prepare_for_inference
+
+    B, N = ids.shape
+    prepare_for_inference(model, B)
+    t0 = time.perf_counter()
+    kv = make_cache("static", model.cfg, B, N + new_tokens, ids.device, _dtype(model))
+    calls: list[tuple[torch.nn.Module, tuple, dict]] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if any(a is kv for a in (*args, *kwargs.values())):
+            calls.append((module, args, kwargs))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        positions = torch.arange(N, device=ids.device).expand(B, N)
+        logits = model(ids, positions, kv, 0)[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    return Recorded(ids, _innermost(calls), logits, kv, time.perf_counter() - t0)
+
+
+def _swap(value: Any, old: KVCache, new: KVCache, n: int, upto: int) -> Any:
+    """A recorded input for the replay: the cache swapped, a tensor along the sequence (dim 1 of length n) cut."""
+    if value is old:
+        return new
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n and upto < n:
+        return value[:, :upto]
+    return value
+
+
+@torch.inference_mode()
+def replay(rec: Recorded, cache: KVCache, upto: int | None = None) -> None:
+    """Write the recorded prefill of the first `upto` positions (all: None) into `cache`, as a real prefill would.
+
+    A layout that scores by attention (`needs_attention`) gets the attention modules called again with their
+    recorded inputs, so that `attend` hands it the same attention weights; any other layout only ever sees
+    `update` during a prefill, so it is given the keys and values the static cache received, layer by layer."""
+    n = rec.ids.shape[1]
+    upto = n if upto is None else upto
+    if not cache.needs_attention:
+        for layer in range(rec.cache.cfg.n_layer):
+            k, v = rec.cache.layer_kv(layer)  # (B, nkv, >= n, hd): what the prefill wrote
+            cache.update(layer, k[:, :, :upto], v[:, :, :upto], 0)
+        return
+    for module, args, kwargs in rec.calls:
+        module(
+            *(_swap(a, rec.cache, cache, n, upto) for a in args),
+            **{k: _swap(v, rec.cache, cache, n, upto) for k, v in kwargs.items()},
+        )
+
+
+@torch.inference_mode()
+def replayed_answer(
+    model: Any, rec: Recorded, context_len: int, cache: str, options: dict[str, Any], question_aware: bool,
+    new_tokens: int,
+) -> Answers:  # fmt: skip
+    """The greedy continuations of the recorded prompts through a fresh cache of the named layout:
+    `kvlib.measure.passkey.answer` without running the prefill again (its time excludes the prefill)."""
+    B, N = rec.ids.shape
+    t0 = time.perf_counter()
+    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, _dtype(model), **options)
+    if question_aware or not evicts(cache):
+        replay(rec, kv)
+        logits = rec.logits
+    else:
+        replay(rec, kv, context_len)
+        logits = question_chunk(model, kv, rec.ids, context_len, cache)
+    out = decode_answer(model, kv, logits, N, new_tokens)
+    return Answers(out, kv_bytes(kv), time.perf_counter() - t0, kv)
+
+
+# ---- the grid ------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def retrieval_grid(
+    model: Any,
+    tokenizer: Any,
+    builder: Any,
+    depths: list[float],
+    keys: list[int],
+    policies: list[tuple[str, dict[str, Any]]],
+    budget_fractions: list[float],
+    settings: list[str] = SETTINGS,
+    new_tokens: int = 8,
+    batch: int = 3,
+    progress: Any = None,
+) -> pd.DataFrame:
+    """One row per (depth, key, policy, budget, setting): the continuation and whether the key was retrieved.
+
+    `policies`: (layout, options without the budget); a layout that does not evict is a full-cache reference
+    (one row per prompt, setting "no eviction", budget = the prompt's length). Budgets are fractions of the prompt's
+    tokens. Prompts (of every depth and key: they all have the same length and question) go `batch` at a time;
+    each batch is prefilled once (`record_prefill`) and replayed into every layout, the static cache's own answers
+    decoded from the recording cache itself. time_s is the replay, question and decoding per prompt (the shared
+    prefill: prefill_s)."""
+    n_tokens = builder.n_tokens
+    rows = []
+    prompts = [builder.prompt(depth, k) for depth in depths for k in keys]
+    for b in range(0, len(prompts), batch):
+        chunk = prompts[b : b + batch]  # every prompt has n_tokens tokens and the same question: one batch
+        ids = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=next(model.parameters()).device)
+        rec = record_prefill(model, ids, new_tokens)
+        runs = []
+        for cache, opts in policies:
+            if not evicts(cache):
+                runs.append((cache, opts, 1.0, NO_SETTING))
+                continue
+            runs += [(cache, opts, f, s) for f in budget_fractions for s in settings]
+        for cache, opts, frac, setting in runs:
+            if evicts(cache):
+                options = budget_options(cache, dict(opts), max(1, round(frac * n_tokens)))
+                ans = replayed_answer(
+                    model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
+                )
+            elif cache == "static":  # the recording cache is the full cache: decode from it
+                options, t0 = dict(opts), time.perf_counter()
+                out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
+                ans = Answers(out, kv_bytes(rec.cache), time.perf_counter() - t0, rec.cache)
+            else:
+                options = dict(opts)
+                ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
+            budget = held_budget(cache, options)
+            for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
+                text = tokenizer.decode(t, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "depth": p.depth,
+                        "actual_depth": round(p.actual_depth, 4),
+                        "key": p.key,
+                        "cache": cache,
+                        "policy": policy_label(cache, options),
+                        "options": " ".join(f"{k}={v}" for k, v in options.items()),
+                        "budget": budget if budget is not None else n_tokens,
+                        "budget_fraction": frac,
+                        "setting": setting,
+                        "continuation": text,
+                        "retrieved": int(retrieved(text, p.key)),
+                        "kv_bytes_held": ans.kv_bytes_held // len(chunk),
+                        "time_s": ans.time_s / len(chunk),
+                        "prefill_s": rec.time_s / len(chunk),
+                    }
+                )
+        if progress is not None:
+            progress(f"prompts {b + 1}-{b + len(chunk)} of {len(prompts)}: prefilled once, {len(runs)} layouts")
+        del rec
+    return pd.DataFrame(rows)
+
+
+def accuracy(
+    grid: pd.DataFrame, by: tuple[str, ...] = ("policy", "cache", "budget_fraction", "setting")
+) -> pd.DataFrame:
+    """Retrieval accuracy per group with its 95% Wilson interval: retrieved, n, accuracy_pct, low_pct, high_pct."""
+    g = grid.groupby(list(by), sort=False, dropna=False)["retrieved"].agg(retrieved="sum", n="count").reset_index()
+    lo_hi = [wilson(int(k), int(n)) for k, n in zip(g["retrieved"], g["n"], strict=True)]
+    g["accuracy_pct"] = 100 * g["retrieved"] / g["n"]
+    g["low_pct"] = [100 * lo for lo, _ in lo_hi]
+    g["high_pct"] = [100 * hi for _, hi in lo_hi]
+    return g
+
+
+# ---- perplexity of the same policies -------------------------------------------------------------------------------
+
+
+def perplexity_rows(
+    model: Any,
+    ids: torch.Tensor,
+    token_ids: torch.Tensor,
+    policies: list[tuple[str, dict[str, Any]]],
+    budget_fractions: list[float],
+) -> pd.DataFrame:
+    """Perplexity of the same policies at the same budget fractions, through kvlib.measure.perplexity.
+
+    The full cache and the window layout go through the one-pass method ("fast", proven equal to the token method)
+    on `ids` (1, N); "streaming" keeps exactly the window layout's tokens (tests/test_eviction.py), so it is
+    measured as the window with window = budget - sink. The other eviction layouts have no mask for the one-pass
+    method (what they keep depends on the attention), so they run token by token through the layout itself on
+    the shorter `token_ids` (1, M), against the full cache's perplexity on the same M tokens. A model other than
+    Llama's architecture has no one-pass method: everything then runs token by token on `token_ids`. Returns one row per
+    (policy, budget fraction) with the method, tokens, perplexity and the change against the full cache (%)."""
+    from kvlib.measure.perplexity import perplexity
+
+    one_pass = "fast" if model.cfg.arch == "llama" else "token"  # the one-pass method is Llama's only
+    if one_pass == "token":
+        ids = token_ids
+    full = {"fast": perplexity(model, ids, "static", {}, one_pass).perplexity}
+    full["token"] = perplexity(model, token_ids, "static", {}, one_pass).perplexity
+    rows = [
+        {"policy": FULL, "cache": "static", "budget_fraction": 1.0, "method": one_pass, "tokens": ids.shape[1],
+         "budget": ids.shape[1], "perplexity": full["fast"], "ppl_change_pct": 0.0},
+    ]  # fmt: skip
+    for cache, opts in policies:
+        if not evicts(cache):
+            continue
+        fast = cache in ("window", "streaming")
+        text = ids if fast else token_ids
+        for frac in budget_fractions:
+            n = text.shape[1]
+            options = budget_options(cache, dict(opts), max(1, round(frac * n)))
+            if cache == "streaming":  # the same kept tokens as the window layout
+                sink = options.get("sink", 4)
+                layout, lopts = "window", {"sink": sink, "window": options["budget"] - sink}
+            else:
+                layout, lopts = cache, options
+            method = one_pass if fast else "token"
+            ppl = perplexity(model, text, layout, lopts, method).perplexity
+            base = full["fast" if fast else "token"]
+            rows.append(
+                {"policy": policy_label(cache, options), "cache": cache, "budget_fraction": frac,
+                 "method": method, "tokens": n, "budget": held_budget(cache, options),
+                 "perplexity": ppl, "ppl_change_pct": 100 * (ppl / base - 1)}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def check_grid(
+    cfg: Any, policies: list[tuple[str, dict[str, Any]]], fractions: list[float], lengths: list[int]
+) -> None:
+    """Refuse, before any work, a policy and budget a layout cannot serve at one of the prompt `lengths`
+    (SnapKV's observation window above the budget, sinks filling it): the layout's own one-line KvlibError."""
+    for cache, opts in policies:
+        for n in lengths:
+            for frac in fractions if evicts(cache) else [1.0]:
+                options = budget_options(cache, dict(opts), max(1, round(frac * n))) if evicts(cache) else dict(opts)
+                try:
+                    make_cache(cache, cfg, 1, 2, "cpu", torch.float32, **options)
+                except Exception as e:
+                    raise type(e)(f"{e} (policy {cache}, budget {frac:g} of {n} tokens)") from None
+
+
+# ---- what the figure and the sentence say ------------------------------------------------------------------------
+
+
+def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) -> tuple[str, float | None]:
+    """Whether perplexity predicted retrieval here, in one sentence computed from the data, and the rank
+    correlation behind it (Spearman's rho as the Pearson correlation of ranks, over every (policy, budget) pair
+    measured both ways; None when fewer than 3 pairs or one side does not vary). A perfect predictor has rho = -1
+    (the smaller the perplexity change, the more keys retrieved); "predicted" needs rho <= -0.5."""
+    ours = acc[(acc["setting"] == setting)][["policy", "budget_fraction", "accuracy_pct", "retrieved", "n"]]
+    both = ours.merge(ppl[["policy", "budget_fraction", "ppl_change_pct"]], on=["policy", "budget_fraction"])
+    both = both.dropna(subset=["ppl_change_pct"])
+    full = acc[acc["setting"] == NO_SETTING]
+    full_text = f"{int(full['retrieved'].sum())}/{int(full['n'].sum())}" if len(full) else "n/a"
+    if len(both) == 0:
+        return f"No policy was measured both ways in the {setting} setting.", None
+    best = both.sort_values(["ppl_change_pct", "policy"]).iloc[0]
+    best_text = (
+        f"the policy perplexity rates best, {best['policy']} at {100 * best['budget_fraction']:g}% "
+        f"({best['ppl_change_pct']:+.1f}% perplexity), retrieved {int(best['retrieved'])}/{int(best['n'])} keys "
+        f"against the full cache's {full_text}"
+    )
+    rho = None
+    if len(both) >= 3 and both["ppl_change_pct"].nunique() > 1 and both["accuracy_pct"].nunique() > 1:
+        rho = float(both["ppl_change_pct"].rank().corr(both["accuracy_pct"].rank()))
+    if rho is None:
+        same = both["accuracy_pct"].nunique() == 1
+        why = (
+            f"retrieval was {both['accuracy_pct'].iloc[0]:.0f}% for every policy and budget, so there was no "
+            "ordering for perplexity to predict"
+            if same
+            else f"too few policy-budget pairs ({len(both)}) to rank"
+        )
+        return f"Perplexity could not be tested as a predictor of retrieval here ({setting}): {why}; {best_text}.", None
+    predicted = rho <= -0.5
+    return (
+        f"Perplexity {'predicted' if predicted else '**did not predict**'} retrieval here ({setting}): over "
+        f"{len(both)} policy-budget pairs, the rank correlation between perplexity change and keys retrieved is "
+        f"{rho:+.2f} (a perfect predictor gives −1); {best_text}. Each accuracy rests on {int(both['n'].min())} "
+        "prompts, so its 95% Wilson interval is wide.",
+        rho,
+    )
+
+
+def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
+    """Left: perplexity change against budget; right: retrieval accuracy (95% Wilson interval) against budget,
+    solid question-aware, dashed question-after; the full cache a horizontal line; published figures as grey
+    crosses labelled "theirs". One legend for both panels: colours are policies, line styles settings."""
+    from matplotlib.lines import Line2D
+
+    from kvlib.study import plotting
+
+    fig, (left, right) = plotting.figure(ncols=2, width=5.5, height=4.5, title=title)
+    palette, order = plotting.colors([*ppl["policy"].unique(), *acc["policy"].unique()])
+    for policy in order:
+        d = ppl[(ppl["policy"] == policy) & (ppl["policy"] != FULL)].sort_values("budget_fraction")
+        if len(d):
+            left.plot(100 * d["budget_fraction"], d["ppl_change_pct"], marker="o", color=palette[policy])
+    left.axhline(0, color=palette.get(FULL, "grey"), linewidth=1.5)
+    left.scatter(100 * THEIRS_PPL["kept_fraction"], THEIRS_PPL["ppl_change_pct"], marker="x", color="grey")
+    for r in THEIRS_PPL.itertuples():
+        left.annotate(f"theirs: {r.policy}", (100 * r.kept_fraction, r.ppl_change_pct), fontsize=7, color="grey",
+                      xytext=(4, 2), textcoords="offset points")  # fmt: skip
+    plotting.label(left, "What perplexity says", "cache budget (% of the context)", "perplexity change vs full (%)")
+    styles = {SETTINGS[1]: "-", SETTINGS[0]: "--"}
+    # side by side around each budget (policies, then settings), so that equal points stay visible
+    shown = [p for p in order if p in set(acc["policy"]) and p != FULL]
+    offsets = {(p, s): 0.9 * (2 * i + j - len(shown) + 0.5) for i, p in enumerate(shown) for j, s in enumerate(styles)}
+    for policy in shown:
+        for setting, ls in styles.items():
+            d = acc[(acc["policy"] == policy) & (acc["setting"] == setting)].sort_values("budget_fraction")
+            if not len(d):
+                continue
+            yerr = [d["accuracy_pct"] - d["low_pct"], d["high_pct"] - d["accuracy_pct"]]
+            right.errorbar(100 * d["budget_fraction"] + offsets[policy, setting], d["accuracy_pct"], yerr=yerr,
+                           color=palette[policy], linestyle=ls, marker="o" if ls == "-" else "s", capsize=3,
+                           alpha=0.85)  # fmt: skip
+    full = acc[acc["setting"] == NO_SETTING]
+    if len(full):
+        right.axhline(full["accuracy_pct"].iloc[0], color=palette.get(full["policy"].iloc[0], "grey"), linewidth=1.5)
+    theirs = THEIRS.assign(accuracy_pct=100 * THEIRS["retrieved"] / THEIRS["n"])
+    right.scatter(100 * theirs["kept_fraction"], theirs["accuracy_pct"], marker="x", color="grey")
+    for (x, y), g in theirs.groupby(["kept_fraction", "accuracy_pct"]):
+        names = ", ".join(g["policy"])
+        right.annotate(f"theirs: {names} {g['retrieved'].iloc[0]}/{g['n'].iloc[0]}", (100 * x, y), fontsize=7,
+                       color="grey", xytext=(-4, 4), textcoords="offset points", ha="right")  # fmt: skip
+    right.set_ylim(-5, 105)
+    plotting.label(right, "What retrieval says", "cache budget (% of the context)", "keys retrieved (%)")
+    for ax in (left, right):
+        ax.set_xlim(0, 105)
+    handles = [Line2D([], [], color=palette[p], marker="o", label=p) for p in order if p != FULL]
+    if len(full):
+        f = full.iloc[0]
+        label = f"{f['policy']} (retrieved {int(f['retrieved'])}/{int(f['n'])})"
+        handles.append(Line2D([], [], color=palette.get(f["policy"], "grey"), linewidth=1.5, label=label))
+    handles += [Line2D([], [], color="black", linestyle=ls, label=s) for s, ls in styles.items()]
+    handles.append(Line2D([], [], color="grey", marker="x", linestyle="none", label="theirs (published)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    return fig

@@ -1,0 +1,323 @@
+"""Pass-key retrieval (issue 16): the prompt builder, the Wilson interval, the command's bad input (one line, exit 2,
+CSV untouched) and its rows, and the notebook's shared prefill, which must answer exactly as the command does.
+Tiny random Llama weights and a stand-in word tokenizer; the builder is also checked with SmolLM2's tokenizer
+when its converted weights are on this machine."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from kvlib.cli import main
+from kvlib.errors import KvlibError
+from kvlib.measure.passkey import CSV_COLUMNS, answer, budget_options, retrieved, wilson
+from kvlib.models.loading import load
+from kvlib.models.prompts import (
+    PASSKEY_SENTENCE,
+    PasskeyPrompts,
+    WordTokenizer,
+    filler_sentences,
+    passkey_keys,
+)
+from kvlib.study.passkey import record_prefill, replayed_answer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _smollm2_tokenizer():
+    from kvlib.models.gguf_cache import cache_root
+
+    folders = sorted(cache_root().glob("SmolLM2-135M*")) if cache_root().is_dir() else []
+    if not folders:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folders[0])
+
+
+TOKENIZERS = {"word": lambda: WordTokenizer(512), "smollm2": _smollm2_tokenizer}
+
+
+@pytest.fixture(scope="module", params=list(TOKENIZERS))
+def tokenizer(request):
+    tok = TOKENIZERS[request.param]()
+    if tok is None:
+        pytest.skip("SmolLM2's converted tokenizer is not on this machine")
+    return tok
+
+
+# ---- the prompt builder ------------------------------------------------------------------------------------------
+
+
+def _sentence_bounds(builder: PasskeyPrompts, n_filler: int) -> set[int]:
+    """Token offsets within the filler where a whole sentence ends (and 0), as the builder tokenized them."""
+    bounds, at = {0}, 0
+    for s in builder._sentences:
+        at += len(s)
+        bounds.add(at)
+    return {b for b in bounds if b <= n_filler} | {n_filler}
+
+
+@pytest.mark.parametrize("filler", ["novel", "neutral"])
+@pytest.mark.parametrize("n_tokens", [120, 257, 1024])
+def test_prompts_have_exactly_the_tokens_asked_and_the_key_sentence_whole_at_the_asked_depth(
+    tokenizer, filler, n_tokens
+):
+    builder = PasskeyPrompts(tokenizer, n_tokens, filler)
+    longest = max(len(s) for s in builder._sentences)
+    for depth in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        for key in (10000, 54321, 99999):
+            p = builder.prompt(depth, key)
+            assert len(p.ids) == n_tokens
+            key_ids = list(tokenizer(PASSKEY_SENTENCE.format(key=key), add_special_tokens=False)["input_ids"])
+            assert p.ids[p.key_start : p.key_end] == key_ids  # the key sentence, whole, where the prompt says
+            question = list(tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"])
+            assert p.ids[p.context_len :] == question and p.key_end <= p.context_len
+            offset = p.key_start - p.filler_start
+            assert offset in _sentence_bounds(builder, p.filler_tokens)  # between two sentences, never inside one
+            # the nearest sentence boundary: within one sentence of the depth asked
+            assert abs(offset - depth * p.filler_tokens) <= longest
+            assert math.isclose(p.actual_depth, offset / p.filler_tokens)
+            if hasattr(tokenizer, "convert_ids_to_tokens"):  # a real tokenizer: the text reads as it should
+                text = tokenizer.decode(p.ids[p.key_start : p.key_end])
+                assert text.count(str(key)) == 2
+
+
+def test_depth_is_measured_in_tokens_of_the_filler(tokenizer):
+    builder = PasskeyPrompts(tokenizer, 600, "neutral")  # short sentences: the depth is met closely
+    for depth in (0.1, 0.5, 0.9):
+        p = builder.prompt(depth, 12345)
+        assert abs(p.actual_depth - depth) <= 12 / p.filler_tokens
+
+
+def test_same_seed_same_keys_other_seed_other_keys():
+    a, b = passkey_keys(10, seed=3), passkey_keys(10, seed=3)
+    assert a == b and len(a) == 10 and all(10000 <= k <= 99999 for k in a)
+    assert passkey_keys(10, seed=4) != a
+    assert passkey_keys(3, seed=3) == a[:3]  # fewer keys: the first ones of the same draw
+
+
+def test_too_few_tokens_and_bad_depths_are_refused(tokenizer):
+    builder = PasskeyPrompts(tokenizer, 200)
+    with pytest.raises(KvlibError, match="cannot hold the instruction"):
+        PasskeyPrompts(tokenizer, builder.min_tokens - 1)
+    assert len(PasskeyPrompts(tokenizer, builder.min_tokens).prompt(0.5, 12345).ids) == builder.min_tokens
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(KvlibError):
+            builder.prompt(bad, 12345)
+    with pytest.raises(KvlibError):
+        builder.prompt(0.5, 1234)  # four digits
+
+
+def test_novel_sentences_keep_abbreviations_and_dialogue_together():
+    sentences = filler_sentences("novel")
+    assert sentences[0].startswith("It is a truth universally acknowledged")
+    assert not any(s.endswith(("Mr.", "Mrs.")) for s in sentences[:500])
+    assert "“Do not you want to know who has taken it?” cried his wife, impatiently." in sentences[:20]
+    assert filler_sentences("neutral") == [
+        "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."
+    ]  # fmt: skip
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_rule_is_the_five_digits_together():
+    assert retrieved(" 12345. Remember", 12345)
+    assert not retrieved(" 1234 5", 12345)
+    assert not retrieved(" 54321", 12345)
+
+
+def test_wilson_interval_matches_its_closed_forms_and_published_values():
+    z2 = 1.959963984540054**2
+    assert wilson(0, 10) == (0.0, pytest.approx(z2 / (10 + z2)))  # 0/n: upper bound z²/(n + z²)
+    assert wilson(10, 10) == (pytest.approx(10 / (10 + z2)), pytest.approx(1.0))
+    lo, hi = wilson(7, 9)  # statsmodels proportion_confint(7, 9, method="wilson"): (0.4526, 0.9368)
+    assert lo == pytest.approx(0.4526, abs=1e-4) and hi == pytest.approx(0.9368, abs=1e-4)
+    assert all(math.isnan(x) for x in wilson(0, 0))
+    with pytest.raises(KvlibError):
+        wilson(3, 2)
+
+
+def test_budget_maps_to_each_layout():
+    assert budget_options("window", {}, 64) == {"sink": 4, "window": 60}
+    assert budget_options("window", {"sink": 0}, 64) == {"sink": 0, "window": 64}
+    assert budget_options("snapkv", {}, 64) == {"budget": 64}
+    assert budget_options("static", {}, None) == {}
+    for cache, opts, budget, msg in (
+        ("static", {}, 64, "does not evict"),
+        ("quantized", {}, 64, "does not evict"),
+        ("window", {}, 4, "must exceed the 4 sink"),
+        ("window", {"window": 10}, 64, "not both"),
+        ("streaming", {"sink": 8}, 8, "must exceed the 8 sink"),
+    ):
+        with pytest.raises(KvlibError, match=msg):
+            budget_options(cache, opts, budget)
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+BASE = ["passkey", "--model", "tiny-llama", "--weights", "random", "--tokens", "100", "--keys", "2"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--depths", "0.5,1.2"], "depths must lie in [0, 1]"),
+        (["--depths", "-0.1"], "depths must lie in [0, 1]"),
+        (["--cache", "static", "--budget", "50"], "does not evict"),
+        (["--cache", "window", "--budget", "4"], "must exceed the 4 sink"),
+        (["--cache", "streaming", "--budget", "3", "--sink", "4"], "sink"),
+        (["--cache", "h2o", "--budget", "300"], "exceeds the tiny-llama context of 256"),
+        (["--cache", "snapkv", "--budget", "16"], "observation"),
+        (["--tokens", "40"], "cannot hold the instruction"),
+        (["--tokens", "250"], "exceed the tiny-llama context"),
+        (["--cache", "window", "--positions", "cache", "--model", "tiny"], "positions='cache'"),
+        (["--cache", "none"], "not one"),
+        (["--cache", "h2o", "--bits", "4"], "bits"),
+        (["--question-aware", "--question-after"], "not allowed with"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_csv(tmp_path, capsys, extra, message):
+    out = tmp_path / "rows.csv"
+    assert main([*BASE, *extra, "--csv", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not out.exists()
+
+
+def test_bad_input_leaves_an_existing_csv_untouched(tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    assert main([*BASE, "--depths", "0.5", "--csv", str(out)]) == 0
+    before = out.read_bytes()
+    assert main([*BASE, "--tokens", "40", "--csv", str(out)]) == 2
+    assert out.read_bytes() == before
+
+
+def test_command_writes_one_tidy_row_per_depth_and_key_and_prints_accuracy(tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    args = [*BASE, "--depths", "0.2,0.8", "--cache", "streaming", "--budget", "40", "--csv", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "overall: " in text and "95% Wilson interval" in text and "setting question-after" in text
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == list(CSV_COLUMNS) and len(rows) == 4
+    assert {(r["depth"], r["key"]) for r in rows} == {
+        (d, str(k)) for d in ("0.2", "0.8") for k in passkey_keys(2, 0)
+    }  # fmt: skip
+    assert {r["setting"] for r in rows} == {"question-after"} and {r["budget"] for r in rows} == {"40"}
+    assert {r["weights"] for r in rows} == {"random"} and all(r["git_commit"] for r in rows)
+    assert main([*args[:-2], "--question-aware"]) == 0  # the same run, the other setting
+    assert "setting question-aware" in capsys.readouterr().out
+    assert main([*BASE, "--depths", "0.5", "--cache", "static", "--question-aware"]) == 0
+    assert "setting no eviction" in capsys.readouterr().out  # a layout that does not evict ignores the setting
+
+
+# ---- the notebook's shared prefill -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load("tiny-llama", weights="random", seed=0, with_hf=False).model
+
+
+LAYOUTS = [
+    ("static", {}),
+    ("dynamic", {}),
+    ("window", {"sink": 4, "window": 20}),
+    ("streaming", {"budget": 24}),
+    ("h2o", {"budget": 24}),
+    ("tova", {"budget": 24}),
+    ("snapkv", {"budget": 24, "observation": 8}),
+    ("knorm", {"budget": 24}),
+]
+
+
+@pytest.mark.parametrize("cache, options", LAYOUTS)
+@pytest.mark.parametrize("question_aware", [False, True])
+def test_replayed_prefill_answers_exactly_as_a_real_prefill(llama, cache, options, question_aware):
+    builder = PasskeyPrompts(WordTokenizer(llama.cfg.vocab_size), 96, "novel")
+    prompts = [builder.prompt(0.3, k) for k in passkey_keys(2, 1)]
+    ids = torch.tensor([p.ids for p in prompts])
+    C = prompts[0].context_len
+    real = answer(llama, ids, C, cache, options, question_aware, new_tokens=6)
+    rec = record_prefill(llama, ids, new_tokens=6)
+    assert len(rec.calls) == llama.cfg.n_layer  # the attention modules, not the blocks around them
+    replayed = replayed_answer(llama, rec, C, cache, options, question_aware, 6)
+    assert torch.equal(replayed.tokens, real.tokens)
+    assert replayed.kv_bytes_held == real.kv_bytes_held
+    # The same keys and values kept after every token: bit for bit when the replay is the whole prompt; for
+    # question-after, the context's part of a longer prefill differs from the context's own prefill by float
+    # rounding (matrix products of another length sum in another order).
+    for layer in range(llama.cfg.n_layer):
+        for a, b in zip(replayed.cache.layer_kv(layer), real.cache.layer_kv(layer), strict=True):
+            if question_aware or layer == 0:
+                assert torch.equal(a, b), (cache, layer)
+            else:
+                assert a.shape == b.shape and (a - b).abs().max() < 1e-5, (cache, layer)
+
+
+def test_report_finding_from_the_notebooks_files(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from kvlib.report.findings import findings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    acc = pd.DataFrame(
+        [("full (static)", "static", 1.0, "no eviction", 9, 9), ("h2o", "h2o", 0.25, "question-after", 1, 9),
+         ("knorm", "knorm", 0.25, "question-after", 5, 9), ("tova", "tova", 0.25, "question-after", 3, 9),
+         ("h2o", "h2o", 0.25, "question-aware", 7, 9), ("knorm", "knorm", 0.25, "question-aware", 2, 9)],
+        columns=["policy", "cache", "budget_fraction", "setting", "retrieved", "n"],
+    )  # fmt: skip
+    acc["accuracy_pct"] = 100 * acc["retrieved"] / acc["n"]
+    acc.to_csv(data / "09_accuracy.csv", index=False)
+    ppl = pd.DataFrame(  # h2o best by perplexity, worst at retrieval: perplexity did not predict
+        [("full (static)", 1.0, 0.0), ("h2o", 0.25, 1.0), ("knorm", 0.25, 9.0), ("tova", 0.25, 4.0)],
+        columns=["policy", "budget_fraction", "ppl_change_pct"],
+    )
+    ppl.to_csv(data / "09_perplexity.csv", index=False)
+    (data / "09_meta.json").write_text(json.dumps({"tokens": 1024}))
+    head = pd.DataFrame([{"metric": "full_cache_retrieval", "value": 100.0, "headline": True, "n": 1}])
+    head.to_csv(data / "09_headline.csv", index=False)
+    (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
+    assert "25% of a 1024-token prompt" in found.html
+    assert "<b>5/9</b> when the question came after compression (knorm)" in found.html
+    assert "<b>7/9</b> when the policy saw the question (h2o)" in found.html
+    assert "<b>9/9</b> for the full cache" in found.html and "<b>did not predict</b>" in found.html
+    assert "+1.00" in found.html  # ranks: perplexity 1, 3, 2 against retrieval 1, 3, 2 (fewest keys first)
+    head.assign(headline=False).to_csv(data / "09_headline.csv", index=False)  # random weights: no finding
+    assert findings(tmp_path, ["09_what_a_cache_forgets"]) == []
+
+
+def test_the_notebooks_grid_answers_as_the_command_does(llama):
+    from kvlib.study.passkey import accuracy, retrieval_grid
+
+    tok = WordTokenizer(llama.cfg.vocab_size)
+    builder = PasskeyPrompts(tok, 96, "neutral")
+    keys = passkey_keys(2, 5)
+    policies = [("static", {}), ("streaming", {}), ("tova", {})]
+    grid = retrieval_grid(llama, tok, builder, [0.2, 0.8], keys, policies, [0.5], new_tokens=5, batch=3)
+    assert len(grid) == 4 * (1 + 2 * 2)  # 4 prompts: the full cache once, each policy in both settings
+    for (cache, setting), rows in grid.groupby(["cache", "setting"]):
+        for depth in (0.2, 0.8):
+            prompts = [builder.prompt(depth, k) for k in keys]
+            ids = torch.tensor([p.ids for p in prompts])
+            opts = budget_options(cache, {}, 48) if cache != "static" else {}
+            real = answer(llama, ids, prompts[0].context_len, cache, opts, setting == "question-aware", 5)
+            got = rows[rows["depth"] == depth].sort_values("key")
+            want = sorted(zip(keys, real.tokens.tolist(), strict=True))
+            assert list(got["continuation"]) == [tok.decode(t) for _, t in want], (cache, setting, depth)
+    acc = accuracy(grid)
+    assert set(acc["n"]) == {4} and (acc["low_pct"] <= acc["accuracy_pct"]).all()
