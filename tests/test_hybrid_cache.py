@@ -130,7 +130,9 @@ def test_on_a_model_without_sliding_layers_it_is_the_static_cache(tiny):
     assert isinstance(h.cache, HybridCache) and h.cache.nbytes() == s.cache.nbytes()
 
 
-@pytest.mark.parametrize("layout", [n for n, cls in CACHE_LAYOUTS.items() if not cls.exact])
+@pytest.mark.parametrize(
+    "layout", [n for n, cls in CACHE_LAYOUTS.items() if not cls.exact and not cls.keeps_positions]
+)  # eviction policies (keeps_positions) compose: tests/test_gemma_eviction.py
 def test_lossy_layouts_refuse_a_hybrid_model_in_one_line(layout):
     with pytest.raises(KvlibError, match="sliding window of 8 keys on 3 of 4 layers") as e:
         make_cache(layout, CFG, 1, 40, "cpu", torch.float32)

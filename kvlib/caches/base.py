@@ -33,6 +33,9 @@ class CacheOverflowError(KvlibError):
 class KVCache(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # lossy layouts (quantized, windowed) set False and report their error instead
+    # True for a layout that keeps an arbitrary subset of the slots written and knows each kept key's slot (the
+    # eviction policies): a model masks by slot through `visible_mask`, so the layout composes with sliding windows
+    keeps_positions: ClassVar[bool] = False
     # Eviction policies that score keys by the attention they receive (kvlib.caches.eviction) set True: attend then
     # hands them the attention weights after each write. False costs nothing (one attribute read per layer).
     needs_attention: ClassVar[bool] = False
@@ -102,8 +105,9 @@ def refuse_on_hybrid(cls: type[KVCache], cfg: ModelConfig, options: Mapping[str,
     (they return every key at its slot, and the model masks each sliding layer's window itself); lossy ones
     (window, quantized) refuse with one line, because their kept keys are not at known slots (window) or they
     would approximate layers whose exact cache is already small (the hybrid layout keeps only the window).
-    With `options`, a window layout larger than the model's own window says so."""
-    if not cfg.is_hybrid or cls.exact:
+    Eviction policies (`keeps_positions`) compose: each kept key's slot is known, so the model still hides keys
+    outside a sliding layer's window. With `options`, a window layout larger than the model's own window says so."""
+    if not cfg.is_hybrid or cls.exact or cls.keeps_positions:
         return
     n_sliding = sum(cfg.window_of(i) is not None for i in range(cfg.n_layer))
     why = ""

@@ -54,6 +54,7 @@ class EvictionCache(KVCache):
 
     name = "eviction"
     exact = False  # lossy once a sequence outgrows the budget; exact, token for token, while it fits (tests)
+    keeps_positions = True  # each kept key's slot is known: composes with a model's own sliding windows (Gemma 3)
     needs_attention: ClassVar[bool] = False
 
     def __init__(

@@ -20,8 +20,11 @@ Caches. With a full cache (static, dynamic, paged, prefix) or none (naive) the m
 itself: a sliding layer attends only to the last sliding_window keys the cache returns (sliced, so that a decode
 step reads at most the window whatever the cache holds). With the "hybrid" layout (kvlib.caches.hybrid) a sliding
 layer's cache is a ring of sliding_window slots: it returns the slot (absolute position in the cache) of every key
-it holds, and the mask is built from those, so ring order and wrap-around change nothing. Lossy layouts refuse a
-hybrid model (kvlib.caches.base).
+it holds, and the mask is built from those, so ring order and wrap-around change nothing. The eviction policies
+(kvlib.caches.eviction) keep any subset of the slots and know each kept key's slot: their attention goes through
+kvlib.models.attention.attend (which shows H2O, TOVA and SnapKV the attention their keys received) with the mask
+over every slot, window included, mapped onto the kept keys. Other lossy layouts refuse a hybrid model
+(kvlib.caches.base).
 
 Shapes: B batch, T new positions in this call, S keys attended to, C = n_embd, nh / nkv query / key-value heads,
 hd head_dim, I intermediate_size, V vocabulary, W sliding_window.
@@ -35,7 +38,7 @@ from torch import nn
 
 from kvlib.caches.base import KVCache
 from kvlib.errors import KvlibError
-from kvlib.models.attention import attention_mask
+from kvlib.models.attention import attend, attention_mask
 from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear, one_query_attention
 from kvlib.models.llama import RopeTable, rotate_folded
@@ -104,6 +107,10 @@ class Gemma3Attention(nn.Module):
         q = rotate_folded(self.q_norm(q.view(B, T, nh, hd)), cos, sin).transpose(1, 2)  # (B, nh, T, hd)
         k = rotate_folded(self.k_norm(k.view(B, T, nkv, hd)), cos, sin).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if cache is not None and cache.keeps_positions:  # an eviction policy: its kept keys are any subset
+            mask, is_causal = masks.over_every_slot(self.window)
+            y = attend(q, k, v, cache, self.layer_idx, start, mask, is_causal, scale=self.scale)  # (B, nh, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
         k_slots = None  # None: the keys sit at slots [0, S) (or [start, start + T) without a cache)
         if cache is not None and hasattr(cache, "update_with_slots"):
             k, v, k_slots = cache.update_with_slots(self.layer_idx, k, v, start)  # a ring says where each key is
@@ -139,6 +146,20 @@ class Masks:
     def __init__(self, T: int, start: int, key_valid: torch.Tensor | None, device: torch.device, cfg_name: str):
         self.T, self.start, self.key_valid, self.device, self.cfg_name = T, start, key_valid, device, cfg_name
         self._made: dict[tuple, tuple[torch.Tensor | None, bool]] = {}
+
+    def over_every_slot(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) over every slot [0, start + T), for a cache that keeps an arbitrary subset of them
+        (an eviction policy: kvlib.models.attention.attend maps the mask onto the keys it kept, by their slots).
+        A sliding layer hides keys outside its window even when the policy kept them."""
+        T, start = self.T, self.start
+        if self.key_valid is None and (window is None or start + T <= window):
+            return attention_mask(T, start, None, self.device)  # nothing to hide but the future
+        key = (window, "every slot")
+        if key not in self._made:
+            q_slots = torch.arange(start, start + T, device=self.device)
+            k_slots = torch.arange(start + T, device=self.device)
+            self._made[key] = window_mask(q_slots, k_slots, window, self.key_valid), False
+        return self._made[key]
 
     def get(
         self, window: int | None, k_slots: torch.Tensor | None, first: int, S: int
