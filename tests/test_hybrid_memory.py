@@ -277,11 +277,6 @@ def test_run_on_tiny_gemma_holds_the_per_layer_formula(tmp_path, engine):
 
 
 @needs_hybrid
-@pytest.mark.xfail(
-    strict=True,
-    reason="kvlib/measure/harness.py computes kv_cache_bytes_formula without the layout (the full-cache formula); "
-    "passing spec.cache and spec.engine fixes it: then drop this mark",
-)
 def test_harness_formula_column_is_per_layer_on_gemma(tmp_path):
     import pandas as pd
 

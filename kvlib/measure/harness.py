@@ -364,7 +364,7 @@ def _records(
         "decode_tokens_per_s": B * len(decode) / decode_time if decode else math.nan,
         "kv_cache_tokens": kv_tokens,
         "kv_cache_bytes": held,
-        "kv_cache_bytes_formula": kv_cache_bytes_formula(cfg, B, kv_tokens, lm.dtype),
+        "kv_cache_bytes_formula": kv_cache_bytes_formula(cfg, B, kv_tokens, lm.dtype, spec.cache, spec.engine),
         "peak_mem_bytes": peak.peak_bytes,
         "peak_mem_mib": mib(peak.peak_bytes),
         "peak_mem_kind": peak.kind,
