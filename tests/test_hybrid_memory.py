@@ -290,6 +290,30 @@ def test_harness_formula_column_is_per_layer_on_gemma(tmp_path):
     assert r["kv_cache_bytes"] == r["kv_cache_bytes_formula"]
 
 
+def test_decode_step_bytes_read_only_the_window_on_sliding_layers(tmp_path):
+    """Regression: the harness counted every cached key as read at each decode step (the full-cache bytes per
+    token), overstating MBU on Gemma 3, whose sliding layers read at most their window."""
+    import pandas as pd
+
+    from kvlib.cli import main
+    from kvlib.measure.memory import bytes_per_element
+    from kvlib.measure.roofline import decode_weight_bytes
+
+    csv = tmp_path / "runs.csv"
+    P, N = 20, 6
+    argv = ["run", "--model", "tiny-gemma", "--weights", "random", "--engine", "kvlib", "--prompt_len", str(P)]
+    argv += ["--max_new_tokens", str(N), "--repeats", "1", "--warmup", "0", "--no-roofline", "--csv", str(csv)]
+    assert main(argv) == 0
+    r = pd.read_csv(csv).iloc[0]
+    per_slot = 2 * TINY_GEMMA.n_kv_head * TINY_GEMMA.head_dim * bytes_per_element("float32")
+    windows = [TINY_GEMMA.window_of(i) for i in range(TINY_GEMMA.n_layer)]
+    read = [sum(P + s if w is None else min(P + s, w) for w in windows) * per_slot for s in range(1, N)]
+    expected = decode_weight_bytes(TINY_GEMMA, 1, "float32") + sum(read) / len(read)
+    assert r["decode_step_bytes"] == round(expected)
+    full = decode_weight_bytes(TINY_GEMMA, 1, "float32") + TINY_GEMMA.kv_bytes_per_token(4) * (P + N / 2)
+    assert r["decode_step_bytes"] < full
+
+
 def test_attention_flops_count_the_window():
     """Counted work (notebook 01): a query on a sliding layer reads at most the window's keys."""
     for window in (None, 1, 5, 8, 40):

@@ -46,7 +46,6 @@ from kvlib.caches.base import CACHE_LAYOUTS
 from kvlib.errors import KvlibError
 from kvlib.measure.memory import (
     PeakTracker,
-    bytes_per_element,
     cache_tokens,
     held_cache_bytes,
     kv_cache_bytes_formula,
@@ -325,11 +324,12 @@ def _records(
     kv_tokens = cache_tokens(spec.engine, spec.cache, P, N)
     held = held_cache_bytes(g.cache)
     cached = spec.cache != "none"
-    # Decode step s reads the keys/values of P + s + 1 tokens: P + N / 2 on average over the N - 1 steps.
-    # Without a cache nothing is read from one (the step recomputes every key and value instead).
-    mean_kv_tokens = P + N / 2 if cached else 0
-    kv_per_token = cfg.kv_bytes_per_token(bytes_per_element(lm.dtype))
-    step_bytes = round(decode_step_bytes(cfg, B, 0, dtype) + kv_per_token * B * mean_kv_tokens)
+    # Decode step s (1 .. N - 1) reads the keys/values of P + s tokens: P + N / 2 on average. On a model trained
+    # with sliding windows a sliding layer reads at most its window whatever the layout (kvlib slices the window,
+    # as HF does), so the bytes read are the per-layer sum with min(tokens, window) ("hybrid"), averaged over
+    # the steps. Without a cache nothing is read from one (the step recomputes every key and value instead).
+    kv_read = [kv_cache_bytes_formula(cfg, B, P + s, lm.dtype, "hybrid") for s in range(1, N)] if cached else []
+    step_bytes = round(decode_step_bytes(cfg, B, 0, dtype) + (sum(kv_read) / len(kv_read) if kv_read else 0))
     weights_bytes = module_weight_bytes(lm.model if spec.engine == "kvlib" else lm.hf)
     shared = {
         "spec_id": spec_id,
