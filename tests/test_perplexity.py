@@ -268,3 +268,49 @@ def test_real_weights_more_bits_never_lose_to_fewer():
     kivi = [ppl(bits=b, key_axis="channel", residual_len=32, group=32) for b in (4, 2)]
     assert per_token == sorted(per_token), per_token
     assert kivi == sorted(kivi), kivi
+
+
+def test_findings_of_notebook_8_are_computed_from_its_csvs(tmp_path):
+    """The two headline gains of issue 10 (window only against sinks at budget W; the best saving within +1%
+    perplexity) come from 08's CSVs, say when the data contradict the papers, and are left out for random weights."""
+    import json
+
+    import pandas as pd
+
+    from kvlib.report.findings import findings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"weights": ["pretrained"], "text": "the novel", "tokens": 2048, "quant_tokens": 1024}
+    (data / "08_meta.json").write_text(json.dumps(meta))
+    stream = pd.DataFrame(
+        {
+            "cache": ["static", "window", "window", "window", "window"],
+            "sink": [None, 0, 1, 4, 4],
+            "positions": [None, "original", "original", "original", "cache"],
+            "budget": [None, 512, 512, 512, 512],
+            "perplexity": [17.7, 32.8, 19.9, 19.5, 1.0],  # the cache-positions row is not the sinks' figure
+        }
+    )
+    stream.to_csv(data / "08_streaming.csv", index=False)
+    quant = pd.DataFrame(
+        {
+            "variant": ["full (static)", "int8 per-token", "int4 kivi r32 g32", "int2 kivi r32 g32"],
+            "ppl_change_pct": [0.0, -0.05, 0.23, 21.0],
+            "saving_pct": [0.0, 71.9, 81.2, 87.5],
+            "bits_per_element": [32.0, 9.0, 6.0, 4.0],
+        }
+    )
+    quant.to_csv(data / "08_quantized.csv", index=False)
+    found = findings(tmp_path, ["08_quality"])
+    assert len(found) == 2 and not any(f.contradicts for f in found)
+    assert "<b>32.80</b>" in found[0].html and "4 sinks + 508 recent <b>19.50</b>" in found[0].html
+    assert "<b>81%</b>" in found[1].html and "int4 kivi r32 g32" in found[1].html and "+21.0%" in found[1].html
+    stream.loc[1, "perplexity"] = 19.0  # window only beats every sink count
+    stream.to_csv(data / "08_streaming.csv", index=False)
+    quant.loc[1:, "ppl_change_pct"] = [1.5, 2.0, 21.0]
+    quant.to_csv(data / "08_quantized.csv", index=False)
+    found = findings(tmp_path, ["08_quality"])
+    assert [f.contradicts for f in found] == [True, True] and "Contrary to StreamingLLM" in found[0].html
+    (data / "08_meta.json").write_text(json.dumps({**meta, "weights": ["random"]}))
+    assert findings(tmp_path, ["08_quality"]) == []
