@@ -182,6 +182,7 @@ def test_cli_prints_and_appends_one_row(tmp_path, capsys):
 
 BAD = [
     (["--text", "/nonexistent/x.txt"], "does not exist"),
+    (["--text", "/"], "not a regular file"),
     (["--tokens", "1"], "at least 2"),
     (["--cache", "window", "--sink", "30"], "does not fit"),
     (["--cache", "window", "--window", "0"], "positive"),

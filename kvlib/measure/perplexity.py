@@ -289,7 +289,7 @@ def recompute_nll(
         T = int(targets[short].max())
         logits = model(ids[:, :T], torch.arange(T, device=device)[None], None, 0, None, last_only=False)[0]
         idx = targets[short] - 1
-        nll[short] = _nll(logits[idx.to(device)], ids[0, targets[short].to(device)])
+        nll[short] = _nll(logits[idx.to(device)], ids[0, targets[short].to(device)]).cpu()
     long_at = short.logical_not().nonzero().flatten()
     rows = max(1, batch_tokens // window)
     pos = torch.arange(window, device=device)
@@ -298,7 +298,7 @@ def recompute_nll(
         t = targets[chunk].to(device)
         x = ids[0, (t[:, None] - window) + pos[None]]  # (b, W): tokens t-W .. t-1
         logits = model(x, pos[None].expand(len(t), window), None, 0, None, last_only=True)[:, -1]  # (b, V)
-        nll[chunk] = _nll(logits, ids[0, t])
+        nll[chunk] = _nll(logits, ids[0, t]).cpu()
     return nll
 
 

@@ -92,7 +92,7 @@ def run_variants(
     for cache, options in variants:
         r = perplexity(model, ids, cache, options, method)
         label = variant_label(cache, options)
-        nlls[label] = r.nll
+        nlls[label] = r.nll.cpu()  # (N - 1,) float64, on the host for pandas
         rows.append(
             {
                 "variant": label,
