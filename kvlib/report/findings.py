@@ -7,7 +7,8 @@ reported as no measurable difference; a lossy layout that quantized or evicted n
 contradict the textbook, the sentence says so. A finding whose files are missing (a notebook not run, a profile
 without naive runs) is left out, never guessed.
 
-Notebooks the module does not know (a new 09_...) contribute their headline rows (headline=True) as findings.
+Notebooks the module does not know (a new 09_...) contribute their headline rows (headline=True) as findings; so
+does a known one none of whose data files is there.
 """
 
 from __future__ import annotations
@@ -357,11 +358,15 @@ def findings(out: str | Path, notebooks: list[str]) -> list[Finding]:
             with contextlib.suppress(*_MISSING):
                 found += _generic(out, nb)
             continue
+        missing = 0
         for compute in KNOWN[prefix]:
             try:
                 f = compute(out)
             except _MISSING:
-                f = None
+                f, missing = None, missing + 1
             if f is not None:
                 found.append(replace(f, notebook=nb))
+        if missing == len(KNOWN[prefix]):  # none of its data files: its headline rows, as for an unknown notebook
+            with contextlib.suppress(*_MISSING):
+                found += _generic(out, nb)
     return found
