@@ -282,7 +282,9 @@ def sinks(out: Path) -> Finding | None:
         f"window only <b>{only:.2f}</b>, {best_sink} sink{'s' if best_sink > 1 else ''} + {W - best_sink} recent "
         f"<b>{best:.2f}</b>, full cache {full:.2f} ({where})"
     )
-    if only > best:
+    from kvlib.study.quality import SINK_EFFECT
+
+    if only >= SINK_EFFECT * best:
         return Finding(
             f"With a cache budget of {W} tokens, evicting the first tokens cost perplexity and keeping a few "
             f"attention sinks won it back: {numbers}; <b>{only / best:.2f}x</b>, the direction of StreamingLLM's "
