@@ -1,7 +1,9 @@
 """What each lossy cache costs in quality, on real text (notebook 08_quality): StreamingLLM and KIVI in miniature.
 
 Every perplexity here comes from kvlib.measure.perplexity (the "fast" one-pass method by default, proven equal to
-teacher forcing through the cache itself by tests/test_perplexity.py). Tidy frames: one row per variant.
+teacher forcing through the cache itself by tests/test_perplexity.py; sliding window with re-computation batches its
+windows, proven equal to one pass per window). Decode latency is timed as notebook 7 times it
+(kvlib.study.strategies.common). Tidy frames: one row per variant.
 The papers' numbers are in REFERENCES, each with where it comes from; they are theirs, never ours.
 """
 
