@@ -12,7 +12,15 @@ import torch
 from kvlib.caches.base import make_cache
 from kvlib.cli import main
 from kvlib.errors import KvlibError
-from kvlib.measure.perplexity import CSV_COLUMNS, held_bytes, perplexity, read_text, window_mask
+from kvlib.measure.perplexity import (
+    CSV_COLUMNS,
+    held_bytes,
+    perplexity,
+    read_text,
+    recompute_nll,
+    recompute_targets,
+    window_mask,
+)
 from kvlib.measure.results import read_header
 from kvlib.models.config import get_preset
 from kvlib.models.loading import load
@@ -107,6 +115,51 @@ def test_more_bits_never_lose_to_fewer(llama, ids):
     assert dist[0] < dist[1] < dist[2]
 
 
+def test_recompute_batched_equals_one_window_at_a_time(llama, ids):
+    """Sliding window with re-computation: the batched windows ("fast") equal one forward pass per scored token
+    (the definition), for every token and for a sample of them; bytes held are one window's cache."""
+    for W in (1, 5, 8):
+        slow, fast = (
+            perplexity(llama, ids, "recompute", {"window": W}, "token"),
+            perplexity(llama, ids, "recompute", {"window": W}, "fast"),
+        )
+        assert slow.scored == fast.scored == N - 1
+        assert (slow.nll - fast.nll).abs().max() < TOL, W
+        assert fast.kv_bytes_held == W * llama.cfg.kv_bytes_per_token(4)
+    every = recompute_targets(N, 8, every=3)
+    assert every.tolist() == list(range(9, N, 3))
+    sampled = recompute_nll(llama, ids, 8, every, "fast", batch_tokens=16)  # several batches of 2 windows
+    assert (sampled - fast.nll[every - 1]).abs().max() < TOL
+    with pytest.raises(KvlibError, match=r"1\.\.31"):
+        recompute_nll(llama, ids, 8, torch.tensor([0, 5]))
+
+
+def test_recompute_with_a_window_holding_the_text_is_the_full_cache(llama, ids):
+    full = perplexity(llama, ids, "static")
+    for W in (N - 1, N, 4 * N):
+        for method in ("token", "fast"):
+            assert (perplexity(llama, ids, "recompute", {"window": W}, method).nll - full.nll).abs().max() < TOL
+    assert (perplexity(llama, ids, "recompute", {"window": N - 2}, "fast").nll - full.nll).abs().max() > 1e-4
+
+
+def test_recompute_differs_from_the_window_cache_by_re_encoding_not_by_positions(llama, ids):
+    """With RoPE, re-numbering the window's positions from 0 changes nothing (scores depend on i - j): the same
+    windows at their original positions give the same NLL. Re-computation still differs from the window cache of
+    the same size (0 sinks): there, every key was encoded when its token arrived, with its own earlier context."""
+    W = 8
+    renumbered = perplexity(llama, ids, "recompute", {"window": W}, "token").nll
+    original = torch.empty(N - 1, dtype=torch.float64)
+    with torch.inference_mode():
+        for t in range(1, N):
+            s = max(0, t - W)
+            logits = llama(ids[:, s:t], torch.arange(s, t)[None], None, 0, None, last_only=True)[0, -1]
+            original[t - 1] = torch.nn.functional.cross_entropy(logits[None].double(), ids[0, t : t + 1])
+    assert (renumbered - original).abs().max() < 1e-5
+    window_cache = perplexity(llama, ids, "window", {"sink": 0, "window": W}, "fast").nll
+    assert (renumbered[:W] - window_cache[:W]).abs().max() < TOL  # whole prefixes: both are the full cache
+    assert (renumbered - window_cache).abs().max() > 1e-3
+
+
 def test_int2_codes_pack_four_to_a_byte():
     from kvlib.caches.quantized import pack_codes, unpack_codes
 
@@ -120,19 +173,23 @@ def test_cli_prints_and_appends_one_row(tmp_path, capsys):
     args = ["perplexity", "--model", "tiny-llama", "--weights", "random", "--tokens", "24", "--csv", str(csv)]
     assert main([*args, "--cache", "window", "--sink", "2", "--window", "8"]) == 0
     assert main([*args, "--cache", "quantized", "--bits", "4", "--method", "fast"]) == 0
+    assert main([*args, "--cache", "recompute", "--window", "8", "--method", "fast"]) == 0
     out, err = capsys.readouterr()
     assert "perplexity" in out and "RANDOM WEIGHTS" in err and "meaningless" in err
-    assert read_header(csv) == list(CSV_COLUMNS) and len(csv.read_text().splitlines()) == 3
+    assert "cache recompute window=8" in out
+    assert read_header(csv) == list(CSV_COLUMNS) and len(csv.read_text().splitlines()) == 4
 
 
 BAD = [
     (["--text", "/nonexistent/x.txt"], "does not exist"),
+    (["--text", "/"], "not a regular file"),
     (["--tokens", "1"], "at least 2"),
     (["--cache", "window", "--sink", "30"], "does not fit"),
     (["--cache", "window", "--window", "0"], "positive"),
     (["--cache", "quantized", "--sink", "2"], "sink"),
     (["--cache", "static", "--bits", "4"], "bits"),
     (["--cache", "none", "--window", "4"], "takes no options"),
+    (["--cache", "recompute", "--sink", "2"], "takes only window"),
     (["--cache", "quantized", "--bits", "3"], "8, 4 or 2"),
     (["--cache", "quantized", "--group", "5"], "does not divide"),
     (["--cache", "window", "--positions", "absolute"], "positions"),
@@ -189,3 +246,72 @@ def test_real_weights_full_cache_equals_hugging_face(tmp_path, capsys):
     short.write_text("It is a truth universally acknowledged.")
     assert main(["perplexity", "--weights", "pretrained", "--tokens", "32", "--text", str(short)]) == 2
     assert "only" in capsys.readouterr().err
+
+
+def test_real_weights_more_bits_never_lose_to_fewer():
+    """On the real SmolLM2 and 256 tokens of the novel (one pass each): the perplexity through int8 <= int4 <= int2
+    per token, and KIVI int4 <= KIVI int2 (the sanity check of issue 10: random weights show only a distance)."""
+    from kvlib.measure.perplexity import text_token_ids
+    from kvlib.models.gguf_cache import find_gguf
+
+    try:
+        find_gguf(get_preset("smollm2-135m"))
+    except KvlibError as e:
+        pytest.skip(f"SmolLM2 weights not installed: {e}")
+    lm = load("smollm2-135m", weights="pretrained", with_hf=False)
+    text, name = read_text(None)
+    ids = text_token_ids(lm.tokenizer, text, 256, name)
+
+    def ppl(**o):
+        return perplexity(lm.model, ids, "quantized", o, "fast").perplexity
+
+    per_token = [ppl(bits=b) for b in (8, 4, 2)]
+    kivi = [ppl(bits=b, key_axis="channel", residual_len=32, group=32) for b in (4, 2)]
+    assert per_token == sorted(per_token), per_token
+    assert kivi == sorted(kivi), kivi
+
+
+def test_findings_of_notebook_8_are_computed_from_its_csvs(tmp_path):
+    """The two headline gains of issue 10 (window only against sinks at budget W; the best saving within +1%
+    perplexity) come from 08's CSVs, say when the data contradict the papers, and are left out for random weights."""
+    import json
+
+    import pandas as pd
+
+    from kvlib.report.findings import findings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"weights": ["pretrained"], "text": "the novel", "tokens": 2048, "quant_tokens": 1024}
+    (data / "08_meta.json").write_text(json.dumps(meta))
+    stream = pd.DataFrame(
+        {
+            "cache": ["static", "window", "window", "window", "window"],
+            "sink": [None, 0, 1, 4, 4],
+            "positions": [None, "original", "original", "original", "cache"],
+            "budget": [None, 512, 512, 512, 512],
+            "perplexity": [17.7, 32.8, 19.9, 19.5, 1.0],  # the cache-positions row is not the sinks' figure
+        }
+    )
+    stream.to_csv(data / "08_streaming.csv", index=False)
+    quant = pd.DataFrame(
+        {
+            "variant": ["full (static)", "int8 per-token", "int4 kivi r32 g32", "int2 kivi r32 g32"],
+            "ppl_change_pct": [0.0, -0.05, 0.23, 21.0],
+            "saving_pct": [0.0, 71.9, 81.2, 87.5],
+            "bits_per_element": [32.0, 9.0, 6.0, 4.0],
+        }
+    )
+    quant.to_csv(data / "08_quantized.csv", index=False)
+    found = findings(tmp_path, ["08_quality"])
+    assert len(found) == 2 and not any(f.contradicts for f in found)
+    assert "<b>32.80</b>" in found[0].html and "4 sinks + 508 recent <b>19.50</b>" in found[0].html
+    assert "<b>81%</b>" in found[1].html and "int4 kivi r32 g32" in found[1].html and "+21.0%" in found[1].html
+    stream.loc[1, "perplexity"] = 19.0  # window only beats every sink count
+    stream.to_csv(data / "08_streaming.csv", index=False)
+    quant.loc[1:, "ppl_change_pct"] = [1.5, 2.0, 21.0]
+    quant.to_csv(data / "08_quantized.csv", index=False)
+    found = findings(tmp_path, ["08_quality"])
+    assert [f.contradicts for f in found] == [True, True] and "Contrary to StreamingLLM" in found[0].html
+    (data / "08_meta.json").write_text(json.dumps({**meta, "weights": ["random"]}))
+    assert findings(tmp_path, ["08_quality"]) == []

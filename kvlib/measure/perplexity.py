@@ -16,6 +16,14 @@ Two methods, proven equal by tests/test_perplexity.py on short texts:
   then dequantized with the cache's own functions) used only where the cache would have held codes, never where
   it would have held the full-precision tail.
 
+"recompute" (StreamingLLM's "sliding window with re-computation" baseline, Xiao et al. 2023): token t is scored
+given only the last `window` tokens, re-run from scratch (no cache) at positions 0..W-1 each time, O(W^2) attention
+per token. "token" runs each window alone; "fast" runs the same windows in batches (any architecture). There is no
+one-pass equivalent: positions are not what makes it differ from the window cache (with RoPE a query's scores depend
+only on i - j, so re-numbering is invisible; tested), the keys are: re-computation re-encodes every token of the
+window with the window alone as its context, so a window's first token sees only itself at every layer (it acts as
+a fresh sink), and each window needs its own forward pass.
+
 Hugging Face's QuantizedCache ("hf-quantized", backend quanto by default) runs token by token through HF's model.
 """
 
@@ -41,6 +49,7 @@ from kvlib.measure.provenance import provenance
 from kvlib.measure.results import append_rows, check_outputs
 
 NAIVE = "none"
+RECOMPUTE = "recompute"
 HF_QUANTIZED = "hf-quantized"
 METHODS = ("token", "fast")
 # command-line flag -> layout option, for every layout option a flag can set
@@ -151,8 +160,13 @@ def layout_options_from(cache: str, given: dict[str, Any]) -> dict[str, Any]:
         if given:
             raise KvlibError(f"cache 'none' (no cache) takes no options; got {', '.join(sorted(given))}")
         return {}
+    if cache == RECOMPUTE:
+        extra = sorted(set(given) - {"window"})
+        if extra:
+            raise KvlibError(f"cache {cache!r} takes only window; not {', '.join(extra)}")
+        return {"window": checks.whole("window", given.get("window", 64), minimum=1)}
     if cache not in CACHE_LAYOUTS:
-        names = ", ".join([NAIVE, *CACHE_LAYOUTS, HF_QUANTIZED])
+        names = ", ".join([NAIVE, *CACHE_LAYOUTS, RECOMPUTE, HF_QUANTIZED])
         raise KvlibError(f"unknown cache layout {cache!r}; choose one of {names}")
     return check_layout(cache, given)
 
@@ -231,6 +245,70 @@ def perplexity_hf(hf_model: Any, ids: torch.Tensor) -> Perplexity:
     t0 = time.perf_counter()
     logits = hf_model(input_ids=ids, use_cache=False).logits[0]
     return Perplexity(_nll(logits[:-1], ids[0, 1:]), 0, time.perf_counter() - t0)
+
+
+# ---- sliding window with re-computation ----------------------------------------------------------------------------
+
+
+def recompute_targets(n_tokens: int, window: int, every: int = 1) -> torch.Tensor:
+    """Scored tokens t (1..N-1) where re-computation differs from the full cache, every `every`-th: t > window (for
+    t <= window the window holds the whole prefix, at its own positions: the full cache exactly)."""
+    return torch.arange(window + 1, n_tokens, every)
+
+
+@torch.inference_mode()
+def recompute_nll(
+    model: Any,
+    ids: torch.Tensor,
+    window: int,
+    targets: torch.Tensor | None = None,
+    method: str = "fast",
+    batch_tokens: int = 4096,
+) -> torch.Tensor:
+    """-log p(token t | tokens max(0, t-W) .. t-1 re-run from scratch at positions 0..), float64, for each scored
+    token t in `targets` (default: every t = 1..N-1). ids (1, N). "token": one forward pass per t (the definition);
+    "fast": the same windows stacked (b, W) in batches of about `batch_tokens` tokens, and all t <= W from one causal
+    pass over the first W + 1 tokens (their windows are prefixes). Raises KvlibError for targets outside 1..N-1."""
+    N = ids.shape[1]
+    window = checks.whole("window", window, minimum=1)
+    method = checks.one_of("method", method, METHODS)
+    targets = torch.arange(1, N) if targets is None else torch.as_tensor(targets, dtype=torch.long).flatten()
+    if len(targets) and (int(targets.min()) < 1 or int(targets.max()) > N - 1):
+        raise KvlibError(f"recompute: scored tokens must lie in 1..{N - 1}, got {targets.min()}..{targets.max()}")
+    nll = torch.empty(len(targets), dtype=torch.float64)
+    device = ids.device
+    if method == "token":
+        for n, t in enumerate(targets.tolist()):
+            s = max(0, t - window)
+            x = ids[:, s:t]  # (1, <= W)
+            logits = model(x, torch.arange(t - s, device=device)[None], None, 0, None, last_only=True)[0, -1]
+            nll[n] = _nll(logits[None], ids[0, t : t + 1])[0]
+        return nll
+    short = targets <= window  # their windows start at token 0: prefixes of one causal pass
+    if short.any():
+        T = int(targets[short].max())
+        logits = model(ids[:, :T], torch.arange(T, device=device)[None], None, 0, None, last_only=False)[0]
+        idx = targets[short] - 1
+        nll[short] = _nll(logits[idx.to(device)], ids[0, targets[short].to(device)]).cpu()
+    long_at = short.logical_not().nonzero().flatten()
+    rows = max(1, batch_tokens // window)
+    pos = torch.arange(window, device=device)
+    for a in range(0, len(long_at), rows):
+        chunk = long_at[a : a + rows]
+        t = targets[chunk].to(device)
+        x = ids[0, (t[:, None] - window) + pos[None]]  # (b, W): tokens t-W .. t-1
+        logits = model(x, pos[None].expand(len(t), window), None, 0, None, last_only=True)[:, -1]  # (b, V)
+        nll[chunk] = _nll(logits, ids[0, t]).cpu()
+    return nll
+
+
+def perplexity_recompute(model: Any, ids: torch.Tensor, window: int, method: str = "fast") -> Perplexity:
+    """Sliding window with re-computation over every token of `ids` (1, N); bytes held: the W-token cache each
+    window's pass builds and drops (the batched method holds several at once, as working memory)."""
+    t0 = time.perf_counter()
+    nll = recompute_nll(model, ids, window, None, method)
+    held = min(ids.shape[1], window) * model.cfg.kv_bytes_per_token(model.wte.weight.element_size())
+    return Perplexity(nll, held, time.perf_counter() - t0)
 
 
 # ---- the shortcut: one pass with a mask and fake quantization ------------------------------------------------------
@@ -376,8 +454,11 @@ def held_bytes(cfg: Any, cache: str, options: dict[str, Any], n_tokens: int, dty
 def perplexity(
     model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None, method: str = "token"
 ) -> Perplexity:
-    """The perplexity of `ids` (1, N) through `cache` by `method` ("token" or "fast")."""
+    """The perplexity of `ids` (1, N) through `cache` (a layout, "none" or "recompute") by `method` ("token" or
+    "fast")."""
     method = checks.one_of("method", method, METHODS)
+    if cache == RECOMPUTE:
+        return perplexity_recompute(model, ids, layout_options_from(cache, options or {})["window"], method)
     if method == "fast":
         return perplexity_fast(model, ids, cache, options)
     return perplexity_token_by_token(model, ids, cache, options)
@@ -394,11 +475,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", default=None, help="a UTF-8 text file (.gz too) [the study's novel]")
     p.add_argument("--tokens", type=int, default=2048, help="score the text's first N tokens [2048]")
     p.add_argument(
-        "--cache", default="static", help=f"none, any layout ({', '.join(CACHE_LAYOUTS)}) or {HF_QUANTIZED} [static]"
+        "--cache",
+        default="static",
+        help=f"none, any layout ({', '.join(CACHE_LAYOUTS)}), {RECOMPUTE} or {HF_QUANTIZED} [static]",
     )
     p.add_argument("--method", choices=METHODS, default="token", help="token by token, or one masked pass [token]")
     p.add_argument("--sink", type=non_negative_int, default=None, help="window: sink tokens kept [4]")
-    p.add_argument("--window", type=positive_int, default=None, help="window: recent tokens kept [64]")
+    p.add_argument("--window", type=positive_int, default=None, help="window, recompute: recent tokens kept [64]")
     p.add_argument("--positions", default=None, help="window: original or cache (StreamingLLM's) [original]")
     p.add_argument("--bits", type=positive_int, default=None, help="quantized: 8, 4 or 2; hf-quantized: 4 or 2")
     p.add_argument("--group", type=non_negative_int, default=None, help="quantized: channels per scale [head_dim]")

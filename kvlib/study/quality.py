@@ -1,13 +1,16 @@
 """What each lossy cache costs in quality, on real text (notebook 08_quality): StreamingLLM and KIVI in miniature.
 
 Every perplexity here comes from kvlib.measure.perplexity (the "fast" one-pass method by default, proven equal to
-teacher forcing through the cache itself by tests/test_perplexity.py). Tidy frames: one row per variant.
+teacher forcing through the cache itself by tests/test_perplexity.py; sliding window with re-computation batches its
+windows, proven equal to one pass per window). Decode latency is timed as notebook 7 times it
+(kvlib.study.strategies.common). Tidy frames: one row per variant.
 The papers' numbers are in REFERENCES, each with where it comes from; they are theirs, never ours.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -18,6 +21,8 @@ from kvlib.measure.perplexity import (
     perplexity,
     perplexity_hf,
     perplexity_hf_quantized,
+    recompute_nll,
+    recompute_targets,
 )
 
 # The published figures put beside ours (marked as theirs wherever shown).
@@ -37,6 +42,9 @@ REFERENCES = pd.DataFrame(
         },
     ]
 )
+# StreamingLLM's effect counts as reproduced (in direction) when window only is at least this many times the
+# perplexity of the best sink count at the same budget (the notebook's sentence and the report's finding).
+SINK_EFFECT = 1.1
 # Quantization claims: (label, effective bits per stored element, perplexity change in %, how the number was had)
 QUANT_REFERENCES = pd.DataFrame(
     [
@@ -89,7 +97,7 @@ def run_variants(
     for cache, options in variants:
         r = perplexity(model, ids, cache, options, method)
         label = variant_label(cache, options)
-        nlls[label] = r.nll
+        nlls[label] = r.nll.cpu()  # (N - 1,) float64, on the host for pandas
         rows.append(
             {
                 "variant": label,
@@ -148,6 +156,104 @@ def rolling(nlls: dict[str, torch.Tensor], width: int, keep: list[str] | None = 
         s = pd.Series(nll.numpy()).rolling(width).mean().dropna()
         frames.append(pd.DataFrame({"variant": label, "position": s.index + 1, "rolling_ppl": s.map(math.exp)}))
     return pd.concat(frames, ignore_index=True)
+
+
+def recompute_comparison(
+    model: Any,
+    ids: torch.Tensor,
+    budgets: list[int],
+    every: int,
+    nlls: dict[str, torch.Tensor],
+    compare: Callable[[int], list[str]],
+    method: str = "fast",
+) -> pd.DataFrame:
+    """StreamingLLM's "sliding window with re-computation" baseline at each budget W: every `every`-th scored token
+    past W (before it, re-computation is the full cache) is scored given only the last W tokens re-run from scratch
+    (kvlib.measure.perplexity.recompute_nll); the variants `compare(W)` names (labels of `nlls`, the per-token NLL
+    of run_variants) are scored on the same tokens. Tidy: budget,
+    variant, perplexity, tokens_scored, every, first_token, time_s (of re-computation)."""
+    import time
+
+    N = ids.shape[1]
+    rows = []
+    for W in budgets:
+        targets = recompute_targets(N, W, every)
+        if not len(targets):
+            continue
+        t0 = time.perf_counter()
+        nll = recompute_nll(model, ids, W, targets, method)
+        took = time.perf_counter() - t0
+        common = {"budget": W, "tokens_scored": len(targets), "every": every, "first_token": int(targets[0])}
+        rows.append({**common, "variant": "re-computation", "perplexity": math.exp(float(nll.mean())),
+                     "time_s": took})  # fmt: skip
+        for name in compare(W):
+            if name in nlls:
+                ppl = math.exp(float(nlls[name][targets - 1].mean()))
+                rows.append({**common, "variant": name, "perplexity": ppl, "time_s": float("nan")})
+    return pd.DataFrame(rows)
+
+
+def decode_latency(
+    lm: Any,
+    variants: list[tuple[str, dict[str, Any]]],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    hf_bits: list[int],
+    hf_residual: int,
+    warmup: int = 1,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Decode latency (TPOT) of each kvlib layout (cache, options) and of Hugging Face's full cache and quanto
+    QuantizedCache (`hf_bits`, residual `hf_residual`) on one prompt of `prompt_len` tokens (a passage of the novel
+    for a pretrained model), `new_tokens` greedy tokens: notebook 07's timing (kvlib.study.strategies.common:
+    `warmup` unrecorded runs, then `repeats` interleaved rounds; TPOT = the median decode step of a run; its median
+    over repeats with min and max). One row per variant: variant, engine, status, tpot_ms (_min, _max), ttft_ms,
+    repeats, tpot_vs_full (TPOT / the same engine's full-precision cache's)."""
+    from kvlib.models.prompts import prompts_for
+    from kvlib.study.strategies.common import generate_fn, interleaved_runs, timing_summary
+    from kvlib.study.strategies.hf_quantized import hf_backend_status, hf_greedy_loop, make_hf_quantized_cache
+
+    ids = prompts_for(lm.cfg.vocab_size, lm.tokenizer, 1, prompt_len, seed, lm.device)
+    runs, engine, status = {}, {}, {}
+    for cache, options in variants:
+        label = variant_label(cache, options)
+        runs[label], engine[label] = generate_fn(lm.model, ids, new_tokens, (cache, options)), "kvlib"
+    if lm.hf is not None:
+        from transformers.cache_utils import DynamicCache
+
+        makers = {"hf full (dynamic)": lambda: DynamicCache(config=lm.hf.config)}
+        for bits in hf_bits:
+            label = variant_label(HF_QUANTIZED, {"bits": bits, "residual_len": hf_residual})
+            status[label] = hf_backend_status(lm.hf, "quanto", bits)
+            if status[label] == "ok":
+                makers[label] = lambda bits=bits: make_hf_quantized_cache(lm.hf, "quanto", bits, hf_residual)
+        for label, make in makers.items():
+            runs[label] = lambda make=make: hf_greedy_loop(lm.hf, ids, new_tokens, make)
+            engine[label] = "hf"
+    timing = timing_summary(interleaved_runs(runs, repeats, warmup)[0])
+    timing["engine"] = timing["variant"].map(engine)
+    timing["status"] = "ok"
+    full = {"kvlib": variant_label(*variants[0]), "hf": "hf full (dynamic)"}
+    base = timing.set_index("variant")["tpot_ms"]
+    timing["tpot_vs_full"] = [r.tpot_ms / base.get(full[r.engine], math.nan) for r in timing.itertuples()]
+    missing = [{"variant": k, "engine": "hf", "status": v} for k, v in status.items() if v != "ok"]
+    out = pd.concat([timing, pd.DataFrame(missing)], ignore_index=True) if missing else timing
+    out["prompt_len"], out["new_tokens"] = prompt_len, new_tokens
+    return out
+
+
+def cost_table(quant: pd.DataFrame, hf_rows: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
+    """Perplexity change, bytes per token and decode latency side by side, one row per quantized variant (kvlib's
+    from the `quant` table, Hugging Face's from `hf_rows`, each against its own engine's full-precision cache)."""
+    cols = ["variant", "bytes_per_token", "ppl_change_pct", "tokens"]
+    ours = quant[cols].assign(engine="kvlib")
+    theirs = hf_rows[hf_rows["variant"] != "hf full (no cache)"] if len(hf_rows) else hf_rows
+    hf = theirs.reindex(columns=cols).assign(engine="hf") if len(theirs) else None
+    both = pd.concat([ours, hf], ignore_index=True) if hf is not None else ours
+    lat = latency[["variant", "engine", "tpot_ms", "tpot_ms_min", "tpot_ms_max", "tpot_vs_full", "repeats"]]
+    table = lat.merge(both.drop(columns="engine"), on="variant", how="left")  # latency's order: kvlib, then HF
+    return table.rename(columns={"tokens": "ppl_tokens"})
 
 
 def hf_quantized_rows(hf_model: Any, ids: torch.Tensor, bits_list: list[int], residual_len: int) -> pd.DataFrame:
