@@ -47,6 +47,7 @@ from kvlib.caches.quantized import dequantize, dequantize_grouped, quantize, qua
 from kvlib.errors import KvlibError
 from kvlib.measure.provenance import provenance
 from kvlib.measure.results import append_rows, check_outputs
+from kvlib.models.prompts import bos_ids
 
 NAIVE = "none"
 RECOMPUTE = "recompute"
@@ -136,7 +137,11 @@ def read_text(path: str | Path | None) -> tuple[str, str]:
 
 
 def text_token_ids(tokenizer: Any, text: str, n_tokens: int, name: str = "the text") -> torch.Tensor:
-    """The first `n_tokens` token ids of `text`, no special tokens, (1, n_tokens) long."""
+    """`n_tokens` token ids, (1, n_tokens) long: the tokenizer's leading special tokens where it adds them by
+    default (Gemma's <bos>, which the model was trained to see first; never scored, being token 0), then the
+    first tokens of `text`, no other special tokens. SmolLM2's and GPT-2's tokenizers add none."""
+    bos = bos_ids(tokenizer)
+    n_tokens -= len(bos)
     chars = 8 * n_tokens + 64
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
@@ -144,8 +149,8 @@ def text_token_ids(tokenizer: Any, text: str, n_tokens: int, name: str = "the te
             break
         chars *= 2
     if len(ids) < n_tokens:
-        raise KvlibError(f"{name} has only {len(ids)} tokens; --tokens {n_tokens} were asked for")
-    return torch.tensor(ids[:n_tokens], dtype=torch.long)[None]
+        raise KvlibError(f"{name} has only {len(ids)} tokens; --tokens {n_tokens + len(bos)} were asked for")
+    return torch.tensor(bos + ids[:n_tokens], dtype=torch.long)[None]
 
 
 def layout_options_from(cache: str, given: dict[str, Any]) -> dict[str, Any]:

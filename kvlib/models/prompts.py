@@ -93,8 +93,23 @@ def _paragraph_starts() -> tuple[int, ...]:
     return tuple(s for s in starts if s < len(text))
 
 
+def bos_ids(tokenizer: Any) -> list[int]:
+    """The special tokens `tokenizer` puts before a text by default: Gemma's [<bos>], which the model was trained
+    to see first (and which serves as its attention sink); [] for SmolLM2 and GPT-2, whose tokenizers add none."""
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    if not plain or with_special[-len(plain) :] != plain:
+        return []
+    return with_special[: len(with_special) - len(plain)]
+
+
 def _passage_ids(tokenizer: Any, start: int, n_tokens: int) -> list[int]:
-    """The first `n_tokens` token ids of the novel from character `start` (no special tokens added)."""
+    """`n_tokens` token ids: the tokenizer's leading special tokens (`bos_ids`), then the novel from character
+    `start`."""
+    bos = bos_ids(tokenizer)[:n_tokens]
+    n_tokens -= len(bos)
+    if n_tokens == 0:
+        return bos
     text = corpus_text()
     chars = CHARS_PER_TOKEN * n_tokens + 64
     while True:
@@ -104,7 +119,7 @@ def _passage_ids(tokenizer: Any, start: int, n_tokens: int) -> list[int]:
         chars *= 2
     if len(ids) < n_tokens:
         raise KvlibError(f"the corpus has only {len(ids)} tokens from offset {start}; {n_tokens} were asked for")
-    return ids[:n_tokens]
+    return bos + ids[:n_tokens]
 
 
 def text_prompts(
