@@ -321,3 +321,18 @@ def test_the_notebooks_grid_answers_as_the_command_does(llama):
             assert list(got["continuation"]) == [tok.decode(t) for _, t in want], (cache, setting, depth)
     acc = accuracy(grid)
     assert set(acc["n"]) == {4} and (acc["low_pct"] <= acc["accuracy_pct"]).all()
+
+
+def test_read_token_by_token_streaming_and_snapkv_keep_the_window_layouts_tokens(llama):
+    """What kvlib.study.passkey.perplexity_rows relies on to give them the one-pass method (SAME_AS_WINDOW)."""
+    from kvlib.measure.perplexity import perplexity
+
+    ids = torch.randint(0, llama.cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(2))
+    for cache, opts, window in (
+        ("streaming", {"budget": 16, "sink": 4}, {"sink": 4, "window": 12}),
+        ("snapkv", {"budget": 16, "observation": 8}, {"sink": 0, "window": 16}),
+    ):
+        got = perplexity(llama, ids, cache, opts, "token").nll
+        want = perplexity(llama, ids, "window", window, "fast").nll
+        assert (got - want).abs().max() < 1e-6, cache
+        assert (got - perplexity(llama, ids, "static", {}, "fast").nll).abs().max() > 1e-4  # it did evict
