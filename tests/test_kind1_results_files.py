@@ -29,6 +29,8 @@ BENCH = ["bench", "--model", "tiny", "--weights", "random", "--batch-sizes", "1"
 BENCH += ["--prompt-len", "8"]
 BENCH += ["--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-compile"]
 PERPLEXITY = ["perplexity", "--model", "tiny-llama", "--weights", "random", "--tokens", "16"]
+PASSKEY = ["passkey", "--model", "tiny-llama", "--weights", "random", "--tokens", "96", "--depths", "0.5"]
+PASSKEY += ["--keys", "1", "--cache", "static"]
 # Every (command, option) that writes results; test_every_results_option_is_swept keeps this list complete.
 OUTPUTS = {
     ("run", "--csv"): RUN,
@@ -37,6 +39,7 @@ OUTPUTS = {
     ("experiments", "--steps-csv"): EXPERIMENTS,
     ("bench", "--csv"): BENCH,
     ("perplexity", "--csv"): PERPLEXITY,
+    ("passkey", "--csv"): PASSKEY,
 }
 
 
