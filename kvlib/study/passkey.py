@@ -396,10 +396,11 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
 
     fig, (left, right) = plotting.figure(ncols=2, width=5.5, height=4.5, title=title)
     palette, order = plotting.colors([*ppl["policy"].unique(), *acc["policy"].unique()])
-    for policy in order:
-        d = ppl[(ppl["policy"] == policy) & (ppl["policy"] != FULL)].sort_values("budget_fraction")
-        if len(d):
-            left.plot(100 * d["budget_fraction"], d["ppl_change_pct"], marker="o", color=palette[policy])
+    in_ppl = [p for p in order if p in set(ppl["policy"]) and p != FULL]
+    for i, policy in enumerate(in_ppl):  # side by side around each budget, so that equal points stay visible
+        d = ppl[ppl["policy"] == policy].sort_values("budget_fraction")
+        x = 100 * d["budget_fraction"] + 1.2 * (i - (len(in_ppl) - 1) / 2)
+        left.plot(x, d["ppl_change_pct"], marker="o", color=palette[policy])
     left.axhline(0, color=palette.get(FULL, "grey"), linewidth=1.5)
     left.scatter(100 * THEIRS_PPL["kept_fraction"], THEIRS_PPL["ppl_change_pct"], marker="x", color="grey")
     for r in THEIRS_PPL.itertuples():
@@ -437,7 +438,10 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
         f = full.iloc[0]
         label = f"{f['policy']} (retrieved {int(f['retrieved'])}/{int(f['n'])})"
         handles.append(Line2D([], [], color=palette.get(f["policy"], "grey"), linewidth=1.5, label=label))
-    handles += [Line2D([], [], color="black", linestyle=ls, label=s) for s, ls in styles.items()]
+    handles += [
+        Line2D([], [], color="black", linestyle=ls, marker="o" if ls == "-" else "s", label=s)
+        for s, ls in styles.items()
+    ]
     handles.append(Line2D([], [], color="grey", marker="x", linestyle="none", label="theirs (published)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return fig
