@@ -295,7 +295,7 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
     assert "25% of a 1024-token prompt" in found.html
     assert "<b>5/9</b> when the question came after compression (knorm)" in found.html
     assert "<b>7/9</b> when the policy saw the question (h2o)" in found.html
-    assert "<b>9/9</b> for the full cache" in found.html and "<b>did not predict</b>" in found.html
+    assert "<b>9/9</b> pass keys for the full cache" in found.html and "<b>did not predict</b>" in found.html
     assert "+1.00" in found.html  # ranks: perplexity 1, 3, 2 against retrieval 1, 3, 2 (fewest keys first)
     head.assign(headline=False).to_csv(data / "09_headline.csv", index=False)  # random weights: no finding
     assert findings(tmp_path, ["09_what_a_cache_forgets"]) == []

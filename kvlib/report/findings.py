@@ -275,20 +275,21 @@ def passkey_retrieval(out: Path) -> Finding | None:
                          ("question-aware", "when the policy saw the question")):  # fmt: skip
         s = ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)]
         if len(s):
-            top = s.sort_values(["accuracy_pct", "policy"], ascending=[False, True]).iloc[0]
-            parts.append(f"<b>{int(top['retrieved'])}/{int(top['n'])}</b> {how} ({top['policy']})")
+            best = s[s["accuracy_pct"] == s["accuracy_pct"].max()]
+            who = ", ".join(sorted(best["policy"]))
+            parts.append(f"<b>{int(best['retrieved'].iloc[0])}/{int(best['n'].iloc[0])}</b> {how} ({who})")
     if not parts:
         return None
-    _, rho = verdict(acc, ppl, "question-after")
+    _, rho, predicted = verdict(acc, ppl, "question-after")
     pred = (
         ""
         if rho is None
-        else f"; perplexity's ranking of the policies {'predicted' if rho <= -0.5 else '<b>did not predict</b>'} "
-        f"retrieval (rank correlation {rho:+.2f}, question-after)"
+        else f"; perplexity {'predicted' if predicted else '<b>did not predict</b>'} which policy retrieves "
+        f"(rank correlation {rho:+.2f}, question-after)"
     )
     return Finding(
         f"Evicting down to {100 * b:g}% of a {tokens}-token prompt, the best policy retrieved "
-        f"{' and '.join(parts)} of the pass keys, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> for the "
+        f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> pass keys for the "
         f"full cache{pred}.",
         "09_what_a_cache_forgets",
     )

@@ -336,10 +336,11 @@ def check_grid(
 # ---- what the figure and the sentence say ------------------------------------------------------------------------
 
 
-def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) -> tuple[str, float | None]:
-    """Whether perplexity predicted retrieval here, in one sentence computed from the data, and the rank
-    correlation behind it (Spearman's rho as the Pearson correlation of ranks, over every (policy, budget) pair
-    measured both ways; None when fewer than 3 pairs or one side does not vary). A perfect predictor has rho = -1
+def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) -> tuple[str, float | None, bool | None]:
+    """Whether perplexity predicted retrieval here: (one sentence computed from the data, the rank correlation
+    behind it, whether it predicted; None: it could not be tested). The correlation is Spearman's rho (the Pearson
+    correlation of ranks) over every (policy, budget) pair measured both ways; None when fewer than 3 pairs or one
+    side does not vary. A perfect predictor has rho = -1
     (the smaller the perplexity change, the more keys retrieved); "predicted" needs rho <= -0.5 and the policy with
     the smallest perplexity change to retrieve as many keys as any."""
     ours = acc[(acc["setting"] == setting)][["policy", "budget_fraction", "accuracy_pct", "retrieved", "n"]]
@@ -348,7 +349,7 @@ def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) ->
     full = acc[acc["setting"] == NO_SETTING]
     full_text = f"{int(full['retrieved'].sum())}/{int(full['n'].sum())}" if len(full) else "n/a"
     if len(both) == 0:
-        return f"No policy was measured both ways in the {setting} setting.", None
+        return f"No policy was measured both ways in the {setting} setting.", None, None
     best = both.sort_values(["ppl_change_pct", "policy"]).iloc[0]
     best_text = (
         f"the policy perplexity rates best, {best['policy']} at {100 * best['budget_fraction']:g}% "
@@ -366,7 +367,11 @@ def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) ->
             if same
             else f"too few policy-budget pairs ({len(both)}) to rank"
         )
-        return f"Perplexity could not be tested as a predictor of retrieval here ({setting}): {why}; {best_text}.", None
+        return (
+            f"Perplexity could not be tested as a predictor of retrieval here ({setting}): {why}; {best_text}.",
+            None,
+            None,
+        )
     top = both.sort_values(["accuracy_pct", "ppl_change_pct"], ascending=[False, True]).iloc[0]
     picked_best = best["accuracy_pct"] >= top["accuracy_pct"]
     predicted = rho <= -0.5 and picked_best
@@ -383,6 +388,7 @@ def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) ->
         f"policy perplexity rates best to retrieve the most). Each accuracy rests on {int(both['n'].min())} "
         "prompts, so its 95% Wilson interval is wide.",
         rho,
+        predicted,
     )
 
 
@@ -396,10 +402,11 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
 
     fig, (left, right) = plotting.figure(ncols=2, width=5.5, height=4.5, title=title)
     palette, order = plotting.colors([*ppl["policy"].unique(), *acc["policy"].unique()])
-    for policy in order:
-        d = ppl[(ppl["policy"] == policy) & (ppl["policy"] != FULL)].sort_values("budget_fraction")
-        if len(d):
-            left.plot(100 * d["budget_fraction"], d["ppl_change_pct"], marker="o", color=palette[policy])
+    in_ppl = [p for p in order if p in set(ppl["policy"]) and p != FULL]
+    for i, policy in enumerate(in_ppl):  # side by side around each budget, so that equal points stay visible
+        d = ppl[ppl["policy"] == policy].sort_values("budget_fraction")
+        x = 100 * d["budget_fraction"] + 1.2 * (i - (len(in_ppl) - 1) / 2)
+        left.plot(x, d["ppl_change_pct"], marker="o", color=palette[policy])
     left.axhline(0, color=palette.get(FULL, "grey"), linewidth=1.5)
     left.scatter(100 * THEIRS_PPL["kept_fraction"], THEIRS_PPL["ppl_change_pct"], marker="x", color="grey")
     for r in THEIRS_PPL.itertuples():
@@ -437,7 +444,10 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
         f = full.iloc[0]
         label = f"{f['policy']} (retrieved {int(f['retrieved'])}/{int(f['n'])})"
         handles.append(Line2D([], [], color=palette.get(f["policy"], "grey"), linewidth=1.5, label=label))
-    handles += [Line2D([], [], color="black", linestyle=ls, label=s) for s, ls in styles.items()]
+    handles += [
+        Line2D([], [], color="black", linestyle=ls, marker="o" if ls == "-" else "s", label=s)
+        for s, ls in styles.items()
+    ]
     handles.append(Line2D([], [], color="grey", marker="x", linestyle="none", label="theirs (published)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return fig
