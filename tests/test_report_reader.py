@@ -153,6 +153,17 @@ def test_one_colour_per_path_and_layout_in_every_notebook():
     assert plotting.color("something new") == plotting.color("something new")  # unknown names: fixed too
 
 
+def test_eviction_policies_have_their_own_colours_and_streaming_is_the_window():
+    """Regression (issue 16): the eviction policies fell to hashed spare colours, which could collide."""
+    from kvlib.caches.eviction import POLICIES
+
+    named = [p for p in POLICIES if p != "streaming"]
+    assert all(plotting.style_key(p) == p for p in named)
+    assert plotting.color("streaming (4 sinks + window)") == plotting.color("streaming") == plotting.color("window")
+    full = ["static", "dynamic", "window", "hybrid"]
+    assert len({plotting.color(v) for v in [*named, *full]}) == len(named) + len(full)
+
+
 def test_one_order_whatever_order_the_data_come_in():
     a = plotting.order(["window (sink 4 + 64)", "static", "quantized int8", "dynamic", "paged (block 16)"])
     b = plotting.order(["paged (block 16)", "dynamic", "quantized int8", "static", "window (sink 4 + 64)"])
