@@ -260,3 +260,23 @@ def test_more_than_perfect_scaling_is_flagged_not_celebrated(tmp_path):
     runs.to_csv(tmp_path / "data" / "05_runs.csv", index=False)
     f = fnd.batching(tmp_path)
     assert f.contradicts and "more than perfect scaling" in f.html and "upper bound" in f.html
+
+
+def test_hybrid_finding_states_the_saving_and_whether_bytes_met_the_formula(tmp_path):
+    """Issue 15: the index reports what the hybrid cache saves, computed from 04's CSVs, and says so plainly when a
+    measured cache did not equal its formula."""
+    data = tmp_path / "data"
+    data.mkdir()
+    computed = pd.DataFrame(
+        [
+            dict(model="m", layout=lay, tokens=t, kv_mib=mib, ratio_to_full=r, sliding_window=8, n_sliding_layers=3)
+            for lay, t, mib, r in (("static", 64, 4.0, 1.0), ("hybrid", 64, 1.5, 0.375), ("hybrid", 16, 1.0, 1.0))
+        ]
+    )
+    computed.to_csv(data / "04_hybrid_computed.csv", index=False)
+    pd.DataFrame({"held_bytes": [10, 20], "formula_bytes": [10, 20]}).to_csv(data / "04_hybrid_measured.csv")
+    f = fnd.hybrid_saving(tmp_path)
+    assert "64 tokens it holds <b>38%</b>" in f.html and "in all 2 caches measured" in f.html and not f.contradicts
+    pd.DataFrame({"held_bytes": [10, 21], "formula_bytes": [10, 20]}).to_csv(data / "04_hybrid_measured.csv")
+    f = fnd.hybrid_saving(tmp_path)
+    assert "differed from the formula</b> in 1 of 2" in f.html and f.contradicts

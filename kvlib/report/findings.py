@@ -123,6 +123,31 @@ def kv_per_token(out: Path) -> Finding | None:
     return Finding(text + ".", "04_memory", exact != len(measured))
 
 
+def hybrid_saving(out: Path) -> Finding | None:
+    """04: what a model trained with sliding windows saves with the hybrid cache: measured bytes against the
+    per-layer formula, and the computed share of a full cache at the longest length."""
+    measured = pd.read_csv(out / "data" / "04_hybrid_measured.csv")
+    computed = pd.read_csv(out / "data" / "04_hybrid_computed.csv")
+    hyb = computed[computed["layout"] == "hybrid"].sort_values("tokens")
+    if hyb.empty:
+        return None
+    last = hyb.iloc[-1]
+    exact = int((measured["held_bytes"] == measured["formula_bytes"]).sum())
+    agree = (
+        f"its measured bytes equalled the per-layer formula in all {len(measured)} caches measured"
+        if exact == len(measured)
+        else f"its measured bytes <b>differed from the formula</b> in {len(measured) - exact} of {len(measured)}"
+    )
+    return Finding(
+        f"{last['model']} attends over a sliding window of {int(last['sliding_window'])} tokens on "
+        f"{int(last['n_sliding_layers'])} of its layers, so a cache that keeps only the window there is exact: at "
+        f"{int(last['tokens']):,} tokens it holds <b>{100 * float(last['ratio_to_full']):.0f}%</b> of a full cache "
+        f"of the same shape ({float(last['kv_mib']):,.0f} MiB per sequence); {agree}.",
+        "04_memory",
+        exact != len(measured),
+    )
+
+
 def batching(out: Path) -> Finding | None:
     """05: decode throughput from the smallest to the largest batch, cached path."""
     runs = pd.read_csv(out / "data" / "05_runs.csv")
@@ -365,7 +390,7 @@ def quality_saving(out: Path) -> Finding | None:
 KNOWN: dict[str, tuple[Callable[[Path], Finding | None], ...]] = {
     "02": (speedup,),
     "03": (hf_speedup,),
-    "04": (kv_per_token,),
+    "04": (kv_per_token, hybrid_saving),
     "05": (batching,),
     "06": (prompt_advantage,),
     "07": (paged_waste, quantized, window),
