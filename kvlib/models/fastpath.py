@@ -36,7 +36,7 @@ from torch import nn
 
 # Module-level switches, so that the bench and the tests can compare with and without each part.
 PACK_CPU_WEIGHTS = True  # Linear multiplies with oneDNN-packed weights (False: plain F.linear)
-ONE_ROW_KERNEL = "auto"  # one-row inputs without COMPILE_ONE_ROW: "packed", "plain" (F.linear) or "auto" (measured)
+ONE_ROW_KERNEL = "auto"  # one-row inputs: "packed", "plain" (F.linear), "compiled" (needs COMPILE_ONE_ROW) or "auto"
 COMPILE_ONE_ROW = os.environ.get("KVLIB_COMPILE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -67,7 +67,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fast_cpu_inference(x) and x.dtype == self.weight.dtype:
             one_row = x.numel() == x.shape[-1]
-            if COMPILE_ONE_ROW and one_row:
+            if COMPILE_ONE_ROW and one_row and _one_row_compiled(self.weight.dtype):
                 y = one_row_matvec(x.reshape(-1), self.weight, self.bias)
                 if y is not None:
                     return y.view(*x.shape[:-1], -1)
@@ -172,35 +172,40 @@ def one_query_attention(
 
 _matvec_ready: set[tuple] = set()  # (dtype, out, in, has bias) already run through the compiled kernel
 _ONE_ROW_CHOICE: dict[torch.dtype, str] = {}  # dtype -> "packed" or "plain": the measured one-row winner
+_COMPILED_CHOICE: dict[torch.dtype, str] = {}  # dtype -> the winner with the compiled kernel among the candidates
 
 
-def one_row_kernel(model: nn.Module, dtype: torch.dtype) -> str:
-    """The faster kernel for one row on this CPU, "packed" or "plain", for `model`'s matrices in `dtype`.
+def one_row_kernel(model: nn.Module, dtype: torch.dtype, with_compiled: bool = False) -> str:
+    """The fastest kernel for one row on this CPU, "packed" or "plain" (or "compiled" when `with_compiled`: the
+    torch.compile'd `one_row_matvec`, compiled by then), for `model`'s matrices in `dtype`.
 
     ONE_ROW_KERNEL when set; else measured once per process and dtype: every distinct Linear shape of the model
-    (weighted by how often it occurs: one decode step's matrix work), packed against F.linear, interleaved,
-    median of 5 rounds after one warm-up round. A few hundred milliseconds, spent outside any timed step."""
-    if ONE_ROW_KERNEL in ("packed", "plain"):
+    (weighted by how often it occurs: one decode step's matrix work), each kernel in turn, interleaved, median of
+    5 rounds after one warm-up round. A few hundred milliseconds, spent outside any timed step. (Measured on a
+    2-core Intel Xeon with AVX-512, 2026-11-30: the compiled kernel made SmolLM2's batch-1 step 64 ms against
+    42 ms with F.linear, so "compiled" is a candidate, not a given.)"""
+    if ONE_ROW_KERNEL in ("packed", "plain") or (ONE_ROW_KERNEL == "compiled" and with_compiled):
         return ONE_ROW_KERNEL
-    if dtype in _ONE_ROW_CHOICE:
-        return _ONE_ROW_CHOICE[dtype]
+    choices = _COMPILED_CHOICE if with_compiled else _ONE_ROW_CHOICE
+    if dtype in choices:
+        return choices[dtype]
     shapes: dict[tuple[int, int], int] = {}
     for m in model.modules():
         if isinstance(m, Linear) and m.weight.is_cpu and m.weight.dtype == dtype:
             shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
-    if not shapes or not _onednn(dtype):
+    if not shapes or (not _onednn(dtype) and not with_compiled):
         return "plain"
     gen = torch.Generator().manual_seed(0)
     cases = []
     for (out_f, in_f), count in shapes.items():
         w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype)
-        cases.append(
-            (torch.randn(1, in_f, generator=gen).to(dtype), w, torch.ops.mkldnn._reorder_linear_weight(w), count)
-        )
-    kernels = {
-        "packed": lambda x, w, pk: torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], ""),
-        "plain": lambda x, w, pk: F.linear(x, w),
-    }
+        packed = torch.ops.mkldnn._reorder_linear_weight(w) if _onednn(dtype) else None
+        cases.append((torch.randn(1, in_f, generator=gen).to(dtype), w, packed, count))
+    kernels = {"plain": lambda x, w, pk: F.linear(x, w)}
+    if _onednn(dtype):
+        kernels["packed"] = lambda x, w, pk: torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], "")
+    if with_compiled and one_row_matvec(cases[0][0].reshape(-1), cases[0][1], None) is not None:
+        kernels["compiled"] = lambda x, w, pk: one_row_matvec(x.reshape(-1), w, None)
     times: dict[str, list[float]] = {k: [] for k in kernels}
     for r in range(6):
         for name in kernels if r % 2 == 0 else list(kernels)[::-1]:
@@ -212,12 +217,20 @@ def one_row_kernel(model: nn.Module, dtype: torch.dtype) -> str:
             if r:  # round 0 warms up
                 times[name].append(total)
     medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    _ONE_ROW_CHOICE[dtype] = choice = min(medians, key=medians.get)
+    choices[dtype] = choice = min(medians, key=medians.get)
     return choice
 
 
 def _one_row_plain(dtype: torch.dtype) -> bool:
     return ONE_ROW_KERNEL == "plain" or (ONE_ROW_KERNEL == "auto" and _ONE_ROW_CHOICE.get(dtype) == "plain")
+
+
+def _one_row_compiled(dtype: torch.dtype) -> bool:
+    """Whether one-row inputs take the compiled kernel (COMPILE_ONE_ROW on): forced, or measured the fastest by
+    `one_row_kernel(..., with_compiled=True)`, or not measured yet (then compiled, as asked)."""
+    if ONE_ROW_KERNEL in ("packed", "plain"):
+        return False
+    return ONE_ROW_KERNEL == "compiled" or _COMPILED_CHOICE.get(dtype, "compiled") == "compiled"
 
 
 def release_packed(model: nn.Module) -> None:
@@ -237,10 +250,16 @@ def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
     t0 = time.perf_counter()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu]
     dtypes = {m.weight.dtype for m in linears}
+    compiling = COMPILE_ONE_ROW and batch_size == 1
+    for m in linears:  # compile first, so that the compiled kernel can be measured against the others
+        signature = (m.weight.dtype, m.out_features, m.in_features, m.bias is not None)
+        if compiling and signature not in _matvec_ready and _one_row_compiled(m.weight.dtype):
+            m(torch.zeros(1, m.in_features, dtype=m.weight.dtype))  # the first call of a signature compiles
+            _matvec_ready.add(signature)
     # Batch 0 (at load time: the batch is not known yet) prepares for batch 1, the most common use, so that the
     # memory held does not change when the first batch-1 decode starts.
-    one_row_unpacked = batch_size in (0, 1) and (
-        (COMPILE_ONE_ROW and batch_size == 1) or all(one_row_kernel(model, dt) == "plain" for dt in dtypes)
+    one_row_unpacked = batch_size in (0, 1) and all(
+        one_row_kernel(model, dt, with_compiled=compiling) in ("plain", "compiled") for dt in dtypes
     )
     for m in linears:
         m._packed.wanted = not one_row_unpacked
@@ -249,10 +268,6 @@ def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
     for m in linears:
         if PACK_CPU_WEIGHTS and not one_row_unpacked:
             m.packed_weight()
-        signature = (m.weight.dtype, m.out_features, m.in_features, m.bias is not None)
-        if COMPILE_ONE_ROW and batch_size == 1 and signature not in _matvec_ready:
-            m(torch.zeros(1, m.in_features, dtype=m.weight.dtype))  # the first call of a signature compiles
-            _matvec_ready.add(signature)
     return time.perf_counter() - t0
 
 
