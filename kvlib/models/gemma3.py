@@ -41,7 +41,7 @@ from kvlib.errors import KvlibError
 from kvlib.models.attention import attend, attention_mask
 from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear, one_query_attention
-from kvlib.models.llama import RopeTable, rotate_folded
+from kvlib.models.llama import RopeTable, rope_inv_freq, rotate_folded
 
 ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
@@ -58,11 +58,6 @@ class GemmaRMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).to(x.dtype)
-
-
-def inv_freq(theta: float, head_dim: int) -> torch.Tensor:
-    """RoPE frequencies theta^(-2i/hd), i = 0 .. hd/2 - 1, float32 (hd/2,) (HF's default rope parameters)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
 def window_mask(
@@ -222,6 +217,7 @@ class Gemma3(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # HF: model.embed_tokens
         self.embed_scale = cfg.n_embd**0.5  # HF: a float32 scalar tensor, cast to the weights' dtype when used
+        self._embed_scales: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> that cast scalar, made once
         self.h = nn.ModuleList(Gemma3Block(cfg, i) for i in range(cfg.n_layer))  # HF: model.layers
         self.norm = GemmaRMSNorm(cfg.n_embd, cfg.norm_eps)
         if not cfg.tie_word_embeddings:
@@ -230,8 +226,8 @@ class Gemma3(nn.Module):
             self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         # Not buffers (see kvlib.models.llama): float32 frequencies whatever the model's dtype.
-        self.rope_full = RopeTable(inv_freq(cfg.rope_theta, cfg.head_dim), cfg.n_positions)
-        self.rope_local = RopeTable(inv_freq(cfg.rope_local_theta, cfg.head_dim), cfg.n_positions)
+        self.rope_full = RopeTable(rope_inv_freq(cfg), cfg.n_positions)
+        self.rope_local = RopeTable(rope_inv_freq(cfg, cfg.rope_local_theta), cfg.n_positions)
 
     def forward(
         self,
@@ -252,7 +248,7 @@ class Gemma3(nn.Module):
         T = input_ids.shape[1]
         masks = Masks(T, start, key_valid, input_ids.device, self.cfg.name)
         x = self.wte(input_ids)  # (B, T, C)
-        x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(x.dtype)
+        x = x * self._embed_scale(x)
         rope = {
             None: self.rope_full(position_ids, x.dtype),  # (B, T, 1, hd) each, shared by the full layers
             "local": self.rope_local(position_ids, x.dtype) if self.cfg.is_hybrid else None,
@@ -263,6 +259,14 @@ class Gemma3(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(self.norm(x))
+
+    def _embed_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """sqrt(n_embd) as HF applies it: a float32 scalar cast to x's dtype (rounded in half precision), made
+        once per (dtype, device) rather than at every decode step."""
+        key = (x.dtype, x.device)
+        if key not in self._embed_scales:
+            self._embed_scales[key] = torch.tensor(self.embed_scale, dtype=torch.float32, device=x.device).to(x.dtype)
+        return self._embed_scales[key]
 
     @torch.no_grad()
     def init_random(self, seed: int) -> Gemma3:

@@ -51,10 +51,12 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """The rotation frequencies theta^(-2i/hd), i = 0 .. hd/2 - 1, float32 (hd/2,)."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
+    """The rotation frequencies theta^(-2i/hd), i = 0 .. hd/2 - 1, float32 (hd/2,); theta defaults to
+    cfg.rope_theta (Gemma 3's sliding layers pass cfg.rope_local_theta)."""
     hd = cfg.head_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    theta = cfg.rope_theta if theta is None else theta
+    return 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
 
 
 def rope_cos_sin(

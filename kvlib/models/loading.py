@@ -35,7 +35,6 @@ from kvlib.errors import KvlibError
 from kvlib.models.config import PRESETS, ModelConfig, config_from_hf, get_preset, hf_config_from
 from kvlib.models.decoders import Decoder, build_model
 from kvlib.models.fastpath import prepare_for_inference
-from kvlib.models.gemma3 import inv_freq as gemma_inv_freq
 from kvlib.models.llama import rope_inv_freq
 
 WEIGHT_CHOICES = ("pretrained", "random", "auto")
@@ -213,7 +212,7 @@ def _rope_in_float32(hf: Any, cfg: ModelConfig) -> None:
     if cfg.arch == "gemma3":  # one pair of buffers per layer type
         for kind, theta in (("full_attention", cfg.rope_theta), ("sliding_attention", cfg.rope_local_theta)):
             if hasattr(rotary, f"{kind}_inv_freq"):
-                freq = gemma_inv_freq(theta, cfg.head_dim).to(getattr(rotary, f"{kind}_inv_freq").device)
+                freq = rope_inv_freq(cfg, theta).to(getattr(rotary, f"{kind}_inv_freq").device)
                 setattr(rotary, f"{kind}_inv_freq", freq)
                 setattr(rotary, f"{kind}_original_inv_freq", freq.clone())
         return
