@@ -433,8 +433,16 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
     right.scatter(100 * theirs["kept_fraction"], theirs["accuracy_pct"], marker="x", color="grey")
     for (x, y), g in theirs.groupby(["kept_fraction", "accuracy_pct"]):
         names = ", ".join(g["policy"])
-        right.annotate(f"theirs: {names} {g['retrieved'].iloc[0]}/{g['n'].iloc[0]}", (100 * x, y), fontsize=7,
-                       color="grey", xytext=(-4, 4), textcoords="offset points", ha="right")  # fmt: skip
+        right.annotate(
+            f"theirs: {names} {g['retrieved'].iloc[0]}/{g['n'].iloc[0]}",
+            (100 * x, y),
+            fontsize=7,
+            color="grey",
+            xytext=(4, 4),
+            textcoords="offset points",
+            ha="left",
+            annotation_clip=False,
+        )  # right of the crosses: our points sit at budgets left of them; fmt: skip
     right.set_ylim(-5, 105)
     plotting.label(right, "What retrieval says", "cache budget (% of the context)", "keys retrieved (%)")
     for ax in (left, right):
