@@ -230,6 +230,16 @@ def llama():
     return load("tiny-llama", weights="random", seed=0, with_hf=False).model
 
 
+@pytest.fixture(scope="module")
+def gemma():
+    return load("tiny-gemma", weights="random", seed=0, with_hf=False).model  # sliding window 8: prompts cross it
+
+
+@pytest.fixture(params=["llama", "gemma"])
+def decoder(request):
+    return request.getfixturevalue(request.param)
+
+
 LAYOUTS = [
     ("static", {}),
     ("dynamic", {}),
@@ -244,7 +254,10 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("cache, options", LAYOUTS)
 @pytest.mark.parametrize("question_aware", [False, True])
-def test_replayed_prefill_answers_exactly_as_a_real_prefill(llama, cache, options, question_aware):
+def test_replayed_prefill_answers_exactly_as_a_real_prefill(decoder, cache, options, question_aware):
+    llama = decoder  # either architecture; Gemma 3's per-call masks are cut for question-after
+    if cache == "window" and llama.cfg.is_hybrid:
+        pytest.skip("the window layout refuses a model with sliding layers of its own")
     builder = PasskeyPrompts(WordTokenizer(llama.cfg.vocab_size), 96, "novel")
     prompts = [builder.prompt(0.3, k) for k in passkey_keys(2, 1)]
     ids = torch.tensor([p.ids for p in prompts])
@@ -267,7 +280,6 @@ def test_replayed_prefill_answers_exactly_as_a_real_prefill(llama, cache, option
 
 
 def test_report_finding_from_the_notebooks_files(tmp_path):
-    import json
 
     import pandas as pd
 
@@ -282,17 +294,27 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
         columns=["policy", "cache", "budget_fraction", "setting", "retrieved", "n"],
     )  # fmt: skip
     acc["accuracy_pct"] = 100 * acc["retrieved"] / acc["n"]
-    acc.to_csv(data / "09_accuracy.csv", index=False)
     ppl = pd.DataFrame(  # h2o best by perplexity, worst at retrieval: perplexity did not predict
         [("full (static)", 1.0, 0.0), ("h2o", 0.25, 1.0), ("knorm", 0.25, 9.0), ("tova", 0.25, 4.0)],
         columns=["policy", "budget_fraction", "ppl_change_pct"],
     )
-    ppl.to_csv(data / "09_perplexity.csv", index=False)
-    (data / "09_meta.json").write_text(json.dumps({"tokens": 1024}))
+    # Two models on the page: the second (Gemma at 2048 tokens) retrieves everything, so perplexity has no
+    # ordering to predict there.
+    gemma_acc = acc.assign(retrieved=9, accuracy_pct=100.0)
+    pd.concat(
+        [acc.assign(model="smollm2-135m", tokens=1024), gemma_acc.assign(model="gemma3-270m", tokens=2048)]
+    ).to_csv(data / "09_accuracy.csv", index=False)
+    pd.concat([ppl.assign(model="smollm2-135m"), ppl.assign(model="gemma3-270m")]).to_csv(
+        data / "09_perplexity.csv", index=False
+    )
     head = pd.DataFrame([{"metric": "full_cache_retrieval", "value": 100.0, "headline": True, "n": 1}])
     head.to_csv(data / "09_headline.csv", index=False)
     (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
-    assert "25% of a 1024-token prompt" in found.html
+    assert "smollm2-135m: evicting down to 25% of a 1024-token prompt" in found.html
+    assert (
+        "gemma3-270m: evicting down to 25% of a 2048-token prompt, the best policy retrieved <b>9/9</b>" in found.html
+    )
+    assert found.html.count("rank correlation") == 1  # Gemma's retrieval did not vary: nothing to correlate
     assert "<b>5/9</b> when the question came after compression (knorm)" in found.html
     assert "<b>7/9</b> when the policy saw the question (h2o)" in found.html
     assert "<b>9/9</b> pass keys for the full cache" in found.html and "<b>did not predict</b>" in found.html
@@ -301,7 +323,8 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
     assert findings(tmp_path, ["09_what_a_cache_forgets"]) == []
 
 
-def test_the_notebooks_grid_answers_as_the_command_does(llama):
+def test_the_notebooks_grid_answers_as_the_command_does(decoder):
+    llama = decoder
     from kvlib.study.passkey import accuracy, retrieval_grid
 
     tok = WordTokenizer(llama.cfg.vocab_size)
@@ -336,3 +359,159 @@ def test_read_token_by_token_streaming_and_snapkv_keep_the_window_layouts_tokens
         want = perplexity(llama, ids, "window", window, "fast").nll
         assert (got - want).abs().max() < 1e-6, cache
         assert (got - perplexity(llama, ids, "static", {}, "fast").nll).abs().max() > 1e-4  # it did evict
+
+
+def test_question_after_replay_on_gemma_cuts_its_per_call_masks(gemma):
+    """Regression: replaying a recorded Gemma 3 prefill up to the end of the context (question-after) passed the
+    whole prompt's masks to the attention of a shorter call (a size mismatch in scaled_dot_product_attention:
+    2038 against 2048 on Gemma 3 270M). The masks are now cut with the positions."""
+    from kvlib.models.gemma3 import Masks
+    from kvlib.study.passkey import replayed_answer
+
+    m = Masks(40, 0, None, torch.device("cpu"), "tiny-gemma")
+    cut = m.first(30)
+    assert (cut.T, cut.start) == (30, 0)
+    assert torch.equal(cut.over_every_slot(8)[0], m.over_every_slot(8)[0][..., :30, :30])
+    with pytest.raises(ValueError):
+        m.first(41)
+    builder = PasskeyPrompts(WordTokenizer(gemma.cfg.vocab_size), 64, "novel")
+    prompts = [builder.prompt(0.5, k) for k in passkey_keys(2, 3)]
+    ids = torch.tensor([p.ids for p in prompts])
+    C = prompts[0].context_len
+    rec = record_prefill(gemma, ids, new_tokens=4)
+    for cache in ("streaming", "h2o"):  # one policy without attention scores, one with
+        opts = budget_options(cache, {}, 24)
+        got = replayed_answer(gemma, rec, C, cache, opts, False, 4)
+        assert torch.equal(got.tokens, answer(gemma, ids, C, cache, opts, False, new_tokens=4).tokens), cache
+
+
+def test_replay_cuts_every_input_that_runs_along_the_positions():
+    """The kind of the Gemma regression above: whatever a recorded call received along its n positions is cut to
+    the replayed prefix, whatever carries it (a tensor along the sequence, a query x key mask, a masks object)."""
+    from kvlib.models.gemma3 import Masks
+    from kvlib.study.passkey import _swap
+
+    old, new, n, upto = object(), object(), 12, 7
+    x = torch.randn(2, n, 5)  # hidden states (B, n, C)
+    cos = torch.randn(1, n, 1, 4)  # rotary tables (1, n, 1, hd)
+    mask = torch.ones(2, 1, n, n, dtype=torch.bool).tril()  # a padded causal mask (B, 1, n, n)
+    masks = Masks(n, 0, None, torch.device("cpu"), "m")
+    assert _swap(old, old, new, n, upto) is new
+    assert _swap(x, old, new, n, upto).shape == (2, upto, 5)
+    assert _swap(cos, old, new, n, upto).shape == (1, upto, 1, 4)
+    assert torch.equal(_swap(mask, old, new, n, upto), mask[..., :upto, :upto])
+    assert upto == _swap(masks, old, new, n, upto).T
+    assert _swap(3, old, new, n, upto) == 3 and _swap(x, old, new, n, n) is x  # a whole replay changes nothing
+
+
+def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_layouts(gemma):
+    """Regression: notebook 09's perplexity gave StreamingLLM and SnapKV the window layout's one-pass method, which a
+    model with sliding layers of its own refuses (the smoke page with tiny-gemma stopped with a KvlibError)."""
+    from kvlib.measure.perplexity import perplexity
+    from kvlib.study.passkey import perplexity_rows
+
+    ids = torch.randint(0, gemma.cfg.vocab_size, (1, 80), generator=torch.Generator().manual_seed(4))
+    rows = perplexity_rows(gemma, ids, [("static", {}), ("streaming", {}), ("snapkv", {})], [0.5])
+    assert list(rows["method"]) == ["token"] * 3
+    got = rows.set_index("cache")["perplexity"]
+    assert (
+        got["streaming"] == perplexity(gemma, ids, "streaming", budget_options("streaming", {}, 40), "token").perplexity
+    )
+    assert got["snapkv"] == perplexity(gemma, ids, "snapkv", budget_options("snapkv", {}, 40), "token").perplexity
+
+
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        ({"model": "tiny-gemma", "tokens": 64}, "a list of {model, tokens} mappings"),
+        ([{"model": "tiny-gemma"}], "exactly the keys model and tokens"),
+        ([{"model": "tiny-gemma", "tokens": 64, "keys": 3}], "exactly the keys model and tokens"),
+        (["tiny-gemma"], "exactly the keys model and tokens"),
+        ([{"model": "no-such-model", "tokens": 64}], "no-such-model"),
+        ([{"model": "tiny-gemma", "tokens": 1}], "more_models[0].tokens"),
+        ([{"model": "tiny-llama", "tokens": 64}], "each model once"),
+    ],
+)
+def test_page_runs_refuse_bad_more_models_with_one_line(more, message):
+    from kvlib.errors import KvlibError
+    from kvlib.study.passkey import page_runs
+
+    with pytest.raises(KvlibError) as e:
+        page_runs("tiny-llama", 96, more)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_page_runs_lists_the_pages_model_first():
+    from kvlib.study.passkey import page_runs
+
+    assert page_runs("tiny-llama", 96, [{"model": "tiny-gemma", "tokens": 64}]) == [
+        ("tiny-llama", 96),
+        ("tiny-gemma", 64),
+    ]
+    assert page_runs("tiny-llama", 96, []) == page_runs("tiny-llama", 96, None) == [("tiny-llama", 96)]
+
+
+def test_measure_model_tags_every_table_and_the_figure_shows_only_that_models_published_figures():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvlib.study.passkey import measure_model, theirs_for, two_panel_figure
+
+    lm = load("tiny-gemma", weights="random", seed=0, with_hf=False)
+    layouts = [("static", {}), ("streaming", {}), ("h2o", {})]
+    r = measure_model(lm, 80, [0.5], 2, "novel", layouts, [0.5], ["question-after"], 3, 2, 24, 0)
+    assert not r.meaningful and (r.model, r.tokens) == ("tiny-gemma", 80)
+    for table in (r.grid, r.acc, r.by_depth, r.ppl):
+        assert list(table.columns[:2]) == ["model", "tokens"] and set(table["model"]) == {"tiny-gemma"}
+    assert set(r.ppl["ppl_tokens"]) == {24} and len(r.grid) == 2 * (1 + 2)
+    assert all(len(t) == 0 for t in theirs_for("tiny-gemma")[:2])
+    legend = [t.get_text() for t in two_panel_figure(r.acc, r.ppl, "t", r.model).legends[0].get_texts()]
+    assert "theirs (published)" not in legend
+    theirs, theirs_ppl, notes = theirs_for("smollm2-135m")
+    assert set(theirs["source"]) == {"kvpress"} and len(theirs_ppl) == 2 and notes
+    fig = two_panel_figure(r.acc, r.ppl, "t", "smollm2-135m")
+    assert "theirs (published)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("theirs: knorm 6/9" in t.get_text() for t in fig.axes[1].texts)
+
+
+def test_outputs_unused_returns_zeros_after_the_same_cache_writes_and_observations(llama):
+    from kvlib.caches.base import make_cache
+    from kvlib.models.attention import attend, outputs_unused
+
+    cfg = llama.cfg
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, cfg.n_head, 24, cfg.head_dim, generator=g)
+    k, v = (torch.randn(2, cfg.n_kv_head, 24, cfg.head_dim, generator=g) for _ in range(2))
+    caches = [make_cache("h2o", cfg, 2, 32, "cpu", torch.float32, budget=16) for _ in range(2)]
+    y = attend(q, k, v, caches[0], 0, 0, None, True)
+    with outputs_unused():
+        z = attend(q, k, v, caches[1], 0, 0, None, True)
+    assert torch.equal(z, torch.zeros_like(y)) and y.abs().sum() > 0
+    assert attend(q, k, v, None, 0, 0, None, True).abs().sum() > 0  # the switch is off again after the block
+    for a, b in zip(caches[0].layer_kv(0), caches[1].layer_kv(0), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[0].scores[0], caches[1].scores[0])
+
+
+def test_a_replay_skips_every_attention_output_projection(decoder):
+    """Within outputs_unused the attention modules return before their output projection (o_proj / c_proj):
+    nothing of it reaches a replayed cache. The replay tests above prove the answers unchanged."""
+    from kvlib.caches.base import make_cache
+    from kvlib.study.passkey import replay
+
+    builder = PasskeyPrompts(WordTokenizer(decoder.cfg.vocab_size), 80, "novel")
+    ids = torch.tensor([builder.prompt(0.5, k).ids for k in passkey_keys(2, 3)])
+    rec = record_prefill(decoder, ids, new_tokens=2)
+    calls = []
+    projections = [b.self_attn.o_proj for b in decoder.h]
+    handles = [p.register_forward_hook(lambda *a: calls.append(1)) for p in projections]
+    try:
+        kv = make_cache("h2o", decoder.cfg, 2, 82, "cpu", torch.float32, budget=40)
+        replay(rec, kv)
+        assert calls == [] and kv.layer_kv(0)[0].shape[2] == 40
+        with torch.inference_mode():
+            decoder(ids[:, :4], torch.arange(4).expand(2, 4))  # outside a replay the projection runs
+        assert len(calls) == decoder.cfg.n_layer
+    finally:
+        for h in handles:
+            h.remove()

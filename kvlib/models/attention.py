@@ -10,11 +10,36 @@ key-value heads, hd head_dim.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from kvlib.caches.base import KVCache
 from kvlib.models.fastpath import one_query_attention
+
+_outputs_unused = False  # set by `outputs_unused`
+
+
+@contextlib.contextmanager
+def outputs_unused() -> Iterator[None]:
+    """Within it, `attend` still writes the cache and shows it the attention its keys received, but returns zeros
+    instead of the attention's output, and the decoders' attention modules return their input without the output
+    projection (`output_wanted`): for a caller that discards every output (kvlib.study.passkey replays a recorded
+    prefill into a cache, where only the cache's writes and observations count). Saves one attention and one
+    projection per layer; the tests that replay a prefill prove the caches and answers unchanged."""
+    global _outputs_unused
+    before, _outputs_unused = _outputs_unused, True
+    try:
+        yield
+    finally:
+        _outputs_unused = before
+
+
+def output_wanted() -> bool:
+    """False within `outputs_unused`: an attention module may then skip its output projection."""
+    return not _outputs_unused
 
 
 def attention_mask(
@@ -61,7 +86,8 @@ def attend(
 
     A cache whose `needs_attention` is set (the eviction policies of kvlib.caches.eviction: H2O, TOVA, SnapKV)
     is then shown the attention its keys received (`attention_received`, the same scale and mask) through
-    `cache.observe`; for every other layout this costs one attribute read.
+    `cache.observe`; for every other layout this costs one attribute read. Within `outputs_unused` it returns
+    zeros (B, nh, T, hd) instead of the output, after the same writes and observations.
     """
     if cache is not None:
         # The whole point of the study: store this step's keys/values, attend over all of them.
@@ -70,7 +96,9 @@ def attend(
             # A layout that keeps fewer keys than slots (eviction) maps the mask onto the keys it kept, or raises.
             mask = cache.visible_mask(layer, mask, q.shape[1])  # (B, nh, T, S)
     one_query = q.shape[2] == 1 and q.is_cpu and q.dtype != torch.float32 and scale is None
-    if one_query and (mask is None or mask.shape[1] == 1):  # its mask is shared by the heads; its scale 1/sqrt(hd)
+    if _outputs_unused:  # the caller discards the output (outputs_unused)
+        y = torch.zeros_like(q)
+    elif one_query and (mask is None or mask.shape[1] == 1):  # its mask is shared by the heads; its scale 1/sqrt(hd)
         y = one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)
     else:
         y = F.scaled_dot_product_attention(

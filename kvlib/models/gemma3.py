@@ -38,7 +38,7 @@ from torch import nn
 
 from kvlib.caches.base import KVCache
 from kvlib.errors import KvlibError
-from kvlib.models.attention import attend, attention_mask
+from kvlib.models.attention import attend, attention_mask, output_wanted
 from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear, one_query_attention
 from kvlib.models.llama import RopeTable, rope_inv_freq, rotate_folded
@@ -105,6 +105,8 @@ class Gemma3Attention(nn.Module):
         if cache is not None and cache.keeps_positions:  # an eviction policy: its kept keys are any subset
             mask, is_causal = masks.over_every_slot(self.window)
             y = attend(q, k, v, cache, self.layer_idx, start, mask, is_causal, scale=self.scale)  # (B, nh, T, hd)
+            if not output_wanted():
+                return x  # a replay keeps only the cache's writes (kvlib.models.attention.outputs_unused)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
         k_slots = None  # None: the keys sit at slots [0, S) (or [start, start + T) without a cache)
         if cache is not None and hasattr(cache, "update_with_slots"):
@@ -141,6 +143,13 @@ class Masks:
     def __init__(self, T: int, start: int, key_valid: torch.Tensor | None, device: torch.device, cfg_name: str):
         self.T, self.start, self.key_valid, self.device, self.cfg_name = T, start, key_valid, device, cfg_name
         self._made: dict[tuple, tuple[torch.Tensor | None, bool]] = {}
+
+    def first(self, T: int) -> Masks:
+        """The masks of the same call cut to its first `T` positions (a causal model's prefill of a prefix:
+        kvlib.study.passkey replays a recorded prefill up to the end of the context)."""
+        if not 0 < T <= self.T:
+            raise ValueError(f"first {T} positions of a call of {self.T}")
+        return Masks(T, self.start, self.key_valid, self.device, self.cfg_name)
 
     def over_every_slot(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) over every slot [0, start + T), for a cache that keeps an arbitrary subset of them

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.caches.base import KVCache
-from kvlib.models.attention import attend, attention_mask
+from kvlib.models.attention import attend, attention_mask, output_wanted
 from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear
 
@@ -52,6 +52,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         y = attend(q, k, v, cache, self.layer_idx, start, mask, is_causal)  # (B, nh, T, hd)
+        if not output_wanted():
+            return x  # a replay keeps only the cache's writes (kvlib.models.attention.outputs_unused)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

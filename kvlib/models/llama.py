@@ -30,7 +30,7 @@ from torch import nn
 
 from kvlib.caches.base import KVCache
 from kvlib.errors import KvlibError
-from kvlib.models.attention import attend, attention_mask
+from kvlib.models.attention import attend, attention_mask, output_wanted
 from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear
 
@@ -140,6 +140,8 @@ class LlamaAttention(nn.Module):
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
         v = qkv[..., (nh + nkv) * hd :].view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         y = attend(q, k, v, cache, self.layer_idx, start, mask, is_causal)  # (B, nh, T, hd)
+        if not output_wanted():
+            return x  # a replay keeps only the cache's writes (kvlib.models.attention.outputs_unused)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

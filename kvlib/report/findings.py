@@ -282,42 +282,48 @@ def window(out: Path) -> Finding | None:
 
 
 def passkey_retrieval(out: Path) -> Finding | None:
-    """09: pass-key retrieval under eviction at the smallest budget, both question settings, against the full cache;
-    whether perplexity's ranking of the policies predicted it. Left out for random weights (not a headline)."""
+    """09: for each model on the page, pass-key retrieval under eviction at the smallest budget, both question
+    settings, against the full cache; whether perplexity's ranking of the policies predicted it. Left out for
+    random weights (not a headline)."""
     from kvlib.study.passkey import verdict
 
     h = _headline(out, "09")
     if str(h.loc["full_cache_retrieval", "headline"]).lower() not in ("true", "1"):
         return None  # random weights: no finding
-    acc = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
-    ppl = pd.read_csv(out / "data" / "09_perplexity.csv")
-    tokens = json.loads((out / "data" / "09_meta.json").read_text())["tokens"]
-    full = acc[acc["setting"] == "no eviction"].iloc[0]
-    ev = acc[acc["setting"] != "no eviction"]
-    b = ev["budget_fraction"].min()
-    parts = []
-    for setting, how in (("question-after", "when the question came after compression"),
-                         ("question-aware", "when the policy saw the question")):  # fmt: skip
-        s = ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)]
-        if len(s):
-            best = s[s["accuracy_pct"] == s["accuracy_pct"].max()]
-            who = ", ".join(sorted(best["policy"]))
-            parts.append(f"<b>{int(best['retrieved'].iloc[0])}/{int(best['n'].iloc[0])}</b> {how} ({who})")
-    if not parts:
+    acc_all = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
+    ppl_all = pd.read_csv(out / "data" / "09_perplexity.csv")
+    sentences = []
+    for model, acc in acc_all.groupby("model", sort=False):
+        ppl = ppl_all[ppl_all["model"] == model]
+        tokens = int(acc["tokens"].iloc[0])
+        full = acc[acc["setting"] == "no eviction"].iloc[0]
+        ev = acc[acc["setting"] != "no eviction"]
+        b = ev["budget_fraction"].min()
+        parts = []
+        for setting, how in (("question-after", "when the question came after compression"),
+                             ("question-aware", "when the policy saw the question")):  # fmt: skip
+            s = ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)]
+            if len(s):
+                best = s[s["accuracy_pct"] == s["accuracy_pct"].max()]
+                who = ", ".join(sorted(best["policy"]))
+                parts.append(f"<b>{int(best['retrieved'].iloc[0])}/{int(best['n'].iloc[0])}</b> {how} ({who})")
+        if not parts:
+            continue
+        _, rho, predicted = verdict(acc, ppl, "question-after")
+        pred = (
+            ""
+            if rho is None
+            else f"; perplexity {'predicted' if predicted else '<b>did not predict</b>'} which policy retrieves "
+            f"(rank correlation {rho:+.2f}, question-after)"
+        )
+        sentences.append(
+            f"{model}: evicting down to {100 * b:g}% of a {tokens}-token prompt, the best policy retrieved "
+            f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> pass keys for the "
+            f"full cache{pred}."
+        )
+    if not sentences:
         return None
-    _, rho, predicted = verdict(acc, ppl, "question-after")
-    pred = (
-        ""
-        if rho is None
-        else f"; perplexity {'predicted' if predicted else '<b>did not predict</b>'} which policy retrieves "
-        f"(rank correlation {rho:+.2f}, question-after)"
-    )
-    return Finding(
-        f"Evicting down to {100 * b:g}% of a {tokens}-token prompt, the best policy retrieved "
-        f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> pass keys for the "
-        f"full cache{pred}.",
-        "09_what_a_cache_forgets",
-    )
+    return Finding(" ".join(sentences), "09_what_a_cache_forgets")
 
 
 def _quality_meta(out: Path) -> dict | None:

@@ -7,9 +7,10 @@ only what the cache keeps differs. `record_prefill` therefore runs each batch of
 cache, recording the inputs of every module that wrote to the cache (the attention modules), and `replay` calls
 those modules again, in order, with the same inputs and a fresh cache of another layout: the layout sees exactly
 the writes (and, for the policies that score by attention, exactly the attention) of a real prefill, at a fraction
-of its cost (no MLPs, no norms, no LM head). For question-after, the replay stops at the end of the context
-(attention is causal, so the context's part of the prompt's prefill is the context's own prefill), and the question
-runs through the model as a second chunk. tests/test_passkey.py checks that replayed answers equal
+of its cost (no MLPs, no norms, no LM head, and no attention output: `outputs_unused`). For question-after, the
+replay stops at the end of the context (attention is causal, so the context's part of the prompt's prefill is the
+context's own prefill; everything a recorded call received along its positions is cut with them, `_swap`), and
+the question runs through the model as a second chunk. tests/test_passkey.py checks that replayed answers equal
 `kvlib.measure.passkey.answer`'s, token for token, with the same keys and values kept: bit for bit for a whole
 prompt; for question-after up to float rounding (the context's rows of a longer prefill sum in another order than
 the context's own prefill), so a near-tie between two tokens or two kept keys could, rarely, go the other way.
@@ -39,35 +40,56 @@ from kvlib.measure.passkey import (
     retrieved,
     wilson,
 )
+from kvlib.models.attention import outputs_unused
 
 FULL = "full (static)"
-# The published figures the study compares with, as issue 16 states them; none is measured here.
+# The published figures the study compares with, as issue 16 states them; none is measured here. `model`: the
+# preset they belong beside (a figure shows only its own model's).
 THEIRS = pd.DataFrame(
     [
         # kvpress 0.5.5 (NVIDIA), SmolLM2-135M on CPU, 1024 tokens, question-agnostic (the context is compressed
         # before the question), compression ratio 0.25 (a quarter of the context removed: 75% kept), 9 prompts.
-        ("kvpress", "full cache", "question-after", 1.0, 7, 9),
-        ("kvpress", "knorm", "question-after", 0.75, 6, 9),
-        ("kvpress", "expected attention", "question-after", 0.75, 3, 9),
-        ("kvpress", "streaming", "question-after", 0.75, 0, 9),
-        ("kvpress", "snapkv", "question-after", 0.75, 0, 9),
+        ("smollm2-135m", "kvpress", "full cache", "question-after", 1.0, 7, 9),
+        ("smollm2-135m", "kvpress", "knorm", "question-after", 0.75, 6, 9),
+        ("smollm2-135m", "kvpress", "expected attention", "question-after", 0.75, 3, 9),
+        ("smollm2-135m", "kvpress", "streaming", "question-after", 0.75, 0, 9),
+        ("smollm2-135m", "kvpress", "snapkv", "question-after", 0.75, 0, 9),
+        # Issue 16's Hugging Face runs, full cache, 3 keys x 3 depths: Gemma 3 270M with a neutral filler
+        # (ours is the novel) at 2048 tokens (and 1024, 4096: 9/9 too).
+        ("gemma3-270m", "issue 16 (HF, neutral filler)", "full cache", NO_SETTING, 1.0, 9, 9),
     ],
-    columns=["source", "policy", "setting", "kept_fraction", "retrieved", "n"],
+    columns=["model", "source", "policy", "setting", "kept_fraction", "retrieved", "n"],
 )
-THEIRS_NOTES = (
-    "kvpress 0.5.5 (issue 16's run: SmolLM2-135M, 1024 tokens, 3 keys x 3 depths, question-agnostic): at "
-    "compression ratios 0.5 and 0.75 nearly every policy scored 0/9 (no exact counts given).",
-    "SnapKV (Li et al. 2024), on large models with the question inside its observation window: little loss at "
-    "strong compression (a claim without a number comparable here).",
-    "H2O (Zhang et al. 2023): issue 16 states no figure for it.",
-)
+THEIRS_NOTES = {
+    "smollm2-135m": (
+        "kvpress 0.5.5 (issue 16's run: SmolLM2-135M, 1024 tokens, 3 keys x 3 depths, question-agnostic): at "
+        "compression ratios 0.5 and 0.75 nearly every policy scored 0/9 (no exact counts given).",
+        "SnapKV (Li et al. 2024), on large models with the question inside its observation window: little loss at "
+        "strong compression (a claim without a number comparable here).",
+        "H2O (Zhang et al. 2023): issue 16 states no figure for it.",
+    ),
+    "gemma3-270m": (
+        "Issue 16's Hugging Face runs of Gemma 3 270M (full cache, neutral filler): 9/9 at 1024, 2048 and 4096 "
+        "tokens; no published figure for Gemma 3 under eviction.",
+    ),
+}
 # Issue 16's perplexity of 4096 tokens of the novel with SmolLM2 (Hugging Face): full 17.2, window only 256 tokens
 # 35.7, 4 sinks + 252 recent 20.0 (a budget of 256 / 4096 = 6.25%).
 THEIRS_PPL = pd.DataFrame(
-    [("issue 16 (HF, 4096 tokens)", "window only", 256 / 4096, 35.7 / 17.2 * 100 - 100),
-     ("issue 16 (HF, 4096 tokens)", "streaming", 256 / 4096, 20.0 / 17.2 * 100 - 100)],
-    columns=["source", "policy", "kept_fraction", "ppl_change_pct"],
+    [("smollm2-135m", "issue 16 (HF, 4096 tokens)", "window only", 256 / 4096, 35.7 / 17.2 * 100 - 100),
+     ("smollm2-135m", "issue 16 (HF, 4096 tokens)", "streaming", 256 / 4096, 20.0 / 17.2 * 100 - 100)],
+    columns=["model", "source", "policy", "kept_fraction", "ppl_change_pct"],
 )  # fmt: skip
+
+
+def theirs_for(model: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
+    """The published figures beside `model` (a preset name): (retrieval, perplexity, notes); empty for a model
+    none was published for (the tiny test models among them)."""
+    return (
+        THEIRS[THEIRS["model"] == model].reset_index(drop=True),
+        THEIRS_PPL[THEIRS_PPL["model"] == model].reset_index(drop=True),
+        THEIRS_NOTES.get(model, ()),
+    )
 
 
 # Read token by token (teacher forcing, what perplexity does), these keep exactly the window layout's tokens:
@@ -134,10 +156,18 @@ def record_prefill(model: Any, ids: torch.Tensor, new_tokens: int) -> Recorded:
 
 
 def _swap(value: Any, old: KVCache, new: KVCache, n: int, upto: int) -> Any:
-    """A recorded input for the replay: the cache swapped, a tensor along the sequence (dim 1 of length n) cut."""
+    """A recorded input for the replay, for the first `upto` of its n positions: the cache swapped; everything
+    that runs along the positions cut with them: a tensor along the sequence (dim 1 of length n), an attention
+    mask over queries x keys (B or 1, 1, n, n), a model's per-call masks (Gemma 3's `Masks`, cut by `first`)."""
     if value is old:
         return new
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n and upto < n:
+    if upto >= n:
+        return value
+    if hasattr(value, "first") and getattr(value, "T", None) == n:
+        return value.first(upto)
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] == 1 and value.shape[-2:] == (n, n):
+        return value[..., :upto, :upto]
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n:
         return value[:, :upto]
     return value
 
@@ -156,11 +186,12 @@ def replay(rec: Recorded, cache: KVCache, upto: int | None = None) -> None:
             k, v = rec.cache.layer_kv(layer)  # (B, nkv, >= n, hd): what the prefill wrote
             cache.update(layer, k[:, :, :upto], v[:, :, :upto], 0)
         return
-    for module, args, kwargs in rec.calls:
-        module(
-            *(_swap(a, rec.cache, cache, n, upto) for a in args),
-            **{k: _swap(v, rec.cache, cache, n, upto) for k, v in kwargs.items()},
-        )
+    with outputs_unused():  # only the cache's writes and observations count: no attention output is computed
+        for module, args, kwargs in rec.calls:
+            module(
+                *(_swap(a, rec.cache, cache, n, upto) for a in args),
+                **{k: _swap(v, rec.cache, cache, n, upto) for k, v in kwargs.items()},
+            )
 
 
 @torch.inference_mode()
@@ -273,6 +304,107 @@ def accuracy(
     return g
 
 
+# ---- one model's part of the page ---------------------------------------------------------------------------------
+
+RUN_KEYS = ("model", "tokens")  # what each of notebook 09's further models sets; the other settings are shared
+
+
+def page_runs(model: str, tokens: int, more_models: Any) -> list[tuple[str, int]]:
+    """Notebook 09's models, in order: (preset, prompt tokens) for the page's `model` and each entry of
+    `more_models`, a list of {"model": preset, "tokens": prompt length}. Raises KvlibError (one line) for an entry
+    that is not such a mapping, an unknown preset, a length below 2 or a model named twice."""
+    from kvlib import study
+    from kvlib.errors import KvlibError
+
+    if more_models is None:
+        more_models = []
+    if not isinstance(more_models, list):
+        raise KvlibError(f"parameter more_models: a list of {{model, tokens}} mappings, got {more_models!r}")
+    runs = [(model, tokens)]
+    for i, entry in enumerate(more_models):
+        if not isinstance(entry, dict) or set(entry) != set(RUN_KEYS):
+            raise KvlibError(
+                f"parameter more_models[{i}]: a mapping with exactly the keys model and tokens, got {entry!r}"
+            )
+        study.model_config(entry["model"])  # an unknown preset: its own one-line error
+        runs.append((entry["model"], study.positive_int(f"more_models[{i}].tokens", entry["tokens"], minimum=2)))
+    names = [m for m, _ in runs]
+    if len(set(names)) != len(names):
+        raise KvlibError(f"parameter more_models: each model once on the page, got {names}")
+    return runs
+
+
+@dataclass
+class ModelRun:
+    """One model's measurements on notebook 09's page; every table carries `model` and `tokens` first."""
+
+    model: str  # the preset's name
+    tokens: int  # prompt length, question included
+    meaningful: bool  # pretrained weights and a real tokenizer (random weights: every number is meaningless)
+    grid: pd.DataFrame  # retrieval_grid's rows
+    acc: pd.DataFrame  # accuracy per (policy, budget, setting)
+    by_depth: pd.DataFrame  # accuracy per (policy, budget, setting, depth)
+    ppl: pd.DataFrame  # perplexity_rows
+    text_name: str  # what the perplexity read
+    grid_s: float  # seconds of the retrieval grid (prefills included)
+    ppl_s: float  # seconds of the perplexity rows
+
+
+def measure_model(
+    lm: Any,
+    tokens: int,
+    depths: list[float],
+    keys: int,
+    filler: str,
+    layouts: list[tuple[str, dict[str, Any]]],
+    budgets: list[float],
+    settings: list[str],
+    new_tokens: int,
+    batch: int,
+    ppl_tokens: int,
+    seed: int,
+    progress: Any = None,
+) -> ModelRun:
+    """Notebook 09's measurements for one loaded model (kvlib.models.loading.load): the retrieval grid of
+    `keys` seeded keys per depth in `tokens`-token prompts, its accuracies (95% Wilson intervals), and the
+    perplexity of the first `ppl_tokens` tokens of the novel through the same layouts at the same budget fractions.
+    Random weights or no tokenizer: a stand-in word tokenizer and synthetic text, and `meaningful` False."""
+    from kvlib.measure.perplexity import read_text, text_token_ids
+    from kvlib.models.prompts import PasskeyPrompts, WordTokenizer, passkey_keys, synthetic_prompts
+
+    cfg = lm.cfg
+    meaningful = lm.tokenizer is not None and lm.weights == "pretrained"
+    tokenizer = lm.tokenizer or WordTokenizer(cfg.vocab_size)
+    builder = PasskeyPrompts(tokenizer, tokens, filler)
+    t0 = time.perf_counter()
+    grid = retrieval_grid(
+        lm.model, tokenizer, builder, depths, passkey_keys(keys, seed), layouts, budgets, settings, new_tokens,
+        batch, progress,
+    )  # fmt: skip
+    grid_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if meaningful:
+        text, text_name = read_text(None)
+        ppl_ids = text_token_ids(lm.tokenizer, text, ppl_tokens, text_name).to(lm.device)
+    else:
+        text_name = "synthetic token ids (random weights)"
+        ppl_ids = synthetic_prompts(cfg.vocab_size, 1, ppl_tokens, seed, lm.device)
+    ppl = perplexity_rows(lm.model, ppl_ids, layouts, budgets)
+    ppl_s = time.perf_counter() - t0
+
+    def tagged(df: pd.DataFrame) -> pd.DataFrame:
+        return df.assign(model=cfg.name, tokens=tokens)[
+            ["model", "tokens", *df.columns.drop("tokens", errors="ignore")]
+        ]
+
+    by_depth = accuracy(grid, ("policy", "budget_fraction", "setting", "depth"))
+    ppl = ppl.rename(columns={"tokens": "ppl_tokens"})
+    return ModelRun(
+        cfg.name, tokens, meaningful, tagged(grid), tagged(accuracy(grid)), tagged(by_depth), tagged(ppl), text_name,
+        grid_s, ppl_s,
+    )  # fmt: skip
+
+
 # ---- perplexity of the same policies -------------------------------------------------------------------------------
 
 
@@ -287,7 +419,8 @@ def perplexity_rows(
     (SAME_AS_WINDOW; StreamingLLM: window = budget - sink; SnapKV: no sinks, window = budget, so its perplexity is
     its decode rule's, not its prompt selection's). H2O, TOVA and K-norm have no mask for the one-pass method (what
     they keep depends on the attention or the keys), so they run token by token through the layout itself. A model
-    other than Llama's architecture has no one-pass method: everything then runs token by token. Returns one row per
+    other than Llama's architecture has no one-pass method: everything then runs token by token, StreamingLLM and
+    SnapKV through their own layouts on a model with sliding layers of its own (Gemma 3). Returns one row per
     (policy, budget fraction): method, tokens, budget, perplexity, change against the full cache (%)."""
     from kvlib.measure.perplexity import perplexity
 
@@ -304,7 +437,9 @@ def perplexity_rows(
         for frac in budget_fractions:
             options = budget_options(cache, dict(opts), max(1, round(frac * n)))
             layout, lopts, method = cache, options, "token"
-            if cache in ("streaming", "snapkv"):  # the window layout's kept tokens (see SAME_AS_WINDOW)
+            if cache in ("streaming", "snapkv") and not model.cfg.is_hybrid:  # the window layout's tokens
+                # (SAME_AS_WINDOW); a model with sliding layers of its own (Gemma 3) refuses the window layout, so
+                # there they run token by token through their own layouts, which compose with its windows
                 sink = options.get("sink", 4) if cache == "streaming" else 0
                 layout, lopts = "window", {"sink": sink, "window": options["budget"] - sink}
             if layout == "window":
@@ -392,13 +527,16 @@ def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) ->
     )
 
 
-def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
+def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str, model: str) -> Any:
     """Left: perplexity change against budget; right: retrieval accuracy (95% Wilson interval) against budget,
-    solid question-aware, dashed question-after; the full cache a horizontal line; published figures as grey
-    crosses labelled "theirs". One legend for both panels: colours are policies, line styles settings."""
+    solid question-aware, dashed question-after; the full cache a horizontal line; the figures published for
+    `model` (`theirs_for`) as grey crosses labelled "theirs". One legend for both panels: colours are policies,
+    line styles settings. `acc`, `ppl`: one model's rows of `accuracy` and `perplexity_rows`."""
     from matplotlib.lines import Line2D
 
     from kvlib.study import plotting
+
+    theirs, theirs_ppl, _ = theirs_for(model)
 
     fig, (left, right) = plotting.figure(ncols=2, width=5.5, height=4.5, title=title)
     palette, order = plotting.colors([*ppl["policy"].unique(), *acc["policy"].unique()])
@@ -408,8 +546,8 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
         x = 100 * d["budget_fraction"] + 1.2 * (i - (len(in_ppl) - 1) / 2)
         left.plot(x, d["ppl_change_pct"], marker="o", color=palette[policy])
     left.axhline(0, color=palette.get(FULL, "grey"), linewidth=1.5)
-    left.scatter(100 * THEIRS_PPL["kept_fraction"], THEIRS_PPL["ppl_change_pct"], marker="x", color="grey")
-    for r in THEIRS_PPL.itertuples():
+    left.scatter(100 * theirs_ppl["kept_fraction"], theirs_ppl["ppl_change_pct"], marker="x", color="grey")
+    for r in theirs_ppl.itertuples():
         left.annotate(f"theirs: {r.policy}", (100 * r.kept_fraction, r.ppl_change_pct), fontsize=7, color="grey",
                       xytext=(4, 2), textcoords="offset points")  # fmt: skip
     plotting.label(left, "What perplexity says", "cache budget (% of the context)", "perplexity change vs full (%)")
@@ -429,7 +567,7 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
     full = acc[acc["setting"] == NO_SETTING]
     if len(full):
         right.axhline(full["accuracy_pct"].iloc[0], color=palette.get(full["policy"].iloc[0], "grey"), linewidth=1.5)
-    theirs = THEIRS.assign(accuracy_pct=100 * THEIRS["retrieved"] / THEIRS["n"])
+    theirs = theirs.assign(accuracy_pct=100 * theirs["retrieved"] / theirs["n"])
     right.scatter(100 * theirs["kept_fraction"], theirs["accuracy_pct"], marker="x", color="grey")
     for (x, y), g in theirs.groupby(["kept_fraction", "accuracy_pct"]):
         names = ", ".join(g["policy"])
@@ -456,6 +594,7 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str) -> Any:
         Line2D([], [], color="black", linestyle=ls, marker="o" if ls == "-" else "s", label=s)
         for s, ls in styles.items()
     ]
-    handles.append(Line2D([], [], color="grey", marker="x", linestyle="none", label="theirs (published)"))
+    if len(theirs) or len(theirs_ppl):
+        handles.append(Line2D([], [], color="grey", marker="x", linestyle="none", label="theirs (published)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return fig
