@@ -571,16 +571,17 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str, model: st
     right.scatter(100 * theirs["kept_fraction"], theirs["accuracy_pct"], marker="x", color="grey")
     for (x, y), g in theirs.groupby(["kept_fraction", "accuracy_pct"]):
         names = ", ".join(g["policy"])
+        at_edge = x >= 0.9  # a full cache's cross sits at the axis' right end: its label goes left, inside
         right.annotate(
             f"theirs: {names} {g['retrieved'].iloc[0]}/{g['n'].iloc[0]}",
             (100 * x, y),
             fontsize=7,
             color="grey",
-            xytext=(4, 4),
+            xytext=((-4, -10) if y > 95 else (-4, 4)) if at_edge else (4, 4),  # under the top border, if at it
             textcoords="offset points",
-            ha="left",
+            ha="right" if at_edge else "left",
             annotation_clip=False,
-        )  # right of the crosses: our points sit at budgets left of them; fmt: skip
+        )  # right of the other crosses: our points sit at budgets left of them
     right.set_ylim(-5, 105)
     plotting.label(right, "What retrieval says", "cache budget (% of the context)", "keys retrieved (%)")
     for ax in (left, right):
