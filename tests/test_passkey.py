@@ -412,7 +412,7 @@ def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_lay
 
     ids = torch.randint(0, gemma.cfg.vocab_size, (1, 80), generator=torch.Generator().manual_seed(4))
     rows = perplexity_rows(gemma, ids, [("static", {}), ("streaming", {}), ("snapkv", {})], [0.5])
-    assert list(rows["method"]) == ["token"] * 3
+    assert list(rows["method"]) == ["fast", "token", "token"]  # the full cache in one pass, the policies not
     got = rows.set_index("cache")["perplexity"]
     assert (
         got["streaming"] == perplexity(gemma, ids, "streaming", budget_options("streaming", {}, 40), "token").perplexity
@@ -423,10 +423,11 @@ def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_lay
 @pytest.mark.parametrize(
     "more, message",
     [
-        ({"model": "tiny-gemma", "tokens": 64}, "a list of {model, tokens} mappings"),
-        ([{"model": "tiny-gemma"}], "exactly the keys model and tokens"),
-        ([{"model": "tiny-gemma", "tokens": 64, "keys": 3}], "exactly the keys model and tokens"),
-        (["tiny-gemma"], "exactly the keys model and tokens"),
+        ({"model": "tiny-gemma", "tokens": 64}, "a list of {model, tokens[, keys]} mappings"),
+        ([{"model": "tiny-gemma"}], "the keys model and tokens (and optionally keys)"),
+        ([{"model": "tiny-gemma", "tokens": 64, "depths": [0.5]}], "the keys model and tokens (and optionally keys)"),
+        (["tiny-gemma"], "the keys model and tokens (and optionally keys)"),
+        ([{"model": "tiny-gemma", "tokens": 64, "keys": 0}], "more_models[0].keys"),
         ([{"model": "no-such-model", "tokens": 64}], "no-such-model"),
         ([{"model": "tiny-gemma", "tokens": 1}], "more_models[0].tokens"),
         ([{"model": "tiny-llama", "tokens": 64}], "each model once"),
@@ -437,18 +438,16 @@ def test_page_runs_refuse_bad_more_models_with_one_line(more, message):
     from kvlib.study.passkey import page_runs
 
     with pytest.raises(KvlibError) as e:
-        page_runs("tiny-llama", 96, more)
+        page_runs("tiny-llama", 96, 3, more)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_page_runs_lists_the_pages_model_first():
     from kvlib.study.passkey import page_runs
 
-    assert page_runs("tiny-llama", 96, [{"model": "tiny-gemma", "tokens": 64}]) == [
-        ("tiny-llama", 96),
-        ("tiny-gemma", 64),
-    ]
-    assert page_runs("tiny-llama", 96, []) == page_runs("tiny-llama", 96, None) == [("tiny-llama", 96)]
+    more = [{"model": "tiny-gemma", "tokens": 64}, {"model": "tiny", "tokens": 80, "keys": 1}]
+    assert page_runs("tiny-llama", 96, 3, more) == [("tiny-llama", 96, 3), ("tiny-gemma", 64, 3), ("tiny", 80, 1)]
+    assert page_runs("tiny-llama", 96, 3, []) == page_runs("tiny-llama", 96, 3, None) == [("tiny-llama", 96, 3)]
 
 
 def test_measure_model_tags_every_table_and_the_figure_shows_only_that_models_published_figures():

@@ -315,3 +315,17 @@ def test_findings_of_notebook_8_are_computed_from_its_csvs(tmp_path):
     assert [f.contradicts for f in found] == [True, True] and "Contrary to StreamingLLM" in found[0].html
     (data / "08_meta.json").write_text(json.dumps({**meta, "weights": ["random"]}))
     assert findings(tmp_path, ["08_quality"]) == []
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma"])
+def test_fast_method_of_an_exact_layout_on_any_architecture_equals_the_token_method(preset):
+    """GPT-2 and Gemma 3 have no one-pass mask for the window or quantized layouts, but an exact cache shows each
+    query every earlier key: the model's own forward pass over the whole text (Gemma applying its windows)."""
+    model = load(preset, weights="random", seed=0, with_hf=False).model
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    for cache in ("static", "dynamic"):
+        slow, fast = perplexity(model, ids, cache, {}, "token"), perplexity(model, ids, cache, {}, "fast")
+        assert (slow.nll - fast.nll).abs().max() < TOL, (preset, cache)
+        assert slow.kv_bytes_held == fast.kv_bytes_held
+    with pytest.raises(KvlibError, match="exact layouts only"):
+        perplexity(model, ids, "streaming", {"budget": 16}, "fast")

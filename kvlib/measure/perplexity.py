@@ -10,7 +10,8 @@ Two methods, proven equal by tests/test_perplexity.py on short texts:
 - "token" (the reference): teacher forcing through the named layout itself, one token per step (cache slot i at
   position i), so the number is what that cache really does. "none" is the model without a cache: one causal
   forward pass over the whole text, which is what naive decoding recomputes at every step.
-- "fast" (for long sweeps; Llama-architecture models): one forward pass over the whole text that reproduces, per
+- "fast" (for long sweeps; Llama-architecture models, and the exact layouts of any model): one forward pass over
+  the whole text that reproduces, per
   query, exactly what the cache would have shown it: the window/sink pattern as an attention mask (and the sinks'
   shifted positions for positions="cache"), and quantization as fake quantization of keys and values (quantized
   then dequantized with the cache's own functions) used only where the cache would have held codes, never where
@@ -386,18 +387,28 @@ def _attention(q, k, v, allowed, q_sink=None, sink=0, k_codes=None, v_codes=None
 
 @torch.inference_mode()
 def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None) -> Perplexity:
-    """One forward pass equal to `perplexity_token_by_token` (Llama-architecture models; exact layouts, window and
-    quantized); bytes held are computed by `held_bytes`."""
+    """One forward pass equal to `perplexity_token_by_token`: on a Llama-architecture model for the exact layouts,
+    window and quantized; on any other architecture for the exact layouts only (the model's own forward pass over
+    the whole text, without a cache: what an exact cache shows each query). Bytes held are computed by
+    `held_bytes`. Raises KvlibError for a layout it has no mask for."""
     from kvlib.models.llama import rotate
 
     options = options or {}
-    if model.cfg.arch != "llama":
-        raise KvlibError(f"method fast is implemented for Llama-architecture models; {model.cfg.name} is GPT-2")
     if cache in (NAIVE, HF_QUANTIZED) or cache not in CACHE_LAYOUTS:
         raise KvlibError(f"method fast does not apply to cache {cache!r}; use method token")
     N = ids.shape[1]
     t0 = time.perf_counter()
     device, dtype = ids.device, model.wte.weight.dtype
+    if model.cfg.arch != "llama":
+        if not CACHE_LAYOUTS[cache].exact:
+            raise KvlibError(
+                f"method fast on {model.cfg.name} ({model.cfg.arch}) covers the exact layouts only, not {cache!r}; "
+                "use method token"
+            )
+        positions = torch.arange(N, device=device)[None]
+        logits = model(ids, positions, None, 0, last_only=False)[0]  # (N, V)
+        nll = _nll(logits[:-1], ids[0, 1:])
+        return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0)
     causal = window_mask(N, 0, N, device)
     allowed, codes_where, sink, q_sink_pos = causal, None, 0, None
     if cache == "window":

@@ -306,29 +306,38 @@ def accuracy(
 
 # ---- one model's part of the page ---------------------------------------------------------------------------------
 
-RUN_KEYS = ("model", "tokens")  # what each of notebook 09's further models sets; the other settings are shared
+RUN_KEYS = ("model", "tokens")  # what each of notebook 09's further models must set
+RUN_OPTIONAL = ("keys",)  # and may set (else the page's own); the other settings are shared
 
 
-def page_runs(model: str, tokens: int, more_models: Any) -> list[tuple[str, int]]:
-    """Notebook 09's models, in order: (preset, prompt tokens) for the page's `model` and each entry of
-    `more_models`, a list of {"model": preset, "tokens": prompt length}. Raises KvlibError (one line) for an entry
-    that is not such a mapping, an unknown preset, a length below 2 or a model named twice."""
+def page_runs(model: str, tokens: int, keys: int, more_models: Any) -> list[tuple[str, int, int]]:
+    """Notebook 09's models, in order: (preset, prompt tokens, keys per depth) for the page's `model` and each entry
+    of `more_models`, a list of {"model": preset, "tokens": prompt length[, "keys": keys per depth]} (keys: the
+    page's when not given). Raises KvlibError (one line) for an entry that is not such a mapping, an unknown
+    preset, a length below 2, keys below 1 or a model named twice."""
     from kvlib import study
     from kvlib.errors import KvlibError
 
     if more_models is None:
         more_models = []
     if not isinstance(more_models, list):
-        raise KvlibError(f"parameter more_models: a list of {{model, tokens}} mappings, got {more_models!r}")
-    runs = [(model, tokens)]
+        raise KvlibError(f"parameter more_models: a list of {{model, tokens[, keys]}} mappings, got {more_models!r}")
+    runs = [(model, tokens, keys)]
     for i, entry in enumerate(more_models):
-        if not isinstance(entry, dict) or set(entry) != set(RUN_KEYS):
+        if not isinstance(entry, dict) or not set(RUN_KEYS) <= set(entry) <= {*RUN_KEYS, *RUN_OPTIONAL}:
             raise KvlibError(
-                f"parameter more_models[{i}]: a mapping with exactly the keys model and tokens, got {entry!r}"
+                f"parameter more_models[{i}]: a mapping with the keys model and tokens (and optionally keys), "
+                f"got {entry!r}"
             )
         study.model_config(entry["model"])  # an unknown preset: its own one-line error
-        runs.append((entry["model"], study.positive_int(f"more_models[{i}].tokens", entry["tokens"], minimum=2)))
-    names = [m for m, _ in runs]
+        runs.append(
+            (
+                entry["model"],
+                study.positive_int(f"more_models[{i}].tokens", entry["tokens"], minimum=2),
+                study.positive_int(f"more_models[{i}].keys", entry.get("keys", keys)),
+            )
+        )
+    names = [m for m, _, _ in runs]
     if len(set(names)) != len(names):
         raise KvlibError(f"parameter more_models: each model once on the page, got {names}")
     return runs
@@ -340,6 +349,7 @@ class ModelRun:
 
     model: str  # the preset's name
     tokens: int  # prompt length, question included
+    keys: int  # keys per depth
     meaningful: bool  # pretrained weights and a real tokenizer (random weights: every number is meaningless)
     grid: pd.DataFrame  # retrieval_grid's rows
     acc: pd.DataFrame  # accuracy per (policy, budget, setting)
@@ -400,8 +410,8 @@ def measure_model(
     by_depth = accuracy(grid, ("policy", "budget_fraction", "setting", "depth"))
     ppl = ppl.rename(columns={"tokens": "ppl_tokens"})
     return ModelRun(
-        cfg.name, tokens, meaningful, tagged(grid), tagged(accuracy(grid)), tagged(by_depth), tagged(ppl), text_name,
-        grid_s, ppl_s,
+        cfg.name, tokens, keys, meaningful, tagged(grid), tagged(accuracy(grid)), tagged(by_depth), tagged(ppl),
+        text_name, grid_s, ppl_s,
     )  # fmt: skip
 
 
@@ -419,16 +429,17 @@ def perplexity_rows(
     (SAME_AS_WINDOW; StreamingLLM: window = budget - sink; SnapKV: no sinks, window = budget, so its perplexity is
     its decode rule's, not its prompt selection's). H2O, TOVA and K-norm have no mask for the one-pass method (what
     they keep depends on the attention or the keys), so they run token by token through the layout itself. A model
-    other than Llama's architecture has no one-pass method: everything then runs token by token, StreamingLLM and
-    SnapKV through their own layouts on a model with sliding layers of its own (Gemma 3). Returns one row per
+    other than Llama's architecture has a one-pass method for the full cache only: everything else then runs token
+    by token, StreamingLLM and SnapKV through their own layouts on a model with sliding layers of its own (Gemma 3,
+    which refuses the window layout). Returns one row per
     (policy, budget fraction): method, tokens, budget, perplexity, change against the full cache (%)."""
     from kvlib.measure.perplexity import perplexity
 
-    one_pass = "fast" if model.cfg.arch == "llama" else "token"  # the one-pass method is Llama's only
+    one_pass = "fast" if model.cfg.arch == "llama" else "token"  # the one-pass method of the window mask: Llama's
     n = ids.shape[1]
-    full = perplexity(model, ids, "static", {}, one_pass).perplexity
+    full = perplexity(model, ids, "static", {}, "fast").perplexity  # an exact layout: one pass on any model
     rows = [
-        {"policy": FULL, "cache": "static", "budget_fraction": 1.0, "method": one_pass, "tokens": n, "budget": n,
+        {"policy": FULL, "cache": "static", "budget_fraction": 1.0, "method": "fast", "tokens": n, "budget": n,
          "perplexity": full, "ppl_change_pct": 0.0},
     ]  # fmt: skip
     for cache, opts in policies:
