@@ -148,6 +148,17 @@ def test_wilson_interval_matches_its_closed_forms_and_published_values():
         wilson(3, 2)
 
 
+def test_wilson_interval_holds_its_point_estimate_for_every_count():
+    """Regression: at 6/6 rounding put the upper bound a hair below 1 (0.9999999999999999), so the figure's error
+    bar (high - accuracy) was negative and matplotlib refused to draw notebook 09's Gemma page. Every count of every
+    n up to 60: low <= k/n <= high, exactly 1 at n/n and 0 at 0/n."""
+    for n in range(1, 61):
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
+        assert wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0
+
+
 def test_budget_maps_to_each_layout():
     assert budget_options("window", {}, 64) == {"sink": 4, "window": 60}
     assert budget_options("window", {"sink": 0}, 64) == {"sink": 0, "window": 64}

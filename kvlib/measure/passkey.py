@@ -93,7 +93,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     p = successes / n
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+    low, high = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    # The interval holds p: exactly so at 0/n and n/n, where rounding would otherwise put p a hair outside it.
+    return max(0.0, min(low, p)), min(1.0, max(high, p))
 
 
 # ---- layouts, budgets and settings ---------------------------------------------------------------------------------
