@@ -323,3 +323,26 @@ def test_bench_runs_tiny_gemma_on_its_hybrid_cache(tmp_path, capsys, monkeypatch
     assert "hybrid cache vs HF generate" in out and "tiny-gemma float32 batch 1, prompt 20" in out
     df = pd.read_csv(csv)
     assert len(df) == 1 and df.loc[0, "arch"] == "gemma3" and df.loc[0, "kvlib_tpot_p50_ms"] > 0
+
+
+def test_a_ratio_target_below_the_memory_floor_is_reported_unreachable():
+    """On a machine where HF already runs near the memory floor, a speed-up target can ask for a step faster than
+    the bytes it must read allow (kvlib MBU > 1): the report says so under the missed target, with the figures."""
+    row = _row(
+        model="distilgpt2", arch="gpt2", ratio_hf_best=1.11, hf_dynamic_tpot_p50_ms=16.54,
+        hf_static_tpot_p50_ms=18.84, floor_step_ms=13.5, mbu=0.91,
+    )  # fmt: skip
+    reachable = _row(
+        model="smollm2-135m", batch_size=4, ratio_hf_best=1.2, hf_dynamic_tpot_p50_ms=85.8,
+        hf_static_tpot_p50_ms=79.5, floor_step_ms=23.0,
+    )  # fmt: skip
+    rows = [{**r, **bench.check_targets(r)} for r in (row, reachable)]
+    report, all_met = bench.target_report(rows)
+    assert not all_met
+    assert "distilgpt2 float32 b1: unreachable on this machine, it asks for 12.7 ms per step" in report
+    assert "memory floor of 13.5 ms (kvlib MBU 1.06 > 1; HF itself reaches MBU 0.82)" in report
+    assert "smollm2-135m float32 b4: unreachable" not in report  # 79.5 / 1.3 = 61 ms is above its floor
+    ratio = next(t for t in bench.TARGETS if t.column == "ratio_hf_best")
+    mbu = next(t for t in bench.TARGETS if t.column == "mbu")
+    assert bench.beyond_the_floor(mbu, row) is None  # an MBU target has no HF time to divide
+    assert bench.beyond_the_floor(ratio, {**row, "floor_step_ms": math.nan}) is None  # no bandwidth measured

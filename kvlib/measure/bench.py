@@ -430,8 +430,38 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The HF TPOT(s) behind each ratio column (best: the faster of HF's two caches).
+HF_TPOT_OF_RATIO = {
+    "ratio_hf_dynamic": ("hf_dynamic_tpot_p50_ms",),
+    "ratio_hf_best": ("hf_dynamic_tpot_p50_ms", "hf_static_tpot_p50_ms"),
+}
+
+
+def beyond_the_floor(t: Target, row: dict[str, Any]) -> str | None:
+    """Why a speed-up target cannot be met on this machine, or None: the TPOT it asks of kvlib (HF's TPOT / the
+    target ratio) is below the memory floor measured in the same run (`floor_step_ms`: the bytes a decode step must
+    read / the read bandwidth, kvlib.measure.roofline), i.e. it would need kvlib's MBU above 1."""
+    columns = HF_TPOT_OF_RATIO.get(t.column)
+    if columns is None:
+        return None
+    hf = [x for x in (row.get(c) for c in columns) if x is not None and not math.isnan(x)]
+    floor = row.get("floor_step_ms")
+    if not hf or floor is None or math.isnan(floor):
+        return None
+    hf_ms = min(hf)
+    asked = hf_ms / t.minimum
+    if asked >= floor:
+        return None
+    return (
+        f"{row.get('model', '')} {row['dtype']} b{row['batch_size']}: unreachable on this machine, it asks for "
+        f"{asked:.1f} ms per step, below the memory floor of {floor:.1f} ms (kvlib MBU {floor / asked:.2f} > 1; "
+        f"HF itself reaches MBU {floor / hf_ms:.2f})"
+    ).strip()
+
+
 def target_report(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:
-    """One line per target (met / missed, with the figures that decided it) and whether all were met."""
+    """One line per target (met / missed, with the figures that decided it) and whether all were met; under a
+    missed ratio target, each row it could not be met on because of the memory floor (`beyond_the_floor`)."""
     lines, all_met = [], True
     for t in TARGETS:
         checked = [r for r in rows if r[f"target_{t.name}"] != "n/a"]
@@ -444,6 +474,7 @@ def target_report(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:
             f"{r.get('model', '')} {r['dtype']} b{r['batch_size']}: {_fmt(r[t.column], '.2f')}".strip() for r in checked
         )
         lines.append(f"  {'MISSED' if failed else 'met':<6} {t.text} ({figures})")
+        lines += [f"         {note}" for r in failed if (note := beyond_the_floor(t, r))]
     return "\n".join(lines), all_met
 
 
