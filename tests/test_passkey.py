@@ -246,7 +246,12 @@ def gemma():
     return load("tiny-gemma", weights="random", seed=0, with_hf=False).model  # sliding window 8: prompts cross it
 
 
-@pytest.fixture(params=["llama", "gemma"])
+@pytest.fixture(scope="module")
+def gpt2():
+    return load("tiny", weights="random", seed=0, with_hf=False).model
+
+
+@pytest.fixture(params=["llama", "gemma", "gpt2"])
 def decoder(request):
     return request.getfixturevalue(request.param)
 
@@ -318,7 +323,10 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
     pd.concat([ppl.assign(model="smollm2-135m"), ppl.assign(model="gemma3-270m")]).to_csv(
         data / "09_perplexity.csv", index=False
     )
-    head = pd.DataFrame([{"metric": "full_cache_retrieval", "value": 100.0, "headline": True, "n": 1}])
+    head = pd.DataFrame(
+        [{"metric": m, "value": 100.0, "headline": True, "n": 1}
+         for m in ("full_cache_retrieval", "full_cache_retrieval_gemma3-270m")]
+    )  # fmt: skip
     head.to_csv(data / "09_headline.csv", index=False)
     (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
     assert "smollm2-135m: evicting down to 25% of a 1024-token prompt" in found.html
@@ -326,6 +334,10 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
         "gemma3-270m: evicting down to 25% of a 2048-token prompt, the best policy retrieved <b>9/9</b>" in found.html
     )
     assert found.html.count("rank correlation") == 1  # Gemma's retrieval did not vary: nothing to correlate
+    head.loc[1, "headline"] = False  # the second model's weights were random: its numbers are no finding
+    head.to_csv(data / "09_headline.csv", index=False)
+    (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
+    assert "smollm2-135m: evicting" in found.html and "gemma3-270m" not in found.html
     assert "<b>5/9</b> when the question came after compression (knorm)" in found.html
     assert "<b>7/9</b> when the policy saw the question (h2o)" in found.html
     assert "<b>9/9</b> pass keys for the full cache" in found.html and "<b>did not predict</b>" in found.html
@@ -439,7 +451,7 @@ def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_lay
         ([{"model": "tiny-gemma", "tokens": 64, "depths": [0.5]}], "the keys model and tokens (and optionally keys)"),
         (["tiny-gemma"], "the keys model and tokens (and optionally keys)"),
         ([{"model": "tiny-gemma", "tokens": 64, "keys": 0}], "more_models[0].keys"),
-        ([{"model": "no-such-model", "tokens": 64}], "no-such-model"),
+        ([{"model": "no-such-model", "tokens": 64}], "parameter more_models[0].model: "),
         ([{"model": "tiny-gemma", "tokens": 1}], "more_models[0].tokens"),
         ([{"model": "tiny-llama", "tokens": 64}], "each model once"),
     ],
@@ -498,6 +510,17 @@ def test_outputs_unused_returns_zeros_after_the_same_cache_writes_and_observatio
         z = attend(q, k, v, caches[1], 0, 0, None, True)
     assert torch.equal(z, torch.zeros_like(y)) and y.abs().sum() > 0
     assert attend(q, k, v, None, 0, 0, None, True).abs().sum() > 0  # the switch is off again after the block
+    with pytest.raises(RuntimeError), outputs_unused():
+        raise RuntimeError("inside the block")
+    assert attend(q, k, v, None, 0, 0, None, True).abs().sum() > 0  # and after an exception inside it
+    import threading
+
+    seen = []
+    with outputs_unused():  # another thread decoding meanwhile computes its outputs
+        t = threading.Thread(target=lambda: seen.append(attend(q, k, v, None, 0, 0, None, True).abs().sum() > 0))
+        t.start()
+        t.join()
+    assert seen == [True]
     for a, b in zip(caches[0].layer_kv(0), caches[1].layer_kv(0), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(caches[0].scores[0], caches[1].scores[0])
@@ -513,7 +536,8 @@ def test_a_replay_skips_every_attention_output_projection(decoder):
     ids = torch.tensor([builder.prompt(0.5, k).ids for k in passkey_keys(2, 3)])
     rec = record_prefill(decoder, ids, new_tokens=2)
     calls = []
-    projections = [b.self_attn.o_proj for b in decoder.h]
+    projections = [getattr(b, "self_attn", None) or b.attn for b in decoder.h]
+    projections = [getattr(a, "o_proj", None) or a.c_proj for a in projections]  # Llama, Gemma 3 / GPT-2
     handles = [p.register_forward_hook(lambda *a: calls.append(1)) for p in projections]
     try:
         kv = make_cache("h2o", decoder.cfg, 2, 82, "cpu", torch.float32, budget=40)

@@ -11,6 +11,7 @@ key-value heads, hd head_dim.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from kvlib.caches.base import KVCache
 from kvlib.models.fastpath import one_query_attention
 
-_outputs_unused = False  # set by `outputs_unused`
+# Set by `outputs_unused`; a context variable, so that another thread (or task) decoding meanwhile is unaffected.
+_outputs_unused: contextvars.ContextVar[bool] = contextvars.ContextVar("kvlib_attention_outputs_unused", default=False)
 
 
 @contextlib.contextmanager
@@ -29,17 +31,16 @@ def outputs_unused() -> Iterator[None]:
     projection (`output_wanted`): for a caller that discards every output (kvlib.study.passkey replays a recorded
     prefill into a cache, where only the cache's writes and observations count). Saves one attention and one
     projection per layer; the tests that replay a prefill prove the caches and answers unchanged."""
-    global _outputs_unused
-    before, _outputs_unused = _outputs_unused, True
+    token = _outputs_unused.set(True)
     try:
         yield
     finally:
-        _outputs_unused = before
+        _outputs_unused.reset(token)
 
 
 def output_wanted() -> bool:
     """False within `outputs_unused`: an attention module may then skip its output projection."""
-    return not _outputs_unused
+    return not _outputs_unused.get()
 
 
 def attention_mask(
@@ -96,7 +97,7 @@ def attend(
             # A layout that keeps fewer keys than slots (eviction) maps the mask onto the keys it kept, or raises.
             mask = cache.visible_mask(layer, mask, q.shape[1])  # (B, nh, T, S)
     one_query = q.shape[2] == 1 and q.is_cpu and q.dtype != torch.float32 and scale is None
-    if _outputs_unused:  # the caller discards the output (outputs_unused)
+    if _outputs_unused.get():  # the caller discards the output (outputs_unused)
         y = torch.zeros_like(q)
     elif one_query and (mask is None or mask.shape[1] == 1):  # its mask is shared by the heads; its scale 1/sqrt(hd)
         y = one_query_attention(q, k, v, mask)  # faster than SDPA's CPU kernel in half precision (see there)

@@ -288,12 +288,14 @@ def passkey_retrieval(out: Path) -> Finding | None:
     from kvlib.study.passkey import verdict
 
     h = _headline(out, "09")
-    if str(h.loc["full_cache_retrieval", "headline"]).lower() not in ("true", "1"):
-        return None  # random weights: no finding
     acc_all = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
     ppl_all = pd.read_csv(out / "data" / "09_perplexity.csv")
+    # CSVs written before the model column raise KeyError here: `findings` then shows the page's headline rows.
     sentences = []
-    for model, acc in acc_all.groupby("model", sort=False):
+    for i, (model, acc) in enumerate(acc_all.groupby("model", sort=False)):
+        metric = "full_cache_retrieval" if i == 0 else f"full_cache_retrieval_{model}"
+        if metric not in h.index or str(h.loc[metric, "headline"]).lower() not in ("true", "1"):
+            continue  # random weights (or no tokenizer): this model's numbers are meaningless, no finding
         ppl = ppl_all[ppl_all["model"] == model]
         tokens = int(acc["tokens"].iloc[0])
         full = acc[acc["setting"] == "no eviction"].iloc[0]

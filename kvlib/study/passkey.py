@@ -60,8 +60,10 @@ THEIRS = pd.DataFrame(
     ],
     columns=["model", "source", "policy", "setting", "kept_fraction", "retrieved", "n"],
 )
-THEIRS_NOTES = {
+THEIRS_NOTES = {  # per model: what the grey crosses are, first; then what was published without a plotted figure
     "smollm2-135m": (
+        "kvpress's question-agnostic results on SmolLM2 at 1024 tokens (compression ratio 0.25 = 75% kept; right "
+        "panel) and issue 16's perplexities at 4096 tokens (Hugging Face; left panel).",
         "kvpress 0.5.5 (issue 16's run: SmolLM2-135M, 1024 tokens, 3 keys x 3 depths, question-agnostic): at "
         "compression ratios 0.5 and 0.75 nearly every policy scored 0/9 (no exact counts given).",
         "SnapKV (Li et al. 2024), on large models with the question inside its observation window: little loss at "
@@ -69,6 +71,7 @@ THEIRS_NOTES = {
         "H2O (Zhang et al. 2023): issue 16 states no figure for it.",
     ),
     "gemma3-270m": (
+        "issue 16's Hugging Face full-cache run of Gemma 3 270M at 2048 tokens (right panel, at 100%).",
         "Issue 16's Hugging Face runs of Gemma 3 270M (full cache, neutral filler): 9/9 at 1024, 2048 and 4096 "
         "tokens; no published figure for Gemma 3 under eviction.",
     ),
@@ -329,7 +332,10 @@ def page_runs(model: str, tokens: int, keys: int, more_models: Any) -> list[tupl
                 f"parameter more_models[{i}]: a mapping with the keys model and tokens (and optionally keys), "
                 f"got {entry!r}"
             )
-        study.model_config(entry["model"])  # an unknown preset: its own one-line error
+        try:
+            study.model_config(entry["model"])
+        except KvlibError as e:  # an unknown preset: its own one line, said where it came from
+            raise KvlibError(f"parameter more_models[{i}].model: {e}") from None
         runs.append(
             (
                 entry["model"],
@@ -424,15 +430,15 @@ def perplexity_rows(
     """Perplexity of `ids` (1, N) through the same policies at the same budget fractions of N, with
     kvlib.measure.perplexity, every policy on the same text so that their changes compare.
 
-    The full cache, the window layout, StreamingLLM and SnapKV go through the one-pass method ("fast", proven equal
-    to the token method): read token by token, StreamingLLM and SnapKV keep exactly the window layout's tokens
-    (SAME_AS_WINDOW; StreamingLLM: window = budget - sink; SnapKV: no sinks, window = budget, so its perplexity is
-    its decode rule's, not its prompt selection's). H2O, TOVA and K-norm have no mask for the one-pass method (what
-    they keep depends on the attention or the keys), so they run token by token through the layout itself. A model
-    other than Llama's architecture has a one-pass method for the full cache only: everything else then runs token
-    by token, StreamingLLM and SnapKV through their own layouts on a model with sliding layers of its own (Gemma 3,
-    which refuses the window layout). Returns one row per
-    (policy, budget fraction): method, tokens, budget, perplexity, change against the full cache (%)."""
+    On a Llama-architecture model the full cache, the window layout, StreamingLLM and SnapKV go through the one-pass
+    method ("fast", proven equal to the token method): read token by token, StreamingLLM and SnapKV keep exactly the
+    window layout's tokens (SAME_AS_WINDOW; StreamingLLM: window = budget - sink; SnapKV: no sinks, window = budget,
+    so its perplexity is its decode rule's, not its prompt selection's). H2O, TOVA and K-norm have no mask for the
+    one-pass method (what they keep depends on the attention or the keys), so they run token by token through the
+    layout itself. A model of another architecture has a one-pass method for the full cache only: everything else
+    then runs token by token, StreamingLLM and SnapKV through their own layouts on a model with sliding layers of
+    its own (Gemma 3, which refuses the window layout). Returns one row per (policy, budget fraction): method,
+    tokens, budget, perplexity, change against the full cache (%)."""
     from kvlib.measure.perplexity import perplexity
 
     one_pass = "fast" if model.cfg.arch == "llama" else "token"  # the one-pass method of the window mask: Llama's
