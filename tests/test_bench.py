@@ -339,7 +339,7 @@ def test_a_ratio_target_below_the_memory_floor_is_reported_unreachable():
     rows = [{**r, **bench.check_targets(r)} for r in (row, reachable)]
     report, all_met = bench.target_report(rows)
     assert not all_met
-    assert "distilgpt2 float32 b1: unreachable on this machine, it asks for 12.7 ms per step" in report
+    assert "distilgpt2 float32 b1: unreachable at the bandwidth measured in this run, it asks for 12.7 ms" in report
     assert "memory floor of 13.5 ms (kvlib MBU 1.06 > 1; HF itself reaches MBU 0.82)" in report
     assert "smollm2-135m float32 b4: unreachable" not in report  # 79.5 / 1.3 = 61 ms is above its floor
     ratio = next(t for t in bench.TARGETS if t.column == "ratio_hf_best")

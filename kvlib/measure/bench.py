@@ -78,8 +78,9 @@ ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
     ("hf-dynamic", "hf", "dynamic"),
     ("hf-static", "hf", "static"),
 )
-QUICK = {"max_new_tokens": 16, "repeats": 2, "warmup": 0}  # TPOT is a median of steps: the first run's cold start
-# barely moves it, and a warm-up of batch 8 on 2 cores costs as much as a repeat
+QUICK = {"max_new_tokens": 16, "repeats": 3, "warmup": 0}  # TPOT is a median of steps: the first run's cold start
+# barely moves it, and a warm-up of batch 8 on 2 cores costs as much as a repeat. Three repeats, not two: the median
+# of two is their mean, so one repeat caught in a slow spell of the machine moved a row by tens of percent.
 FULL = {"max_new_tokens": 64, "repeats": 3, "warmup": 1}
 QUICK_BUDGET_S = 120.0  # --quick: seconds of measuring for all rows together (loading adds ~30 s): under 3 minutes,
 # shared in proportion to each row's work (a batch-8 row prefills 8 prompts): 1 + batch / 2
@@ -453,7 +454,8 @@ def beyond_the_floor(t: Target, row: dict[str, Any]) -> str | None:
     if asked >= floor:
         return None
     return (
-        f"{row.get('model', '')} {row['dtype']} b{row['batch_size']}: unreachable on this machine, it asks for "
+        f"{row.get('model', '')} {row['dtype']} b{row['batch_size']}: unreachable at the bandwidth measured in this "
+        "run, it asks for "
         f"{asked:.1f} ms per step, below the memory floor of {floor:.1f} ms (kvlib MBU {floor / asked:.2f} > 1; "
         f"HF itself reaches MBU {floor / hf_ms:.2f})"
     ).strip()
