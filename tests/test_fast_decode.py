@@ -338,3 +338,29 @@ def test_llama_rmsnorm_fused_op_equals_the_formula():
     x = torch.randn(3, 5, 64) * 4
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
     assert torch.equal(norm(x), norm.weight * h)
+
+
+def test_sdpa_hands_the_kernel_contiguous_queries_when_masked(monkeypatch):
+    """kvlib.models.attention.sdpa: with a mask and several queries the CPU kernel gets contiguous queries (faster:
+    measured on Gemma 3's windowed prefill), without changing the result; one query or no mask is passed as is."""
+    import torch.nn.functional as F
+
+    from kvlib.models import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 4, 8, generator=g).transpose(1, 2)  # (B, nh, T, hd), a transposed view as the decoders'
+    k, v = (torch.randn(2, 6, 2, 8, generator=g).transpose(1, 2) for _ in range(2))
+    i = torch.arange(6)
+    mask = ((i[None] <= i[:, None]) & (i[None] > i[:, None] - 3))[None, None]  # causal, window 3
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        seen.append(q.is_contiguous())
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    assert torch.allclose(attention.sdpa(q, k, v, mask, False, None), want, atol=1e-6)
+    attention.sdpa(q, k, v, None, True, None)
+    attention.sdpa(q[:, :, :1], k, v, mask[..., :1, :], False, None)
+    assert seen == [True, False, False]

@@ -38,7 +38,7 @@ from torch import nn
 
 from kvlib.caches.base import KVCache
 from kvlib.errors import KvlibError
-from kvlib.models.attention import attend, attention_mask, output_wanted
+from kvlib.models.attention import attend, attention_mask, output_wanted, sdpa
 from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear, one_query_attention
 from kvlib.models.llama import RopeTable, rope_inv_freq, rotate_folded
@@ -126,9 +126,7 @@ class Gemma3Attention(nn.Module):
         if T == 1 and q.is_cpu and q.dtype != torch.float32 and self.scale == hd**-0.5:
             y = one_query_attention(q, k, v, mask)  # see kvlib.models.attention.attend
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=nkv != nh
-            )  # (B, nh, T, hd)
+            y = sdpa(q, k, v, mask, is_causal, self.scale)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
