@@ -285,7 +285,7 @@ def passkey_retrieval(out: Path) -> Finding | None:
     """09: for each model on the page, pass-key retrieval under eviction at the smallest budget, both question
     settings, against the full cache; whether perplexity's ranking of the policies predicted it. Left out for
     random weights (not a headline)."""
-    from kvlib.study.passkey import verdict
+    from kvlib.study.passkey import metric_suffix, verdict
 
     h = _headline(out, "09")
     acc_all = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
@@ -293,7 +293,7 @@ def passkey_retrieval(out: Path) -> Finding | None:
     # CSVs written before the model column raise KeyError here: `findings` then shows the page's headline rows.
     sentences = []
     for i, (model, acc) in enumerate(acc_all.groupby("model", sort=False)):
-        metric = "full_cache_retrieval" if i == 0 else f"full_cache_retrieval_{model}"
+        metric = f"full_cache_retrieval{metric_suffix(i, model)}"
         if metric not in h.index or str(h.loc[metric, "headline"]).lower() not in ("true", "1"):
             continue  # random weights (or no tokenizer): this model's numbers are meaningless, no finding
         ppl = ppl_all[ppl_all["model"] == model]

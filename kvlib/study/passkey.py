@@ -349,6 +349,13 @@ def page_runs(model: str, tokens: int, keys: int, more_models: Any) -> list[tupl
     return runs
 
 
+def metric_suffix(i: int, model: str) -> str:
+    """What notebook 09 appends to a headline metric's name for its i-th model ("" for the page's own model, whose
+    names predate the others: `full_cache_retrieval`, then `full_cache_retrieval_gemma3-270m`); the index's
+    finding (kvlib.report.findings) reads them back by the same rule."""
+    return "" if i == 0 else f"_{model}"
+
+
 @dataclass
 class ModelRun:
     """One model's measurements on notebook 09's page; every table carries `model` and `tokens` first."""
@@ -408,13 +415,11 @@ def measure_model(
     ppl = perplexity_rows(lm.model, ppl_ids, layouts, budgets)
     ppl_s = time.perf_counter() - t0
 
-    def tagged(df: pd.DataFrame) -> pd.DataFrame:
-        return df.assign(model=cfg.name, tokens=tokens)[
-            ["model", "tokens", *df.columns.drop("tokens", errors="ignore")]
-        ]
+    def tagged(df: pd.DataFrame) -> pd.DataFrame:  # model and prompt tokens first
+        return df.assign(model=cfg.name, tokens=tokens)[["model", "tokens", *df.columns]]
 
     by_depth = accuracy(grid, ("policy", "budget_fraction", "setting", "depth"))
-    ppl = ppl.rename(columns={"tokens": "ppl_tokens"})
+    ppl = ppl.rename(columns={"tokens": "ppl_tokens"})  # the text's tokens, not the prompts'
     return ModelRun(
         cfg.name, tokens, keys, meaningful, tagged(grid), tagged(accuracy(grid)), tagged(by_depth), tagged(ppl),
         text_name, grid_s, ppl_s,
