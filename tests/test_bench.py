@@ -45,6 +45,7 @@ def test_bench_runs_end_to_end_on_tiny_and_writes_every_column(tmp_path, capsys,
     assert main([*TINY, "--batch-sizes", "1,2", "--threads", "1", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
     assert "kvlib ms" in out and "targets (" in out and str(csv) in out
+    assert out.count("matrix kernel ") == 4 and "matrix kernel ?" not in out  # each row says what it measured
     df = pd.read_csv(csv)
     assert list(df.columns) == list(bench.COLUMNS)
     assert list(zip(df["dtype"], df["batch_size"], strict=True)) == [
@@ -346,3 +347,18 @@ def test_a_ratio_target_below_the_memory_floor_is_reported_unreachable():
     mbu = next(t for t in bench.TARGETS if t.column == "mbu")
     assert bench.beyond_the_floor(mbu, row) is None  # an MBU target has no HF time to divide
     assert bench.beyond_the_floor(ratio, {**row, "floor_step_ms": math.nan}) is None  # no bandwidth measured
+
+
+def test_decode_kernel_names_the_kernel_each_row_used(monkeypatch):
+    import kvlib.models.fastpath as fastpath
+    from kvlib.measure.harness import RunSpec
+
+    one, four = RunSpec(model="tiny", batch_size=1), RunSpec(model="tiny", batch_size=4)
+    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)
+    monkeypatch.setattr(fastpath, "_ONE_ROW_CHOICE", {torch.float32: "plain"})
+    monkeypatch.setattr(fastpath, "_BATCH_CHOICE", {(torch.float32, 4): "mkl"})
+    assert (bench.decode_kernel(one), bench.decode_kernel(four)) == ("F.linear", "MKL packed")
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "packed")
+    assert bench.decode_kernel(four) == "oneDNN packed"
+    monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)  # switched off: every row count takes F.linear
+    assert bench.decode_kernel(four) == "F.linear"

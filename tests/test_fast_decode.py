@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,9 +82,12 @@ def test_linear_trains_through_autograd():
     assert layer.weight.grad is not None and layer.weight.grad.shape == (3, 4)
 
 
-def test_regression_packed_weight_follows_in_place_change(tiny):
+@pytest.mark.parametrize("kernel", ["packed", "mkl"])
+def test_regression_packed_weight_follows_in_place_change(tiny, monkeypatch, kernel):
     """A packed copy made before the weights change must not survive the change (a stale copy would silently
-    decode with the old weights): init_random writes in place, so its result must equal a freshly built model."""
+    decode with the old weights): init_random writes in place, so its result must equal a freshly built model.
+    For both packings of several rows (oneDNN's, MKL's)."""
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", kernel)
     model = copy.deepcopy(tiny.model)
     ids = synthetic_prompts(tiny.cfg.vocab_size, 3, 12, seed=2)
     before = generate(model, ids, 6, cache="static", keep_logits=True)  # packs every Linear
@@ -95,8 +100,10 @@ def test_regression_packed_weight_follows_in_place_change(tiny):
     assert (after.step_logits - before.step_logits).abs().max().item() > LOGIT_ATOL
 
 
-def test_regression_packed_weight_follows_dtype_round_trip(tiny, monkeypatch):
+@pytest.mark.parametrize("kernel", ["packed", "mkl"])
+def test_regression_packed_weight_follows_dtype_round_trip(tiny, monkeypatch, kernel):
     """float32 -> bfloat16 -> float32 gives new tensors (possibly at the old addresses) with rounded values."""
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", kernel)
     model = copy.deepcopy(tiny.model)
     ids = synthetic_prompts(tiny.cfg.vocab_size, 2, 10, seed=4)
     generate(model, ids, 4, cache="static")  # packs the float32 weights
@@ -301,7 +308,10 @@ def test_packed_bytes_counts_the_memory_the_fast_path_adds(monkeypatch):
         full if fastpath.one_row_kernel(lm.model, torch.float32) == "packed" else 0
     )
     prepare_for_inference(lm.model, batch_size=4)
-    assert fastpath.packed_bytes(lm.model) == full  # several rows: the packed copy is held (README "Speed")
+    # several rows: the copy of the kernel measured fastest for 4 rows is held (README "Speed"), one per weight
+    assert fastpath.packed_bytes(lm.model) == (
+        0 if fastpath.batch_kernel(lm.model, torch.float32, 4) == "plain" else full
+    )
     with torch.inference_mode():  # and released again for batch 1 when it is not used there
         monkeypatch.setattr(fastpath, "ONE_ROW_KERNEL", "plain")
         prepare_for_inference(lm.model, batch_size=1)
@@ -310,6 +320,77 @@ def test_packed_bytes_counts_the_memory_the_fast_path_adds(monkeypatch):
     monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
     generate(fresh, synthetic_prompts(lm.cfg.vocab_size, 2, 5), 3)
     assert fastpath.packed_bytes(fresh) == 0  # switched off: no copies
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("kernel", ["packed", "mkl", "plain"])
+def test_every_batch_kernel_tokens_equal_naive_tokens_fp32(monkeypatch, model, kernel):
+    """Whichever kernel serves several rows (oneDNN packed, MKL packed for exactly B rows, F.linear), cached
+    decoding gives the naive path's tokens; the prompt's rows (B x P, not B) take F.linear under MKL's packing."""
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", kernel)
+    lm = load(model, weights="random", seed=7, with_hf=False)
+    ids, mask = left_padded_prompts(lm.cfg.vocab_size, [11, 4, 9], seed=7)
+    fast = generate(lm.model, ids, 10, cache="static", attention_mask=mask, keep_logits=True)
+    held = {m._packed.packed_as for m in lm.model.modules() if isinstance(m, Linear)}
+    if fastpath._mkl_packable(torch.float32) or kernel != "mkl":
+        assert held == {{"packed": ("onednn", 0), "mkl": ("mkl", 3), "plain": None}[kernel]}
+    naive = generate(lm.model, ids, 10, cache="none", attention_mask=mask, keep_logits=True)
+    assert torch.equal(fast.tokens, naive.tokens)
+    assert (fast.step_logits - naive.step_logits).abs().max().item() <= LOGIT_ATOL
+
+
+def test_mkl_packing_follows_the_batch_size(monkeypatch):
+    """MKL's packing is made for one row count: preparing for another batch re-packs (never two copies), and a
+    row count it was not packed for gets F.linear's result."""
+    if not fastpath._mkl_packable(torch.float32):
+        pytest.skip("this PyTorch build has no MKL")
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "mkl")
+    layer = Linear(24, 40).eval()
+    x = torch.randn(8, 24)
+    with torch.inference_mode():
+        for rows in (4, 8, 2):
+            prepare_for_inference(layer, batch_size=rows)
+            assert layer._packed.packed_as == ("mkl", rows) and fastpath.packed_bytes(layer) == 40 * 24 * 4
+            for n in (rows, 3):  # the packed row count, and another one
+                torch.testing.assert_close(layer(x[:n]), torch.nn.functional.linear(x[:n], layer.weight, layer.bias))
+
+
+def test_batch_kernel_is_measured_once_per_row_count_and_forced_ones_fall_back(monkeypatch):
+    monkeypatch.setattr(fastpath, "_BATCH_CHOICE", {})
+    model = load("tiny", weights="random", with_hf=False).model
+    measured = []
+    real = fastpath._fastest
+    monkeypatch.setattr(fastpath, "_fastest", lambda *a: measured.append(a[2]) or real(*a))
+    for rows in (4, 4, 8):
+        assert fastpath.batch_kernel(model, torch.float32, rows) in ("packed", "mkl", "plain")
+    assert measured == [4, 8]
+    monkeypatch.setattr(fastpath, "_mkl_packable", lambda dtype: False)  # a build without MKL (ARM wheels)
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "mkl")
+    assert fastpath.batch_kernel(model, torch.float32, 4) == "plain"
+
+
+MKL_RESIDENT_SCRIPT = """
+import psutil, torch
+import kvlib.models.fastpath as fastpath
+fastpath.BATCH_KERNEL = "mkl"
+model = torch.nn.Sequential(*(fastpath.Linear(1024, 2048, bias=False) for _ in range(16))).eval()  # 128 MiB
+before = psutil.Process().memory_info().rss
+fastpath.prepare_for_inference(model, batch_size=4)
+print(psutil.Process().memory_info().rss - before, fastpath.packed_bytes(model))
+"""
+
+
+def test_mkl_packed_copy_holds_about_the_weights_bytes():
+    """packed_bytes counts an MKL copy as its weight's bytes although torch 2.13 allocates 4x as many (floats
+    for MKL's byte count): what becomes resident when packing must be about the weights' size, not 4x. In a
+    fresh process: memory freed by earlier tests would be reused and hide the growth."""
+    if not fastpath._mkl_packable(torch.float32):
+        pytest.skip("this PyTorch build has no MKL")
+    out = subprocess.run([sys.executable, "-c", MKL_RESIDENT_SCRIPT], capture_output=True, text=True, check=True)
+    grown, counted = (int(v) for v in out.stdout.split())
+    weights = 16 * 1024 * 2048 * 4
+    assert counted == weights
+    assert 0.8 * weights < grown < 1.5 * weights, f"resident growth {grown / 2**20:.0f} MiB for 128 MiB of weights"
 
 
 def test_llama_rope_table_and_folded_rotation_are_bit_identical_to_the_textbook_rotation():
