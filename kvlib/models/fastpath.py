@@ -263,7 +263,7 @@ def one_row_kernel(model: nn.Module, dtype: torch.dtype, with_compiled: bool = F
     ONE_ROW_KERNEL when set; else measured once per process and dtype (`_fastest`). (Measured on a 2-core Intel
     Xeon with AVX-512, 2026-11-30: the compiled kernel made SmolLM2's batch-1 step 64 ms against 42 ms with
     F.linear, so "compiled" is a candidate, not a given. MKL's packed kernel is not one for a single row: packed
-    for one row it held 1.32x the weight's bytes, for 8% off the step, README "Speed".)"""
+    for one row it held 1.32x the weight's bytes, for 2-20% off the step, README "Speed".)"""
     if ONE_ROW_KERNEL in ("packed", "plain") or (ONE_ROW_KERNEL == "compiled" and with_compiled):
         return ONE_ROW_KERNEL
     choices = _COMPILED_CHOICE if with_compiled else _ONE_ROW_CHOICE
