@@ -349,16 +349,17 @@ def test_a_ratio_target_below_the_memory_floor_is_reported_unreachable():
     assert bench.beyond_the_floor(ratio, {**row, "floor_step_ms": math.nan}) is None  # no bandwidth measured
 
 
-def test_decode_kernel_names_the_kernel_each_row_used(monkeypatch):
+def test_each_row_names_the_kernel_its_decode_steps_used(monkeypatch, tmp_path, capsys):
+    """Read off the model after its set-up (fastpath.model_kernel), not worked out again: a forced kernel this
+    build lacks, or switched-off packing, must show as what actually ran."""
     import kvlib.models.fastpath as fastpath
-    from kvlib.measure.harness import RunSpec
 
-    one, four = RunSpec(model="tiny", batch_size=1), RunSpec(model="tiny", batch_size=4)
-    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)
-    monkeypatch.setattr(fastpath, "_ONE_ROW_CHOICE", {torch.float32: "plain"})
-    monkeypatch.setattr(fastpath, "_BATCH_CHOICE", {(torch.float32, 4): "mkl"})
-    assert (bench.decode_kernel(one), bench.decode_kernel(four)) == ("F.linear", "MKL packed")
-    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "packed")
-    assert bench.decode_kernel(four) == "oneDNN packed"
-    monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)  # switched off: every row count takes F.linear
-    assert bench.decode_kernel(four) == "F.linear"
+    monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "mkl")
+    monkeypatch.setattr(fastpath, "_mkl_packable", lambda dtype: False)  # a build without MKL: oneDNN instead
+    args = [*TINY, "--dtypes", "float32", "--batch-sizes", "2", "--threads", "1", "--csv", str(tmp_path / "a.csv")]
+    assert main(args) == 0
+    assert "matrix kernel oneDNN packed;" in capsys.readouterr().out
+    monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
+    assert main([*args[:-1], str(tmp_path / "b.csv")]) == 0
+    assert "matrix kernel F.linear;" in capsys.readouterr().out

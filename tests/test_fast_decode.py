@@ -46,7 +46,8 @@ def test_fast_path_tokens_equal_naive_tokens_with_left_padding(tiny):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_packed_linears_match_plain_f_linear(tiny, monkeypatch, batch_size):
-    """The oneDNN-packed path against plain F.linear on the same weights: same tokens, logits within fp32 noise."""
+    """The packed path measured fastest for these rows (oneDNN or MKL) against plain F.linear on the same weights:
+    same tokens, logits within fp32 noise."""
     ids = synthetic_prompts(tiny.cfg.vocab_size, batch_size, 20, seed=11)
     packed = generate(tiny.model, ids, 10, cache="static", keep_logits=True)
     monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
@@ -355,17 +356,63 @@ def test_mkl_packing_follows_the_batch_size(monkeypatch):
                 torch.testing.assert_close(layer(x[:n]), torch.nn.functional.linear(x[:n], layer.weight, layer.bias))
 
 
+def test_mkl_kernel_serves_the_decode_steps_and_f_linear_the_prompt(monkeypatch):
+    """The kernel really called, from the profiler: MKL's packed product for each decode step's B rows, F.linear
+    (aten::linear) for the prompt's B x P rows; none of oneDNN's."""
+    if not fastpath._mkl_packable(torch.float32):
+        pytest.skip("this PyTorch build has no MKL")
+    from torch.profiler import profile
+
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "mkl")
+    lm = load("tiny-llama", weights="random", with_hf=False)
+    ids = synthetic_prompts(lm.cfg.vocab_size, 3, 7)
+    prepare_for_inference(lm.model, batch_size=3)
+    n_linear = sum(isinstance(m, Linear) for m in lm.model.modules())
+    with profile() as prof:
+        generate(lm.model, ids, 5)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    # the 4 decode steps after the prefill, and the prompt's LM head, which runs on its last position: B rows
+    assert calls.get("mkl::_mkl_linear", 0) == 4 * n_linear + 1
+    assert calls.get("aten::linear", 0) >= n_linear - 1  # the rest of the prompt: B x P rows
+    assert "mkldnn::_linear_pointwise" not in calls
+    assert fastpath.model_kernel(lm.model, 3) == "MKL packed" and fastpath.model_kernel(lm.model, 21) == "F.linear"
+
+
+def test_copies_keep_the_kernel_chosen_but_not_the_packed_tensor(monkeypatch):
+    """A deep copy or an unpickled model must not pack a kind the original never held (it starts empty)."""
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "plain")
+    model = load("tiny", weights="random", with_hf=False).model
+    prepare_for_inference(model, batch_size=4)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        with torch.inference_mode():
+            other(synthetic_prompts(model.cfg.vocab_size, 4, 1), torch.zeros(4, 1, dtype=torch.long))
+        assert fastpath.packed_bytes(other) == 0 and fastpath.model_kernel(other, 4) == "F.linear"
+
+
+def test_an_unknown_kernel_switch_is_refused(monkeypatch):
+    model = load("tiny", weights="random", with_hf=False).model
+    monkeypatch.setattr(fastpath, "BATCH_KERNEL", "onednn")
+    with pytest.raises(ValueError, match="BATCH_KERNEL is 'onednn'; choose one of auto, plain, packed, mkl"):
+        prepare_for_inference(model, batch_size=4)
+
+
 def test_batch_kernel_is_measured_once_per_row_count_and_forced_ones_fall_back(monkeypatch):
     monkeypatch.setattr(fastpath, "_BATCH_CHOICE", {})
     model = load("tiny", weights="random", with_hf=False).model
     measured = []
     real = fastpath._fastest
     monkeypatch.setattr(fastpath, "_fastest", lambda *a: measured.append(a[2]) or real(*a))
-    for rows in (4, 4, 8):
-        assert fastpath.batch_kernel(model, torch.float32, rows) in ("packed", "mkl", "plain")
-    assert measured == [4, 8]
+    other = load("tiny-llama", weights="random", with_hf=False).model  # other matrix shapes: measured anew
+    for m, rows in ((model, 4), (model, 4), (model, 8), (other, 4)):
+        assert fastpath.batch_kernel(m, torch.float32, rows) in ("packed", "mkl", "plain")
+    assert measured == [4, 8, 4]
     monkeypatch.setattr(fastpath, "_mkl_packable", lambda dtype: False)  # a build without MKL (ARM wheels)
     monkeypatch.setattr(fastpath, "BATCH_KERNEL", "mkl")
+    assert fastpath.batch_kernel(model, torch.float32, 4) == "packed"
+    monkeypatch.setattr(fastpath, "_onednn", lambda dtype: False)
     assert fastpath.batch_kernel(model, torch.float32, 4) == "plain"
 
 
@@ -381,9 +428,9 @@ print(psutil.Process().memory_info().rss - before, fastpath.packed_bytes(model))
 
 
 def test_mkl_packed_copy_holds_about_the_weights_bytes():
-    """packed_bytes counts an MKL copy as its weight's bytes although torch 2.13 allocates 4x as many (floats
-    for MKL's byte count): what becomes resident when packing must be about the weights' size, not 4x. In a
-    fresh process: memory freed by earlier tests would be reused and hide the growth."""
+    """packed_bytes counts an MKL copy as its weight's bytes although MKL's pack buffer is allocated 2-9x as large
+    (4x for this shape): what becomes resident when packing must be about the weights' size. In a fresh process:
+    memory freed by earlier tests would be reused and hide the growth."""
     if not fastpath._mkl_packable(torch.float32):
         pytest.skip("this PyTorch build has no MKL")
     out = subprocess.run([sys.executable, "-c", MKL_RESIDENT_SCRIPT], capture_output=True, text=True, check=True)

@@ -101,7 +101,7 @@ def test_cache_holds_keys_already_rotated_like_hf(tiny_llama):
 
 def test_fast_path_fp32_tokens_equal_naive_without_packing(tiny_llama, monkeypatch):
     ids = synthetic_prompts(tiny_llama.cfg.vocab_size, 3, 20, seed=4)
-    fast = generate(tiny_llama.model, ids, 10, cache="static", keep_logits=True)  # packed oneDNN weights
+    fast = generate(tiny_llama.model, ids, 10, cache="static", keep_logits=True)  # the kernel measured for 3 rows
     monkeypatch.setattr(fastpath, "PACK_CPU_WEIGHTS", False)
     naive = generate(tiny_llama.model, ids, 10, cache="none", keep_logits=True)  # plain F.linear
     assert torch.equal(fast.tokens, naive.tokens)

@@ -727,7 +727,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  {s0.model} {row['dtype']} batch {s0.batch_size}: kvlib {_fmt(row['kvlib_tpot_p50_ms'], '.2f')} ms, "
                 f"HF dynamic {_fmt(row['hf_dynamic_tpot_p50_ms'], '.2f')} ms, HF static "
                 f"{_fmt(row['hf_static_tpot_p50_ms'], '.2f')} ms in {row['row_s']:.0f} s "
-                f"(kvlib set-up {row['kvlib_setup_s']:.1f} s, not timed; matrix kernel {decode_kernel(s0)}; "
+                f"(kvlib set-up {row['kvlib_setup_s']:.1f} s, not timed; matrix kernel {row['kvlib_kernel']}; "
                 f"other processes "
                 f"{reading.other_cores:.2f} cores{', BUSY' if reading.busy else ''}"
                 f"{'; TIME BOUND hit' if row['time_bound_hit'] else ''}"
@@ -747,25 +747,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{torch.get_num_threads()} torch threads; {load.text()}")
     print(f"appended {len(rows)} rows to {csv_path}")
     return 1 if args.strict and not all_met else 0
-
-
-def decode_kernel(spec: RunSpec) -> str:
-    """The matrix kernel kvlib's decode steps used in a row just measured (kvlib.models.fastpath: the measured or
-    forced choice for its batch size): "F.linear", "oneDNN packed", "MKL packed" or "compiled"; "-" off CPU."""
-    if resolve_device(spec.device).type != "cpu":
-        return "-"
-    dtype = DTYPES[spec.dtype]
-    if spec.batch_size == 1:
-        measured = fastpath._COMPILED_CHOICE if fastpath.COMPILE_ONE_ROW else fastpath._ONE_ROW_CHOICE
-        chosen = fastpath.ONE_ROW_KERNEL if fastpath.ONE_ROW_KERNEL != "auto" else measured.get(dtype, "?")
-    else:
-        measured = fastpath._BATCH_CHOICE.get((dtype, spec.batch_size), "?")
-        chosen = fastpath.BATCH_KERNEL if fastpath.BATCH_KERNEL != "auto" else measured
-    if (chosen in ("packed", "mkl") and not fastpath.PACK_CPU_WEIGHTS) or (
-        chosen == "mkl" and not fastpath._mkl_packable(dtype)
-    ):
-        chosen = "plain"
-    return {"plain": "F.linear", "packed": "oneDNN packed", "mkl": "MKL packed"}.get(chosen, chosen)
 
 
 def measure_row(
@@ -833,8 +814,10 @@ def measure_row(
     )
     row["kvlib_compile"] = bool(fastpath.COMPILE_ONE_ROW and spec.batch_size == 1 and lm.device.type == "cpu")
     row["kvlib_setup_s"] = setup_s
+    # Not a CSV column (a new column would refuse to append to an existing bench.csv): printed with the row.
+    row["kvlib_kernel"] = fastpath.model_kernel(lm.model, spec.batch_size) if lm.device.type == "cpu" else "-"
     # What kvlib's model holds: its parameters (a tied embedding / LM head once) and, on top, the fast path's
-    # oneDNN-packed copy of the Linear weights (README "Speed", memory).
+    # packed copy of the Linear weights, oneDNN's or MKL's (README "Speed", memory).
     row["kvlib_weights_mib"] = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     row["kvlib_packed_copy_mib"] = fastpath.packed_bytes(lm.model) / 2**20
     row.update(check_targets(row))
