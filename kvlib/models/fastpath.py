@@ -29,6 +29,7 @@ steps aside under autograd, on CUDA and under torch.compile.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -66,6 +67,10 @@ class _PackedWeight:
 
     def __reduce__(self) -> tuple:
         return (_PackedWeight._chosen, (self.kind, self.rows))
+
+    def clear(self) -> None:
+        """Drop the packed tensor (the kernel chosen stays): it is made again when wanted."""
+        self.tensor, self.source, self.packed_as = None, None, None
 
     @staticmethod
     def _chosen(kind: str | None, rows: int) -> _PackedWeight:
@@ -161,6 +166,7 @@ def _onednn(dtype: torch.dtype) -> bool:
     return _ONEDNN[dtype]
 
 
+@functools.cache  # asked on every Linear call of the decode path: answered once per dtype
 def _mkl_packable(dtype: torch.dtype) -> bool:
     """Whether MKL's packed matrix product is available for `dtype` (float32 only, a build with MKL: x86 wheels)."""
     return (
@@ -291,11 +297,9 @@ def one_row_kernel(model: nn.Module, dtype: torch.dtype, with_compiled: bool = F
     choices = _COMPILED_CHOICE if with_compiled else _ONE_ROW_CHOICE
     if dtype not in choices:
         candidates = ["plain"] + (["packed"] if _onednn(dtype) else [])
-        first = next(
-            (m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu and m.weight.dtype == dtype),
-            None,
-        )
-        if with_compiled and first is not None:  # compiled by then (prepare_for_inference): this only checks it
+        linears = (m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu and m.weight.dtype == dtype)
+        first = next(linears, None) if with_compiled else None
+        if first is not None:  # compiled by then (prepare_for_inference): this only checks it
             w = first.weight.detach()
             if one_row_matvec(torch.zeros(w.shape[1], dtype=dtype), w, None) is not None:
                 candidates.append("compiled")
@@ -355,7 +359,7 @@ def release_packed(model: nn.Module) -> None:
     """Drop the packed copies of `model`'s weights (they are made again when wanted)."""
     for m in model.modules():
         if isinstance(m, Linear):
-            m._packed.tensor, m._packed.source, m._packed.packed_as = None, None, None
+            m._packed.clear()
 
 
 def _will_measure(model: nn.Module, dtype: torch.dtype, batch_size: int, compiling: bool) -> bool:
@@ -402,7 +406,7 @@ def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
         kind = kinds[m.weight.dtype]
         m._packed.kind, m._packed.rows = kind, batch_size if kind == "mkl" else 0
         if kind is None or not PACK_CPU_WEIGHTS:
-            m._packed.tensor, m._packed.source, m._packed.packed_as = None, None, None
+            m._packed.clear()
         else:
             m.packed_weight()  # packs now (or re-packs for another row count), freeing the copy it replaces
     return time.perf_counter() - t0
