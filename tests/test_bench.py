@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import kvlib.hardware as hardware
 import kvlib.measure.bench as bench
 from kvlib.cli import main
 from kvlib.measure.harness import Measurement
@@ -36,7 +37,7 @@ TINY += ["--no-compile"]  # compiling is tested in test_fast_decode.py; here it 
 @pytest.fixture
 def native_bf16(monkeypatch):
     """A CPU that computes in bfloat16 (whatever this machine's flags): its rows are measured."""
-    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
 
 
 def test_bench_runs_end_to_end_on_tiny_and_writes_every_column(tmp_path, capsys, monkeypatch, native_bf16):
@@ -73,7 +74,7 @@ def test_bench_runs_end_to_end_on_tiny_and_writes_every_column(tmp_path, capsys,
 
 def test_emulated_dtype_is_skipped_and_said_or_one_short_labelled_row(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
-    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
     csv = tmp_path / "b.csv"
     assert main([*TINY, "--batch_sizes", "1,2", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
@@ -92,10 +93,10 @@ def test_emulated_dtype_is_skipped_and_said_or_one_short_labelled_row(tmp_path, 
 
 def test_float16_and_no_flags_fall_back_to_the_right_checks(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx512_fp16", "avx512f"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512_fp16", "avx512f"})
     assert bench.dtype_support("float16", cpu).native and not bench.dtype_support("bfloat16", cpu).native
     assert bench.dtype_support("float32", cpu).native
-    monkeypatch.setattr(bench, "cpu_flags", lambda: None)  # no /proc/cpuinfo: oneDNN's own check decides
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: None)  # no /proc/cpuinfo: oneDNN's own check decides
     assert "oneDNN" in bench.dtype_support("bfloat16", cpu).why
 
 

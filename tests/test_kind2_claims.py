@@ -116,7 +116,7 @@ def test_spread_comparisons():
     a, b = study.Spread.of([10, 11, 12, 13]), study.Spread.of([11.5, 12, 13, 14])
     assert a.separated(b) is False and study.spread_caveat(False).startswith("within the spread")
     assert a.separated(study.Spread.of([20, 21, 22])) is True and study.spread_caveat(True) == ""
-    assert a.separated(study.Spread.of([20])) is None and "no spread" in study.spread_caveat(None)
+    assert a.separated(study.Spread.of([20])) is None and "n too small" in study.spread_caveat(None)
     assert study.Spread.of([0.9, 1.0, 1.2]).excludes(1) is False
     assert study.Spread.of([2.0, 2.5, 3.0]).excludes(1) is True
     assert study.Spread.of([0.5]).excludes(1) is None
@@ -144,7 +144,7 @@ def test_batch_sentence_says_when_a_difference_is_noise(tmp_path):
     overlapping = _batch_sentence({1: [100, 120, 140], 4: [110, 130, 150]}, tmp_path)
     assert "did not measurably change throughput" in overlapping and "overlap" in overlapping
     one_repeat = _batch_sentence({1: [100], 4: [105]}, tmp_path)
-    assert "no spread" in one_repeat and "if more repeats confirm it" in one_repeat and "did not" not in one_repeat
+    assert "n too small" in one_repeat and "cannot be told" in one_repeat and "did not" not in one_repeat
     clear_drop = _batch_sentence({1: [200, 201, 202], 4: [100, 101, 102]}, tmp_path)
     assert "**Batching lowered throughput (0.50x)**" in clear_drop and "contrary to the usual expectation" in clear_drop
     scaling = _batch_sentence({1: [100, 101, 102], 2: [300, 301, 302], 4: [290, 300, 310]}, tmp_path)

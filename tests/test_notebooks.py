@@ -166,9 +166,9 @@ def test_check_context():
 
 
 def test_spread_and_paired_ratio():
-    s = study.Spread.of([1.0, 2.0, 3.0, 4.0])
-    assert (s.median, s.q25, s.q75, s.n) == (2.5, 1.75, 3.25, 4)
-    assert "IQR 1.75–3.25, n=4" in s.text(".3g")
+    s = study.Spread.of([1.0, 2.0, 3.0, 4.0])  # nearest-rank quartiles, rounded outward: measured values
+    assert (s.median, s.q25, s.q75, s.n) == (2.5, 1.0, 4.0, 4)
+    assert "IQR 1–4, n=4" in s.text(".3g")
     assert math.isnan(study.Spread.of([]).median)
     runs = pd.DataFrame(
         {"cache": ["none", "static"] * 3, "repeat": [0, 0, 1, 1, 2, 2], "t": [10.0, 2.0, 12.0, 3.0, 9.0, 3.0]}
@@ -229,7 +229,7 @@ def test_outputs_write_prefixed_files(tmp_path):
     meta = json.loads((tmp_path / "data" / "09_meta.json").read_text())
     assert meta["figures"] == [{"file": "09_line.png", "title": "A line", "caption": "caption text", "key": True}]
     head = pd.read_csv(tmp_path / "data" / "09_headline.csv")
-    assert head.loc[0, "q25"] == 1.5 and bool(head.loc[0, "headline"])
+    assert head.loc[0, "q25"] == 1.0 and bool(head.loc[0, "headline"])
 
 
 # ---- kvlib.study.costs ---------------------------------------------------------------------------------------------

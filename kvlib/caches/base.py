@@ -9,6 +9,8 @@ which stores the new entries at slots [start, start + T) and returns the keys an
 the next free slot, or past the capacity, raises instead of silently attending to the wrong tokens.
 
 Layouts register themselves by name, so callers (decoding, the harness, the notebooks) choose one with a string.
+Each layout also says what it holds: `used_bytes()` on a cache, and `used_bytes_after(cfg, n_tokens, ...)`, the same
+rule without a cache; callers ask, they never work bytes out from a layout's name.
 """
 
 from __future__ import annotations
@@ -86,6 +88,25 @@ class KVCache(ABC):
         """Bytes of the tensors the cache holds now (reserved, not only filled)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def used_bytes(self) -> int:
+        """Bytes of keys and values holding tokens now, every sequence of the batch: the slots written, without
+        reserved-but-empty slots or bookkeeping. This default is the dense rule (every layer keeps every slot
+        written); a layout that keeps fewer slots or stores them otherwise (a ring, integer codes, an eviction
+        budget, a block pool) overrides it, and `used_bytes_after` with it."""
+        return sum(self.lengths) * self.batch_size * slot_bytes(self.cfg, self.dtype)
+
+    @classmethod
+    def used_bytes_after(
+        cls, cfg: ModelConfig, n_tokens: int, dtype: torch.dtype, batch_size: int = 1, **options: Any
+    ) -> int:
+        """What `used_bytes()` reports once `n_tokens` positions of each of `batch_size` sequences are written (as a
+        prompt or one at a time; no padding, a cache of at least n_tokens slots), from the layout's own rule and
+        options, without making a cache. For a computation that never fills a cache but must say what the layout
+        would hold (the perplexity command's one-pass method); tests/test_field_bytes_held.py checks it against
+        `used_bytes()` for every registered layout. This default is the dense rule of `used_bytes`."""
+        formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
+        return n_tokens * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
+
     @abstractmethod
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored keys and values of `layer`, filled slots only, as (B, n_kv_head, T, head_dim)."""
@@ -98,6 +119,27 @@ class KVCache(ABC):
             f"{self.name} cache returned fewer keys than the {mask.shape[-1]} slots written: it cannot be used "
             "with left padding (attention_mask) or a multi-token write after the prompt"
         )
+
+
+def slot_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one slot of one layer of one sequence: K and V, n_kv_head x head_dim each."""
+    return 2 * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+
+
+def formula_options(
+    cls: type[KVCache],
+    cfg: ModelConfig,
+    n_tokens: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The arguments of a `used_bytes_after` formula checked, and its options checked as the layout checks them (by
+    making a one-slot cache of it: names, values and the compose/refuse rule, raising the layout's own
+    KvlibError); returns the options with the layout's defaults for the rest."""
+    checks.whole("n_tokens", n_tokens, minimum=0, where=f"{cls.name} cache:")
+    make_cache(cls.name, cfg, batch_size, 1, "cpu", dtype, **options)
+    return {**dict(_options_of(cls)), **options}
 
 
 def refuse_on_hybrid(cls: type[KVCache], cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> None:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, register_layout
+from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -189,6 +189,15 @@ class EvictionCache(KVCache):
     def used_bytes(self) -> int:
         """Bytes of the kept keys and values (without the bookkeeping; comparable with other layouts')."""
         return self.kept_tokens() * self.batch_size * self.cfg.kv_bytes_per_token(self.dtype.itemsize)
+
+    @classmethod
+    def used_bytes_after(
+        cls, cfg: ModelConfig, n_tokens: int, dtype: torch.dtype, batch_size: int = 1, **options: Any
+    ) -> int:
+        """After n tokens: min(n, budget) kept on every layer, the policy's rule deciding only which (the base
+        class's contract)."""
+        o = formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
+        return min(n_tokens, o["budget"]) * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
 
 
 # ---- the policies ------------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ On a model without sliding layers this is the static cache.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from kvlib.caches.base import KVCache, register_layout
+from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
 from kvlib.models.config import ModelConfig
 
 
@@ -126,3 +128,18 @@ class HybridCache(KVCache):
         """Positions per sequence `layer` holds now: all written on a full layer, at most the ring on a sliding one."""
         R = self.ring_size(layer)
         return self.lengths[layer] if R is None else min(self.lengths[layer], R)
+
+    def used_bytes(self) -> int:
+        """Bytes of the slots holding tokens: every position written on a full layer, at most the ring on a sliding
+        one."""
+        held = sum(self.held_tokens(layer) for layer in range(self.cfg.n_layer))
+        return held * self.batch_size * slot_bytes(self.cfg, self.dtype)
+
+    @classmethod
+    def used_bytes_after(
+        cls, cfg: ModelConfig, n_tokens: int, dtype: torch.dtype, batch_size: int = 1, **options: Any
+    ) -> int:
+        """After n tokens: n slots on a full layer, min(n, window) on a sliding one (the base class's contract)."""
+        formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
+        slots = sum(n_tokens if w is None else min(n_tokens, w) for w in map(cfg.window_of, range(cfg.n_layer)))
+        return slots * batch_size * slot_bytes(cfg, dtype)

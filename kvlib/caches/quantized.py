@@ -27,11 +27,12 @@ and `used_bytes()` the part holding tokens.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, register_layout
+from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -250,6 +251,26 @@ class QuantizedCache(KVCache):
             for t in (self.res_k[layer], self.res_v[layer]):
                 total += 0 if t is None else t.numel() * t.element_size()
         return total
+
+    @classmethod
+    def used_bytes_after(
+        cls, cfg: ModelConfig, n_tokens: int, dtype: torch.dtype, batch_size: int = 1, **options: Any
+    ) -> int:
+        """After n tokens (the base class's contract): n_q of them as codes with their scales and zeros, the rest
+        in the full-precision tail; n_q = n - residual_len per token (at least 0), the whole groups of residual_len
+        per channel (KIVI)."""
+        o = formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
+        bits, r, hd, el = o["bits"], o["residual_len"], cfg.head_dim, dtype.itemsize
+        n_groups = hd // (o["group"] or hd)  # scales per token and head
+        if o["key_axis"] == "token":
+            n_q = max(n_tokens - r, 0)
+            key_scales = 2 * n_q * n_groups * el  # K scale and zero, per token
+        else:
+            n_q = n_tokens // r * r
+            key_scales = 2 * (n_q // r) * hd * el  # K scale and zero, per channel and group of r tokens
+        per_row = 2 * n_q * (hd * bits // 8) + 2 * n_q * n_groups * el + key_scales  # codes, V scales, K scales
+        rows = cfg.n_layer * batch_size * cfg.n_kv_head
+        return rows * per_row + (n_tokens - n_q) * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
 
     @property
     def quantized_tokens(self) -> int:

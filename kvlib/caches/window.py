@@ -26,10 +26,12 @@ longer fits (`exact = False`); exact, slot for slot, while it does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, register_layout
+from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -129,3 +131,12 @@ class SinkWindowCache(KVCache):
     def used_bytes(self) -> int:
         """Bytes of the slots holding kept tokens."""
         return min(self.seq_len, self.capacity) * self.batch_size * self.cfg.kv_bytes_per_token(self.k.element_size())
+
+    @classmethod
+    def used_bytes_after(
+        cls, cfg: ModelConfig, n_tokens: int, dtype: torch.dtype, batch_size: int = 1, **options: Any
+    ) -> int:
+        """After n tokens: min(n, sink + window) slots on every layer (the base class's contract)."""
+        o = formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
+        kept = min(n_tokens, o["sink"] + o["window"])
+        return kept * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)

@@ -27,11 +27,12 @@ of its default models (loading it and prefilling 2048 tokens three ways does not
 as met or missed. The exit code is 0 either way (a benchmark is a measurement), unless --strict.
 
 A bench for every machine:
-- half precision is measured only where the hardware has it: `dtype_support` reads the CPU's flags
-  (/proc/cpuinfo: avx512_bf16 / amx_bf16 for bfloat16, avx512_fp16 / amx_fp16 for float16; oneDNN's own check
-  where the flags can't be read). Where a dtype is emulated (on an AVX2-only CPU bfloat16 is several times slower
-  than float32) its rows are skipped and the bench says so, or, with --emulated, one short batch-1 row is run
-  and labelled `emulated`; the header prints which dtypes run natively.
+- half precision is measured only where the hardware has it: `kvlib.hardware.dtype_support` (the one check every
+  command and the fast path use) reads the CPU's flags (/proc/cpuinfo: avx512_bf16 / amx_bf16 for bfloat16,
+  avx512_fp16 / amx_fp16 for float16; oneDNN's own check where the flags can't be read). Where a dtype is
+  emulated (on an AVX2-only CPU bfloat16 is several times slower than float32) its rows are skipped and the bench
+  says so, or, with --emulated, one short batch-1 row is run and labelled `emulated`; the header prints which
+  dtypes run natively.
 - every row has a time bound (--row-limit-s; with --quick the bench's measuring budget divided by the rows): no
   further repeat is started that would cross it, and a repeat still running when it passes is stopped (SIGALRM,
   at the next Python-level op). A row that hit it says so (`time_bound_hit`, "TIME BOUND" in the table), with
@@ -64,6 +65,7 @@ import torch
 from kvlib import checks
 from kvlib.caches.base import make_cache
 from kvlib.errors import KvlibError
+from kvlib.hardware import DtypeSupport, dtype_support
 from kvlib.measure.harness import Measurement, ModelPool, RunSpec, measure_grid
 from kvlib.measure.machine_load import LoadMonitor, LoadReading
 from kvlib.measure.results import append_rows, check_outputs
@@ -119,8 +121,6 @@ def kvlib_cache(model: str) -> str:
     return default_cache("kvlib", model)
 
 
-# CPU flags that give a dtype native arithmetic (oneDNN then uses them); without any, it is emulated in float32.
-NATIVE_CPU_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
 DEFAULT_CSV = "reports/bench.csv"
 MAX_THREADS = 4 * (os.cpu_count() or 1)  # --threads beyond this oversubscribes the cores past any use
 
@@ -186,53 +186,6 @@ TARGETS = (  # issue 11
         "Llama batch 1, float32: kvlib MBU >= 0.6",
     ),
 )
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), None where they can't be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-@dataclass(frozen=True)
-class DtypeSupport:
-    dtype: str
-    native: bool
-    why: str  # the evidence, in words
-
-
-def dtype_support(dtype: str, device: torch.device) -> DtypeSupport:
-    """Whether `dtype` (a canonical name) runs natively on `device`, and why we think so."""
-    if dtype == "float32":
-        return DtypeSupport(dtype, True, "float32")
-    if device.type == "cuda":
-        if dtype == "bfloat16":
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-            return DtypeSupport(dtype, native, f"CUDA bfloat16 {'native' if native else 'emulated (pre-Ampere GPU)'}")
-        return DtypeSupport(dtype, True, "CUDA float16")
-    if device.type != "cpu" or dtype not in NATIVE_CPU_FLAGS:
-        return DtypeSupport(dtype, True, f"{device.type} {dtype}: not checked")
-    wanted = NATIVE_CPU_FLAGS[dtype]
-    flags = cpu_flags()
-    if flags is not None:
-        have = [f for f in wanted if f in flags]
-        if have:
-            return DtypeSupport(dtype, True, f"CPU flags {', '.join(have)}")
-        return DtypeSupport(dtype, False, f"{dtype} is emulated on this CPU (no {' or '.join(wanted)} in its flags)")
-    # No flags to read (not Linux): oneDNN's own check (it also says yes for AVX-512 cores that convert, not compute)
-    check = (
-        torch.ops.mkldnn._is_mkldnn_bf16_supported
-        if dtype == "bfloat16"
-        else torch.ops.mkldnn._is_mkldnn_fp16_supported
-    )
-    native = torch.backends.mkldnn.is_available() and bool(check())
-    return DtypeSupport(dtype, native, f"oneDNN's check: {dtype} {'supported' if native else 'emulated on this CPU'}")
 
 
 class RowTimeBound(BaseException):
@@ -648,7 +601,7 @@ def row_limits_s(
     shared in proportion to (1 + batch / 2) x the row's model cost (`costs`, 1 each by default: see
     `model_cost`), or FULL_ROW_LIMIT_S."""
     if args.row_limit_s is not None:
-        if not args.row_limit_s > 0:
+        if not (math.isfinite(args.row_limit_s) and args.row_limit_s > 0):
             raise KvlibError(f"--row-limit-s must be a positive number of seconds, got {args.row_limit_s}")
         return [float(args.row_limit_s)] * len(batch_sizes)
     if args.quick:
@@ -682,6 +635,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise KvlibError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
     dtypes = list(dict.fromkeys(dtype_name(DTYPES[d]) for d in names))  # canonical names, duplicates dropped
+    if args.max_new_tokens == 1:
+        raise KvlibError(
+            "--max_new_tokens 1 leaves no decode step (the first token comes from the prefill), and the bench times "
+            "decode steps; use 2 or more"
+        )
     if args.threads:  # torch takes absurd counts and then crashes (100000 threads: a segmentation fault)
         checks.whole("--threads", args.threads, maximum=MAX_THREADS)
         torch.set_num_threads(args.threads)
@@ -705,7 +663,8 @@ def run(args: argparse.Namespace) -> int:
         f"{' (' + '; '.join(shaped) + ')' if shaped else ''}, "
         f"{first.max_new_tokens if first else '-'} new tokens, {planned[0].repeats if planned else '-'} repeats after "
         f"{planned[0].warmup if planned else '-'} warm-up, interleaved; {device} ({device_name(device)}), "
-        f"{torch.get_num_threads()} torch threads, measured read bandwidth {bandwidth / 1e9:.1f} GB/s; kvlib: static "
+        f"{torch.get_num_threads()} torch threads, measured read bandwidth "
+        f"{'not measured' if math.isnan(bandwidth) else f'{bandwidth / 1e9:.1f} GB/s'}; kvlib: static "
         f"cache (hybrid on Gemma 3), fast path"
         f"{', torch.compile for batch 1' if args.compile and device.type == 'cpu' else ''}; "
         f"time bound per row {min(limits_s, default=0):.0f}-{max(limits_s, default=0):.0f} s",

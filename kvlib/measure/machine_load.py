@@ -13,6 +13,7 @@ with the load averages before and after. Above `BUSY_CORES` the figures were tak
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ def _loadavg() -> float:
         return os.getloadavg()[0]
     except OSError:  # not on every platform
         return float("nan")
+
+
+def _load(value: float) -> str:
+    """A load average as text: "n/a" where none was read (not every platform has one; nothing measured yet)."""
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
 
 
 @dataclass
@@ -72,7 +78,7 @@ class LoadReading:
         """'quiet machine: other processes used 0.02 of 2 cores (load average 0.4 -> 1.1)', or a BUSY warning."""
         figures = (
             f"other processes used {self.other_cores:.2f} of {self.cores} cores on average while measuring "
-            f"(1-minute load average {self.loadavg_before:.1f} before, {self.loadavg_after:.1f} after)"
+            f"(1-minute load average {_load(self.loadavg_before)} before, {_load(self.loadavg_after)} after)"
         )
         if self.busy:
             return (

@@ -23,7 +23,6 @@ evict (static, dynamic, paged, quantized) ignore the setting (one prefill; recor
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,12 +36,12 @@ from kvlib.errors import KvlibError
 from kvlib.measure.perplexity import FLAG_OPTIONS, PROVENANCE, layout_options_from
 from kvlib.measure.provenance import provenance
 from kvlib.measure.results import append_rows, check_outputs
+from kvlib.stats import wilson
 
 SETTINGS = ("question-after", "question-aware")
 NO_SETTING = "no eviction"  # layouts that do not evict: one prefill, the setting changes nothing
 NEW_TOKENS = 8
 WINDOW_SINK = 4  # the window layout's default sink count
-Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 RULE = "retrieved: the key's five digits appear together in the greedy continuation"
 # command-line flag -> layout option: the perplexity command's, and the eviction policies'
 FLAGS = {**FLAG_OPTIONS, "recent": "recent", "observation": "observation", "kernel": "kernel", "pooling": "pooling"}
@@ -79,23 +78,6 @@ CSV_COLUMNS = (
 def retrieved(continuation: str, key: int) -> bool:
     """The retrieval rule: the key's digits appear together in the decoded continuation."""
     return str(key) in continuation
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (Wilson 1927, "Probable inference, the law of succession,
-    and statistical inference", JASA 22:209; the formula as in Agresti & Coull 1998, eq. 2):
-    (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), p = successes / n. Returns (low, high); (nan, nan) for
-    n = 0. Unlike p ± z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0/n or n/n."""
-    checks.whole("n", n, minimum=0)
-    checks.whole("successes", successes, minimum=0, maximum=n)
-    if n == 0:
-        return math.nan, math.nan
-    p = successes / n
-    centre = p + z * z / (2 * n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    low, high = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
-    # The interval holds p: exactly so at 0/n and n/n, where rounding would otherwise put p a hair outside it.
-    return max(0.0, min(low, p)), min(1.0, max(high, p))
 
 
 # ---- layouts, budgets and settings ---------------------------------------------------------------------------------
@@ -159,9 +141,9 @@ def _dtype(model: Any) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def kv_bytes(cache: Any) -> int:
-    """Bytes of kept keys and values (used_bytes where the layout reports them, else every tensor it holds)."""
-    return cache.used_bytes() if hasattr(cache, "used_bytes") else cache.nbytes()
+def kv_bytes(cache: KVCache) -> int:
+    """Bytes of kept keys and values: the layout's own count (KVCache.used_bytes)."""
+    return cache.used_bytes()
 
 
 @torch.inference_mode()

@@ -218,8 +218,7 @@ def perplexity_token_by_token(
         logits = model(ids[:, i : i + 1], positions[:, i : i + 1], kv, i)[0, -1]  # (V,)
         if i < N - 1:
             nll[i] = _nll(logits[None], ids[0, i + 1 : i + 2])[0]
-    held = kv.used_bytes() if hasattr(kv, "used_bytes") else kv.nbytes()
-    return Perplexity(nll, held, time.perf_counter() - t0)
+    return Perplexity(nll, kv.used_bytes(), time.perf_counter() - t0)
 
 
 @torch.inference_mode()
@@ -445,26 +444,9 @@ def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str
 
 
 def held_bytes(cfg: Any, cache: str, options: dict[str, Any], n_tokens: int, dtype: torch.dtype) -> int:
-    """Bytes a layout holds after `n_tokens` tokens of one sequence (what its used_bytes() reports; tests check)."""
-    el = torch.empty((), dtype=dtype).element_size()
-    full = cfg.kv_bytes_per_token(el)  # K and V, every layer, one token
-    if cache == "window":
-        sink, window = options.get("sink", 4), options.get("window", 64)
-        return min(n_tokens, sink + window) * full
-    if cache != "quantized":
-        return n_tokens * full
-    bits, r = options.get("bits", 8), options.get("residual_len", 0)
-    hd = cfg.head_dim
-    ng = hd // (options.get("group", 0) or hd)
-    rows = cfg.n_layer * cfg.n_kv_head
-    if options.get("key_axis", "token") == "token":
-        n = max(n_tokens - r, 0)
-        key_scales = 2 * n * ng * el
-    else:
-        n = n_tokens // r * r
-        key_scales = 2 * (n // r) * hd * el
-    per_row = 2 * n * (hd * bits // 8) + 2 * n * ng * el + key_scales
-    return rows * per_row + (n_tokens - n) * full
+    """Bytes a layout holds after `n_tokens` tokens of one sequence: the layout's own formula (its
+    `used_bytes_after`, equal to what its used_bytes() reports after the token-by-token method; tests check)."""
+    return CACHE_LAYOUTS[cache].used_bytes_after(cfg, n_tokens, dtype, **options)
 
 
 def perplexity(

@@ -1,9 +1,13 @@
 """Results that are never lost: a CSV appended one complete row at a time.
 
 - The header is written once, with the first row.
-- An existing file with a different header (or a last line cut short) is refused, never rewritten.
+- An existing file with a different header, its header again on a later line (two writers that once started it
+  together), or a last line cut short is refused, never rewritten.
 - Each row is one `write` of a whole line on a file opened in append mode, flushed and fsynced before the next
   run starts, so a crash or Ctrl-C leaves every earlier row intact.
+- Writers take turns: each row is appended under an exclusive lock on the file itself (`fcntl.flock`, held from
+  the check of what the file holds to the fsync of the row), so two processes that start the same new file at
+  once write one header between them, and a file that became foreign since the last look is refused.
 - `check_writable` answers, before any model work, whether rows could be appended, without changing the file;
   `check_outputs` does it for every output of a command at once and refuses two outputs that are one file.
 - A missing parent folder is an error (a mistyped path is not created silently); so is a folder or file that
@@ -13,12 +17,14 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from kvlib.errors import KvlibError
 
@@ -28,7 +34,7 @@ def read_header(path: str | Path) -> list[str] | None:
     p = Path(path)
     if not p.exists() or p.stat().st_size == 0:
         return None
-    with p.open(newline="") as f:
+    with p.open(newline="", encoding="utf-8") as f:
         return next(csv.reader(f), None)
 
 
@@ -39,40 +45,63 @@ def _describe_difference(found: list[str], expected: list[str]) -> str:
     return f"it has {len(found)} columns, expected {len(expected)}"
 
 
+def _refusal(f: BinaryIO, p: Path, columns: list[str], checked: int = 0) -> str | None:
+    """Why rows with `columns` cannot be appended to the open, non-empty CSV `f` (at `p`), or None. Its header, its
+    last byte and, from byte `checked` on (the part not read before), every record is read: one that is the
+    header again is refused like a foreign header."""
+    f.seek(0)
+    first = f.readline()
+    header = next(csv.reader([first.decode("utf-8")]), [])
+    if header != columns:
+        return (
+            f"{p} already holds results with a different header ({_describe_difference(header, columns)}); "
+            "it is left untouched: write to a new file"
+        )
+    size = f.seek(0, os.SEEK_END)
+    f.seek(size - 1)
+    if f.read(1) != b"\n":
+        return f"{p} ends with an incomplete line; it is left untouched: write to a new file"
+    f.seek(max(checked, len(first)))
+    for record in csv.reader(io.StringIO(f.read().decode("utf-8"), newline="")):
+        if record == columns:
+            return (
+                f"{p} holds its header line again after its first line (two writers once started it at the same "
+                "time); it is left untouched: write to a new file"
+            )
+    return None
+
+
 def check_writable(path: str | Path, columns: Sequence[str]) -> None:
     """Raise KvlibError unless rows with `columns` can be appended to `path`; the file is not touched."""
-    p = Path(path)
+    _check_writable(Path(path), list(columns))
+
+
+def _check_writable(p: Path, columns: list[str]) -> tuple[int, int, int] | None:
+    """check_writable; returns (device, inode, size) of the existing file as it was read, None for a new file."""
     if p.exists():
         if not p.is_file():
             raise KvlibError(f"cannot write results to {p}: it is not a regular file")
         if not os.access(p, os.W_OK):
             raise KvlibError(f"cannot write results to {p}: permission denied")
         try:
-            header = read_header(p)
             with p.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                if size:
-                    f.seek(size - 1)
-                    last = f.read(1)
-        except (OSError, UnicodeDecodeError) as e:
+                st = os.fstat(f.fileno())
+                refusal = _refusal(f, p, columns) if st.st_size else None
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise KvlibError(f"cannot read the existing results file {p}: {e}") from None
-        if header is not None and header != list(columns):
-            raise KvlibError(
-                f"{p} already holds results with a different header ({_describe_difference(header, list(columns))}); "
-                "it is left untouched: write to a new file"
-            )
-        if size and last != b"\n":
-            raise KvlibError(f"{p} ends with an incomplete line; it is left untouched: write to a new file")
+        if refusal:
+            raise KvlibError(refusal)
         try:  # opening for append without writing changes neither the content nor the modification time
             with p.open("ab"):
                 pass
         except OSError as e:
             raise KvlibError(f"cannot write results to {p}: {e.strerror or e}") from None
-        return
+        return st.st_dev, st.st_ino, st.st_size
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise KvlibError(f"cannot write results to {p}: folder {parent} does not exist (it is not created for you)")
     check_folder_writable(parent, f"cannot write results to {p}")
+    return None
 
 
 def check_folder_writable(folder: str | Path, what: str) -> None:
@@ -123,25 +152,40 @@ def append_rows(path: str | Path, rows: Iterable[Mapping[str, object]], columns:
     """Append each row (a mapping with exactly `columns` as keys) to the CSV at `path`; return how many.
 
     The header is written with the first row of a new or empty file. Each row is written and synced on its own,
-    so rows already appended survive whatever happens next.
+    under an exclusive lock on the file, after checking again what the file holds (only what other writers added
+    since this call's last row is read again), so rows already appended survive whatever happens next and
+    concurrent writers never repeat the header.
     """
     columns = list(columns)
-    check_writable(path, columns)
     p = Path(path)
+    checked = _check_writable(p, columns)  # (device, inode, size) of the file as read last by this call
+    header = _line(columns).encode("utf-8")
     n = 0
     for row in rows:
         missing = [c for c in columns if c not in row]
         extra = [k for k in row if k not in columns]
         if missing or extra:
             raise KvlibError(f"a result row does not match the CSV columns (missing {missing}, unexpected {extra})")
-        text = _line(row[c] for c in columns)
+        data = _line(row[c] for c in columns).encode("utf-8")
         try:
-            with p.open("a", newline="") as f:
-                if f.tell() == 0:
-                    text = _line(columns) + text  # the header goes out in the same write as the first row
-                f.write(text)
+            with p.open("a+b") as f:  # appends only; opening it alone changes nothing
+                fcntl.flock(f, fcntl.LOCK_EX)  # released when f is closed, after the fsync
+                st = os.fstat(f.fileno())
+                if st.st_size == 0:
+                    data = header + data  # the header goes out in the same write as the first row
+                else:
+                    start = 0
+                    if checked is not None and checked[:2] == (st.st_dev, st.st_ino) and st.st_size >= checked[2]:
+                        start = checked[2]  # the file this call read last: read only what others added since
+                    refusal = _refusal(f, p, columns, start)
+                    if refusal:
+                        raise KvlibError(refusal)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+                checked = (st.st_dev, st.st_ino, os.fstat(f.fileno()).st_size)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise KvlibError(f"cannot read the existing results file {p}: {e}") from None
         except OSError as e:
             raise KvlibError(f"cannot write results to {p}: {e.strerror or e}") from None
         n += 1

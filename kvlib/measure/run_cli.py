@@ -138,19 +138,28 @@ def _ms(seconds: float) -> str:
     return "n/a" if pd.isna(seconds) else f"{seconds * 1e3:.2f} ms"
 
 
+NO_DECODE_STEP = "n/a (one token: no decode step)"  # what a decode figure reads when one new token leaves none
+
+
 def summary_line(m: Measurement, spec_id: int = 0) -> str:
-    """One line: the medians over repeats of one configuration's key figures."""
+    """One line: the medians over repeats of one configuration's key figures (a figure that does not exist reads
+    "n/a", saying why where the reason is known; never "nan")."""
     r = m.runs[m.runs.spec_id == spec_id]
     med = r.median(numeric_only=True)
     f = r.iloc[0].to_dict()  # (item access: a Series' .dtype attribute is not the dtype column)
     mbu = "n/a" if pd.isna(med["mbu"]) else f"{med['mbu']:.1%}"
     random = " RANDOM WEIGHTS" if f["weights"] == "random" else ""
+    if int(f["max_new_tokens"]) == 1:  # the first token comes from the prefill: no decode step was timed
+        per_token, decode_rate = NO_DECODE_STEP, f"decode {NO_DECODE_STEP}"
+    else:
+        per_token = f"{_ms(med['tpot_p50_s'])} (p90 {_ms(med['tpot_p90_s'])})"
+        decode_rate = f"{_f(med['decode_tokens_per_s'])} tok/s decode"
     return (
         f"{f['model']} ({f['weights']}){random}, {f['engine']} cache={f['cache']}, {f['device']} {f['dtype']}, "
         f"batch {f['batch_size']}, prompt {f['prompt_len']}, {f['max_new_tokens']} new: "
-        f"TTFT {_ms(med['ttft_s'])}, per-token p50 {_ms(med['tpot_p50_s'])} (p90 {_ms(med['tpot_p90_s'])}), "
-        f"{med['tokens_per_s']:.1f} tok/s end-to-end, {med['decode_tokens_per_s']:.1f} tok/s decode, "
-        f"KV cache {med['kv_cache_bytes'] / 2**20:.2f} MiB, peak {med['peak_mem_mib']:.1f} MiB "
+        f"TTFT {_ms(med['ttft_s'])}, per-token p50 {per_token}, "
+        f"{_f(med['tokens_per_s'])} tok/s end-to-end, {decode_rate}, "
+        f"KV cache {_f(med['kv_cache_bytes'] / 2**20, '.2f')} MiB, peak {_f(med['peak_mem_mib'])} MiB "
         f"({f['peak_mem_kind']}), MBU {mbu} [median of {len(r)} repeats]"
     )
 

@@ -108,12 +108,39 @@ def verify(
 def make_prompts(
     lm: LoadedModel, batch_size: int, prompt_len: int, seed: int, padded: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(input_ids (B, P), attention_mask or None): text for pretrained models; with `padded`, lengths from
-    prompt_len down to about half of it, left-padded."""
+    """(input_ids (B, P), attention_mask or None): text for pretrained models; with `padded`, the lengths of
+    `padded_lengths`, left-padded (KvlibError when no length can differ: see `padded_lengths`)."""
     if padded:
-        lengths = [max(1, prompt_len - (i * prompt_len) // (2 * batch_size)) for i in range(batch_size)]
+        lengths = padded_lengths(batch_size, prompt_len)
         return padded_prompts_for(lm.cfg.vocab_size, lm.tokenizer, lengths, seed, lm.device)
     return prompts_for(lm.cfg.vocab_size, lm.tokenizer, batch_size, prompt_len, seed, lm.device), None
+
+
+def padded_lengths(batch_size: int, prompt_len: int) -> list[int]:
+    """Prompt lengths of a left-padded batch: row 0 `prompt_len`, row i shorter by i * P // 2B tokens and by at
+    least one (100, 84, 67 for batch 3 of 100), so every row but the first is padded. Raises KvlibError (one line)
+    when padding is impossible: one prompt (nothing to pad against) or prompts of one token (none can be shorter)."""
+    if batch_size < 2 or prompt_len < 2:
+        raise KvlibError(
+            f"--padded needs prompts of different lengths: at least 2 prompts of at least 2 tokens (got batch "
+            f"{batch_size}, prompt {prompt_len}); nothing would be padded"
+        )
+    return [prompt_len - (i and max(1, i * prompt_len // (2 * batch_size))) for i in range(batch_size)]
+
+
+def padding_label(mask: torch.Tensor | None) -> str:
+    """What the batch's padding was, read from its attention mask (B, P): 'prompts of 100, 84, 67 tokens,
+    left-padded to 100 (49 pad slots)', or 'no padding'."""
+    if mask is None:
+        return "no padding"
+    lengths = mask.sum(dim=1).tolist()
+    pads = int((mask == 0).sum())
+    if pads == 0:
+        return "no padding"
+    return (
+        f"prompts of {', '.join(str(int(n)) for n in lengths)} tokens, left-padded to {mask.shape[1]} "
+        f"({pads} pad slot{'s' if pads != 1 else ''})"
+    )
 
 
 def _kv_fields(lm: LoadedModel, engine: str, cache: str, g: Generation, P: int, N: int) -> dict:
@@ -194,6 +221,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_sizes(args.batch_size, args.prompt_len, args.max_new_tokens, args.seed)  # before loading anything
+    if args.padded:
+        padded_lengths(args.batch_size, args.prompt_len)  # refuses, before loading, a batch nothing would pad
     lm = load(args.model, args.weights, args.device, args.dtype, args.seed)
     if lm.hf is not None:  # context overflow is checked before any work
         from kvlib.models.decode import check_lengths
@@ -202,22 +231,25 @@ def run(args: argparse.Namespace) -> int:
     banner = "  ** RANDOM WEIGHTS **" if lm.weights == "random" else ""
     print(
         f"{lm.cfg.name} ({lm.weights}: {lm.source}){banner}, {lm.device}, {lm.dtype_name}, batch {args.batch_size}, "
-        f"prompt {args.prompt_len}{' (left-padded)' if args.padded else ''}, {args.max_new_tokens} new tokens; "
-        f"prompts: {prompt_source(lm.tokenizer)}"
+        f"prompt {args.prompt_len}, {args.max_new_tokens} new tokens; prompts: {prompt_source(lm.tokenizer)}"
     )
     failed = []
     passes = [args.padded] if args.padded or not lm.cfg.is_hybrid else [False, True]
+    if passes == [False, True] and (args.batch_size < 2 or args.prompt_len < 2):
+        passes = [False]
+        print("(a hybrid model's left-padded pass is skipped: one prompt, or one-token prompts, leave nothing to pad)")
     for padded in passes:
-        if len(passes) > 1:
-            print(f"-- {'left-padded batch' if padded else 'batch without padding'} --")
-        failed += verify_and_report(lm, args, padded)
+        failed += verify_and_report(lm, args, padded, heading=len(passes) > 1)
     print("all paths agree" if not failed else f"MISMATCH: {', '.join(failed)}")
     return 0 if not failed else 1
 
 
-def verify_and_report(lm: LoadedModel, args: argparse.Namespace, padded: bool) -> list[str]:
-    """One batch of prompts through every path, its table printed; returns the paths that failed."""
+def verify_and_report(lm: LoadedModel, args: argparse.Namespace, padded: bool, heading: bool = False) -> list[str]:
+    """One batch of prompts through every path, its table printed under what its mask says the padding was (never
+    under what was asked for); returns the paths that failed."""
     ids, mask = make_prompts(lm, args.batch_size, args.prompt_len, args.seed, padded)
+    label = padding_label(mask)
+    print(f"-- {label} --" if heading else f"padding: {label}")
     results, ref = verify_prompts(lm, ids, mask, args.max_new_tokens)
     print(format_table(results))
     N = args.max_new_tokens

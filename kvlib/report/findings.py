@@ -1,11 +1,11 @@
 """The findings that open the report: a few plain sentences, each computed from the notebooks' CSVs, with its number
 and the notebook that shows it.
 
-Every finding first checks that its data can carry it, with the notebooks' own guards (kvlib.study.Spread,
-spread_caveat): a comparison that rests on one repeat is left out; one whose interquartile ranges overlap is
-reported as no measurable difference; a lossy layout that quantized or evicted nothing is left out. When the data
-contradict the textbook, the sentence says so. A finding whose files are missing (a notebook not run, a profile
-without naive runs) is left out, never guessed.
+Every finding first checks that its data can carry it, by the study's one rule for "different" (kvlib.stats): a
+comparison that rests on fewer than three repeats a side is left out (n too small); one whose intervals of measured
+values overlap is reported as no measurable difference; counts are compared by their 95% Wilson intervals; a lossy
+layout that quantized or evicted nothing is left out. When the data contradict the textbook, the sentence says so.
+A finding whose files are missing (a notebook not run, a profile without naive runs) is left out, never guessed.
 
 Notebooks the module does not know (a new 09_...) contribute their headline rows (headline=True) as findings; so
 does a known one none of whose data files is there.
@@ -57,7 +57,7 @@ def speedup(out: Path) -> Finding | None:
     s = _spread(row)
     beyond = s.excludes(1)
     if beyond is None:
-        return None  # one repeat: no spread to tell the difference from noise
+        return None  # n too small (fewer than 3 paired repeats) to tell the difference from noise
     cache = row["label"].split("(", 1)[1].split(")", 1)[0] if "(" in row["label"] else "cached"
     cond = str(row["note"]).split(";", 1)[0]
     if beyond and s.median > 1:
@@ -285,7 +285,7 @@ def passkey_retrieval(out: Path) -> Finding | None:
     """09: for each model on the page, pass-key retrieval under eviction at the smallest budget, both question
     settings, against the full cache; whether perplexity's ranking of the policies predicted it. Left out for
     random weights (not a headline)."""
-    from kvlib.study.passkey import metric_suffix, verdict
+    from kvlib.study.passkey import leader_text, metric_suffix, verdict
 
     h = _headline(out, "09")
     acc_all = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
@@ -301,27 +301,26 @@ def passkey_retrieval(out: Path) -> Finding | None:
         full = acc[acc["setting"] == "no eviction"].iloc[0]
         ev = acc[acc["setting"] != "no eviction"]
         b = ev["budget_fraction"].min()
-        parts = []
+        parts, preds = [], []
         for setting, how in (("question-after", "when the question came after compression"),
                              ("question-aware", "when the policy saw the question")):  # fmt: skip
             s = ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)]
             if len(s):
-                best = s[s["accuracy_pct"] == s["accuracy_pct"].max()]
-                who = ", ".join(sorted(best["policy"]))
-                parts.append(f"<b>{int(best['retrieved'].iloc[0])}/{int(best['n'].iloc[0])}</b> {how} ({who})")
+                parts.append(f"<b>{leader_text(s)}</b> {how}")
+            _, rho, predicted = verdict(acc, ppl, setting)
+            if predicted is not None:
+                preds.append(
+                    f"perplexity {'predicted' if predicted else '<b>did not predict</b>'} which policy retrieves "
+                    f"{setting} (rank correlation {rho:+.2f})"
+                )
+            elif len(s):
+                preds.append(f"these counts cannot tell whether perplexity predicts retrieval {setting}")
         if not parts:
             continue
-        _, rho, predicted = verdict(acc, ppl, "question-after")
-        pred = (
-            ""
-            if rho is None
-            else f"; perplexity {'predicted' if predicted else '<b>did not predict</b>'} which policy retrieves "
-            f"(rank correlation {rho:+.2f}, question-after)"
-        )
         sentences.append(
-            f"{model}: evicting down to {100 * b:g}% of a {tokens}-token prompt, the best policy retrieved "
-            f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> pass keys for the "
-            f"full cache{pred}."
+            f"{model}: evicting down to {100 * b:g}% of a {tokens}-token prompt, the most pass keys retrieved were "
+            f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> for the full cache"
+            + (f"; {'; '.join(preds)}." if preds else ".")
         )
     if not sentences:
         return None

@@ -29,6 +29,7 @@ import pandas as pd
 from kvlib.errors import KvlibError
 from kvlib.report.findings import findings
 from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
+from kvlib.stats import MIN_REPEATS
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
@@ -185,8 +186,10 @@ def _findings_html(out: Path, notebooks: Sequence[str]) -> str:
         )
     return (
         "<h2>Findings</h2><ul class=findings>" + "".join(items) + "</ul><p class=muted>Each sentence is computed "
-        "from the CSVs in data/ when the index is built; a comparison that rests on one repeat, or a lossy layout "
-        "that lost no token in its run, is left out rather than overstated. ⚠ marks a result that contradicts the "
+        "from the CSVs in data/ when the index is built. Two measurements are called different only when each rests "
+        f"on at least {MIN_REPEATS} repeats and their intervals of measured values do not overlap, two counts only "
+        "when their 95% Wilson intervals do not overlap; a comparison the data cannot carry, or a lossy layout that "
+        "lost no token in its run, is left out rather than overstated. ⚠ marks a result that contradicts the "
         "textbook.</p>"
     )
 

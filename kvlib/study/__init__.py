@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kvlib import checks
+from kvlib import checks, stats
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -139,60 +139,21 @@ def fmt(value: float) -> str:
     return f"{float(f'{value:.3g}'):g}" if value else "0"
 
 
-@dataclass(frozen=True)
-class Spread:
-    """A median with its interquartile range (25th to 75th percentile) over n values."""
-
-    median: float
-    q25: float
-    q75: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Iterable[float]) -> Spread:
-        s = pd.Series(list(values), dtype="float64").dropna()
-        if s.empty:
-            return cls(math.nan, math.nan, math.nan, 0)
-        return cls(float(s.median()), float(s.quantile(0.25)), float(s.quantile(0.75)), len(s))
-
-    def scaled(self, factor: float) -> Spread:
-        """The same spread in another unit (x100 for a fraction as a percentage)."""
-        return Spread(self.median * factor, self.q25 * factor, self.q75 * factor, self.n)
-
-    def text(self, fmt: str = ".3g", unit: str = "") -> str:
-        """'12.3 ms (IQR 11.9–12.8, n=3)'."""
-        u = f" {unit}" if unit else ""
-        return f"{self.median:{fmt}}{u} (IQR {self.q25:{fmt}}–{self.q75:{fmt}}, n={self.n})"
-
-    def excludes(self, value: float) -> bool | None:
-        """Whether `value` lies outside the interquartile range (a paired ratio's IQR excluding 1: a real
-        difference); None when fewer than two values were measured, so there is no spread to judge by."""
-        if self.n < 2 or math.isnan(self.median):
-            return None
-        return not self.q25 <= value <= self.q75
-
-    def separated(self, other: Spread) -> bool | None:
-        """Whether the two interquartile ranges do not overlap, so the medians differ by more than the spread of
-        either; None when either rests on fewer than two values (no spread to judge a difference by)."""
-        if min(self.n, other.n) < 2 or math.isnan(self.median) or math.isnan(other.median):
-            return None
-        return self.q75 < other.q25 or other.q75 < self.q25
+Spread = stats.Spread  # median and nearest-rank quartiles; the study's one rule for "different" is kvlib.stats
+MIN_REPEATS = stats.MIN_REPEATS  # repeats a side below which no difference is claimed
 
 
 def spread_caveat(beyond_spread: bool | None, what: str = "repeats", spread: str = "interquartile ranges") -> str:
-    """What a sentence comparing measured values must add: '' when the difference is beyond the spread (the result
-    of Spread.separated / Spread.excludes), else why the difference may be noise."""
-    if beyond_spread is None:
-        return f"one measurement each, so no spread over {what} to tell this difference from noise"
-    if beyond_spread:
-        return ""
-    return f"within the spread: the {spread} over {what} overlap, so this difference may be noise"
+    """What a sentence comparing measured values must add (kvlib.stats.caveat): '' when the difference is beyond
+    the spread (Spread.separated / Spread.excludes gave True), else why it may be noise or cannot be judged."""
+    return stats.caveat(beyond_spread, what, spread)
 
 
 def summarise(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
-    """Median, 25th and 75th percentile and count of `value` per group of `by`: one row per group."""
+    """Median, nearest-rank quartiles (kvlib.stats.quartiles: measured values) and count of `value` per group of
+    `by`: one row per group."""
     g = df.groupby(list(by), sort=True, dropna=False)[value]
-    out = g.agg(median="median", q25=lambda s: s.quantile(0.25), q75=lambda s: s.quantile(0.75), n="count")
+    out = g.agg(median="median", q25=lambda s: stats.quartiles(s)[0], q75=lambda s: stats.quartiles(s)[1], n="count")
     return out.reset_index()
 
 
@@ -302,14 +263,24 @@ class Outputs:
             check_folder_writable(folder, "parameter out_dir")
 
     def _replace(self, path: Path, write: Any) -> None:
-        """Write through a temporary file and rename it over `path`: an interrupted write never leaves half a file."""
-        tmp = path.with_name(f".{path.name}.tmp")
+        """Write the file in a new folder of a unique name beside `path`, then rename it over `path`: an interrupted
+        write never leaves half a file, and two processes writing one notebook's outputs at once never write into
+        each other's temporary file (the last whole file wins). The file keeps its own name there, so its mode
+        follows the umask and writers that read its suffix see the real one."""
+        import shutil
+        import tempfile
+
         try:
-            write(tmp)
-            os.replace(tmp, path)
+            folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            write(folder / path.name)
+            os.replace(folder / path.name, path)
+        except OSError as e:
+            raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def csv(self, df: pd.DataFrame, name: str) -> Path:
         """Save `df` as data/NN_<name>.csv (the notebook's result of this execution; replaced whole, atomically)."""

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvlib import stats
 from kvlib.caches.base import KVCache, make_cache
 from kvlib.measure.passkey import (
     NO_SETTING,
@@ -493,16 +494,45 @@ def check_grid(
 # ---- what the figure and the sentence say ------------------------------------------------------------------------
 
 
+def leaders(rows: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """The row of `rows` (accuracy rows: policy, retrieved, n, accuracy_pct) with the most keys retrieved (ties: the
+    policy first by name) and the policies whose counts are not apart from it (kvlib.stats.counts_apart: 95% Wilson
+    intervals overlap), itself included. One name means the leader is apart from every other policy."""
+    ranked = rows.sort_values(["accuracy_pct", "policy"], ascending=[False, True])
+    top = ranked.iloc[0]
+    tied = [
+        str(r["policy"])
+        for _, r in ranked.iterrows()
+        if not stats.counts_apart(int(top["retrieved"]), int(top["n"]), int(r["retrieved"]), int(r["n"]))
+    ]
+    return top, tied
+
+
+def leader_text(rows: pd.DataFrame) -> str:
+    """'H2O 9/9 (TOVA 8/9 within its 95% interval)' or 'H2O 9/9, apart from every other policy': the best
+    retrieval of `rows` and what the intervals allow one to say of it."""
+    top, tied = leaders(rows)
+    head = f"{top['policy']} {int(top['retrieved'])}/{int(top['n'])}"
+    others = [p for p in tied if p != top["policy"]]
+    if len(rows) == 1:
+        return head
+    if not others:
+        return f"{head}, apart from every other policy (95% Wilson intervals)"
+    within = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+    return f"{head}, not apart from {within} (95% Wilson intervals overlap)"
+
+
 def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) -> tuple[str, float | None, bool | None]:
     """Whether perplexity predicted retrieval here: (one sentence computed from the data, the rank correlation
-    behind it, whether it predicted; None: it could not be tested). The correlation is Spearman's rho (the Pearson
-    correlation of ranks) over every (policy, budget) pair measured both ways; None when fewer than 3 pairs or one
-    side does not vary. A perfect predictor has rho = -1
-    (the smaller the perplexity change, the more keys retrieved); "predicted" needs rho <= -0.5 and the policy with
-    the smallest perplexity change to retrieve as many keys as any."""
+    behind it, whether it predicted; None: the data cannot tell). The correlation is Spearman's rho over every
+    (policy, budget) pair measured both ways, judged by kvlib.stats.rank_correlation: it is a finding only over at
+    least 3 pairs, 3 distinct values on each side, and the highest and lowest retrieval counts apart (95% Wilson
+    intervals that do not overlap). A perfect predictor has rho = -1 (the smaller the perplexity change, the more
+    keys retrieved); "predicted" needs a finding with rho <= -0.5 and the policy with the smallest perplexity change
+    not apart below the best retriever; "did not predict" needs a finding that fails either."""
     ours = acc[(acc["setting"] == setting)][["policy", "budget_fraction", "accuracy_pct", "retrieved", "n"]]
     both = ours.merge(ppl[["policy", "budget_fraction", "ppl_change_pct"]], on=["policy", "budget_fraction"])
-    both = both.dropna(subset=["ppl_change_pct"])
+    both = both.dropna(subset=["ppl_change_pct"]).reset_index(drop=True)
     full = acc[acc["setting"] == NO_SETTING]
     full_text = f"{int(full['retrieved'].sum())}/{int(full['n'].sum())}" if len(full) else "n/a"
     if len(both) == 0:
@@ -513,37 +543,40 @@ def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) ->
         f"({best['ppl_change_pct']:+.1f}% perplexity), retrieved {int(best['retrieved'])}/{int(best['n'])} keys "
         f"against the full cache's {full_text}"
     )
-    rho = None
-    if len(both) >= 3 and both["ppl_change_pct"].nunique() > 1 and both["accuracy_pct"].nunique() > 1:
-        rho = float(both["ppl_change_pct"].rank().corr(both["accuracy_pct"].rank()))
-    if rho is None:
-        same = both["accuracy_pct"].nunique() == 1
-        why = (
-            f"retrieval was {both['accuracy_pct'].iloc[0]:.0f}% for every policy and budget, so there was no "
-            "ordering for perplexity to predict"
-            if same
-            else f"too few policy-budget pairs ({len(both)}) to rank"
-        )
+    k, n = both["retrieved"].astype(int).tolist(), both["n"].astype(int).tolist()
+    rc = stats.rank_correlation(
+        both["ppl_change_pct"].tolist(),
+        both["accuracy_pct"].tolist(),
+        "perplexity change",
+        "keys retrieved",
+        y_apart=lambda i, j: stats.counts_apart(k[i], n[i], k[j], n[j]),
+    )
+    rho_text = "" if rc.rho is None else f" (rank correlation {rc.rho:+.2f} over {rc.n} policy-budget pairs)"
+    if not rc.finding:
         return (
-            f"Perplexity could not be tested as a predictor of retrieval here ({setting}): {why}; {best_text}.",
-            None,
+            f"Perplexity could not be tested as a predictor of retrieval here ({setting}): {rc.why}{rho_text}; "
+            f"{best_text}. Each accuracy rests on {min(n)} prompts, so its 95% Wilson interval is wide.",
+            rc.rho,
             None,
         )
+    rho = float(rc.rho)  # a finding has a rho
     top = both.sort_values(["accuracy_pct", "ppl_change_pct"], ascending=[False, True]).iloc[0]
-    picked_best = best["accuracy_pct"] >= top["accuracy_pct"]
+    below = stats.counts_apart(int(best["retrieved"]), int(best["n"]), int(top["retrieved"]), int(top["n"]))
+    picked_best = not (below and best["accuracy_pct"] < top["accuracy_pct"])
     predicted = rho <= -0.5 and picked_best
     top_text = (
         ""
         if picked_best
         else f"; the best retriever, {top['policy']} at {100 * top['budget_fraction']:g}%, retrieved "
-        f"{int(top['retrieved'])}/{int(top['n'])} at {top['ppl_change_pct']:+.1f}% perplexity"
+        f"{int(top['retrieved'])}/{int(top['n'])} at {top['ppl_change_pct']:+.1f}% perplexity, apart from it "
+        "(95% Wilson intervals)"
     )
     return (
         f"Perplexity {'predicted' if predicted else '**did not predict**'} retrieval here ({setting}): "
         f"{best_text}{top_text}. Over {len(both)} policy-budget pairs the rank correlation between perplexity change "
         f"and keys retrieved is {rho:+.2f} (a perfect predictor gives −1; 'predicted' needs at most −0.5 and the "
-        f"policy perplexity rates best to retrieve the most). Each accuracy rests on {int(both['n'].min())} "
-        "prompts, so its 95% Wilson interval is wide.",
+        "policy perplexity rates best not apart below the best retriever). Each accuracy rests on "
+        f"{min(n)} prompts, so its 95% Wilson interval is wide.",
         rho,
         predicted,
     )

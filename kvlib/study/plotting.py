@@ -22,8 +22,10 @@ import matplotlib
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from kvlib import stats
+
 ESTIMATOR = "median"
-ERRORBAR = ("pi", 50)  # seaborn's percentile interval of width 50: the 25th to 75th percentile
+ERRORBAR = stats.quartile_interval  # nearest-rank quartiles (measured values): the interval the sentences judge by
 PALETTE = "colorblind"
 SEQUENTIAL = "crest"  # for a numeric hue (batch sizes, lengths): light to dark, never a path's or layout's colour
 _UNIT = re.compile(r"\(.+\)|\[.+\]")  # "latency (ms)" or "latency [ms]"
@@ -38,7 +40,8 @@ def setup() -> None:
 def iqr_note(n_repeats: int | str, what: str = "repeats") -> str:
     """The sentence every caption with error bars carries."""
     return (
-        f"Points/lines: median over {n_repeats} {what}; error bars/bands: interquartile range (25th–75th percentile)."
+        f"Points/lines: median over {n_repeats} {what}; error bars/bands: interquartile range by nearest rank "
+        "(measured values; with 3 or 4 values, their range)."
     )
 
 

@@ -59,10 +59,8 @@ def held_bytes(cache: KVCache) -> int:
 
 
 def used_bytes(cache: KVCache) -> int:
-    """Bytes storing tokens: the layout's own count where it has one; for contiguous layouts every written slot."""
-    if hasattr(cache, "used_bytes"):
-        return cache.used_bytes()
-    return cache.seq_len * cache.batch_size * cache.cfg.kv_bytes_per_token(cache.tensors()[0].element_size())
+    """Bytes storing tokens: the layout's own count (KVCache.used_bytes; contiguous layouts: every written slot)."""
+    return cache.used_bytes()
 
 
 def lossy_tokens(cache: KVCache) -> int:
