@@ -239,8 +239,9 @@ def _rows(rows: list[dict]) -> pd.DataFrame:
 
 def test_answers_are_computed_from_the_rows():
     results = {
-        "exp1_cache": _rows([{"use_cache": 1, "tpot_p50_s": 0.01}, {"use_cache": 0, "tpot_p50_s": 0.031},
-                             {"use_cache": 0, "tpot_p50_s": 0.029}, {"use_cache": 0, "tpot_p50_s": 0.5}]),
+        "exp1_cache": _rows([*[{"use_cache": 1, "tpot_p50_s": t} for t in (0.01, 0.011, 0.009)],
+                             {"use_cache": 0, "tpot_p50_s": 0.031}, {"use_cache": 0, "tpot_p50_s": 0.029},
+                             {"use_cache": 0, "tpot_p50_s": 0.5}]),
         "exp2_batch": _rows([{"batch_size": b, "prompt_len": 128, "tokens_per_s": 40.0 * b**0.5} for b in (1, 2, 4)]),
         "exp3_prompt": _rows([{"prompt_len": p, "ttft_s": p / 1000} for p in (256, 32, 128)]),
     }  # fmt: skip
@@ -248,5 +249,8 @@ def test_answers_are_computed_from_the_rows():
     assert "10.00 ms with vs 31.00 ms without, 3.10x faster per token" in lines[0]  # median of the three
     assert "batch 2: 56.6 tok/s (1.41x)" in lines[1] and "batch 4: 80.0 tok/s (2.00x)" in lines[1]
     assert lines[2].startswith("3. Prompt length 32/128/256") and "TTFT 32.00 ms, 128.00 ms, 256.00 ms" in lines[2]
-    slower = answers({"exp1_cache": _rows([{"use_cache": 1, "tpot_p50_s": 0.02}, {"use_cache": 0}])})
+    slower = answers({"exp1_cache": _rows([{"use_cache": 1, "tpot_p50_s": 0.02}] * 3 + [{"use_cache": 0}] * 3)})
     assert "2.00x slower per token" in slower[0]
+    # one repeat a side: the ratio is shown, but not called faster or slower (kvlib.stats: n too small)
+    once = answers({"exp1_cache": _rows([{"use_cache": 1, "tpot_p50_s": 0.02}, {"use_cache": 0}])})
+    assert "0.50x (n too small" in once[0] and "slower" not in once[0] and "faster" not in once[0]

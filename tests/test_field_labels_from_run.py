@@ -55,3 +55,19 @@ def test_a_hybrid_models_padded_pass_is_skipped_and_said_when_nothing_can_pad(ca
     assert main([*args, "--batch-size", "2", "--prompt-len", "12"]) == 0
     out = capsys.readouterr().out
     assert "-- no padding --" in out and "-- prompts of 12, 9 tokens, left-padded to 12 (3 pad slots) --" in out
+
+
+def _generate_header(capsys, cache: str, prompt: str | None = None) -> str:
+    args = ["generate", "--model", "tiny", "--weights", "random", "--cache", cache, "--max_new_tokens", "3"]
+    assert main([*args, *(["--prompt", prompt] if prompt else [])]) == 0
+    return capsys.readouterr().out.splitlines()[0]
+
+
+def test_generate_says_what_a_lossy_layout_lost_in_this_run(capsys):
+    """`generate --cache window` printed '(lossy)' whether or not the window had evicted anything."""
+    assert "(lossy layout, exact in this run: it quantized or evicted no token)" in _generate_header(
+        capsys, "window", "short"
+    )
+    assert "(lossy: 23 of 91 tokens per sequence not held exactly)" in _generate_header(capsys, "window")  # 4 + 64 kept
+    assert "(lossy: 91 of 91 tokens" in _generate_header(capsys, "quantized")
+    assert "lossy" not in _generate_header(capsys, "static")

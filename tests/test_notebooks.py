@@ -323,9 +323,12 @@ def test_staged_files_must_carry_the_notebook_prefix(tmp_path):
     (stage / "data" / "stray.csv").write_text("a\n1\n")
     (out / "data").mkdir(parents=True)
     (out / "data" / "04_old.csv").write_text("old\n")
+    executed = stage / "04_x.ipynb"
+    executed.write_text("{}")
     with pytest.raises(KvlibError, match="names must start with 04_"):
-        pipeline._move_outputs(stage, out, "04")
-    assert (out / "data" / "04_old.csv").exists()  # nothing replaced
+        pipeline._move_outputs(stage, out, "04", executed, "04_x")
+    assert (out / "data" / "04_old.csv").exists() and not (out / "04_x.ipynb").exists()  # nothing replaced
     (stage / "data" / "stray.csv").unlink()
-    pipeline._move_outputs(stage, out, "04")
+    pipeline._move_outputs(stage, out, "04", executed, "04_x")
     assert sorted(p.name for p in (out / "data").iterdir()) == ["04_ok.csv"]  # the old file of 04 is gone
+    assert (out / "04_x.ipynb").read_text() == "{}"  # the executed notebook moves with its files, as one set

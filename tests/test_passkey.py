@@ -331,8 +331,8 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
     (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
     assert "smollm2-135m: evicting down to 25% of a 1024-token prompt" in found.html
     assert (
-        "gemma3-270m: evicting down to 25% of a 2048-token prompt, the most pass keys retrieved were <b>h2o 9/9, not "
-        "apart from knorm, tova" in found.html  # every policy 9/9: no best policy to name
+        "gemma3-270m: evicting down to 25% of a 2048-token prompt, the most pass keys retrieved were <b>every "
+        "policy 9/9</b>" in found.html  # every policy 9/9: no best policy to name
     )
     # SmolLM2 question-after is the one finding (0, 3, 9 of 9: extremes apart); question-aware has two pairs, and
     # Gemma's retrieval did not vary: nothing to correlate

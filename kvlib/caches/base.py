@@ -95,6 +95,12 @@ class KVCache(ABC):
         budget, a block pool) overrides it, and `used_bytes_after` with it."""
         return sum(self.lengths) * self.batch_size * slot_bytes(self.cfg, self.dtype)
 
+    def lossy_tokens(self) -> int:
+        """Tokens per sequence this cache does not hold exactly now (quantized or evicted); 0 for an exact layout,
+        and for a lossy one that has lost nothing yet, which then behaved exactly in its run. Lossy layouts override
+        it with their own count; this default counts every stored token of a lossy layout that has none."""
+        return 0 if type(self).exact else self.seq_len
+
     @classmethod
     def used_bytes_after(
         cls, cfg: ModelConfig, n_tokens: int, dtype: torch.dtype, batch_size: int = 1, **options: Any

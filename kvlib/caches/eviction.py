@@ -181,6 +181,10 @@ class EvictionCache(KVCache):
         """Tokens per sequence held now (the last layer's count)."""
         return 0 if self.pos[-1] is None else self.pos[-1].shape[2]
 
+    def lossy_tokens(self) -> int:
+        """Tokens per sequence not held exactly: `evicted_tokens`."""
+        return self.evicted_tokens
+
     @property
     def evicted_tokens(self) -> int:
         """Positions per sequence written but no longer kept; 0 while everything fits (the cache is then exact)."""

@@ -272,6 +272,10 @@ class QuantizedCache(KVCache):
         rows = cfg.n_layer * batch_size * cfg.n_kv_head
         return rows * per_row + (n_tokens - n_q) * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
 
+    def lossy_tokens(self) -> int:
+        """Tokens per sequence not held exactly: `quantized_tokens`."""
+        return self.quantized_tokens
+
     @property
     def quantized_tokens(self) -> int:
         """Tokens per sequence stored as integer codes so far (in every layer); the others sit in the full-precision

@@ -123,6 +123,10 @@ class SinkWindowCache(KVCache):
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]
 
+    def lossy_tokens(self) -> int:
+        """Tokens per sequence not held exactly: `evicted_tokens`."""
+        return self.evicted_tokens
+
     @property
     def evicted_tokens(self) -> int:
         """Positions per sequence written but no longer kept; 0 while everything fits (the cache is then exact)."""

@@ -76,6 +76,12 @@ def check_writable(path: str | Path, columns: Sequence[str]) -> None:
     _check_writable(Path(path), list(columns))
 
 
+# (device, inode) -> (size, modification time) of a file as this process last wrote it, found sound: a check of a
+# file unchanged since then reads only its header and last byte, so appending row by row to a large file does not
+# re-read it whole each time. Any other change (another writer, a rewrite, a reused inode) reads it whole.
+_verified: dict[tuple[int, int], tuple[int, int]] = {}
+
+
 def _check_writable(p: Path, columns: list[str]) -> tuple[int, int, int] | None:
     """check_writable; returns (device, inode, size) of the existing file as it was read, None for a new file."""
     if p.exists():
@@ -86,7 +92,10 @@ def _check_writable(p: Path, columns: list[str]) -> tuple[int, int, int] | None:
         try:
             with p.open("rb") as f:
                 st = os.fstat(f.fileno())
-                refusal = _refusal(f, p, columns) if st.st_size else None
+                # unchanged since this process last wrote it: only the header and the last byte are read again
+                same = _verified.get((st.st_dev, st.st_ino)) == (st.st_size, st.st_mtime_ns)
+                start = st.st_size if same else 0
+                refusal = _refusal(f, p, columns, start) if st.st_size else None
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise KvlibError(f"cannot read the existing results file {p}: {e}") from None
         if refusal:
@@ -183,7 +192,9 @@ def append_rows(path: str | Path, rows: Iterable[Mapping[str, object]], columns:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-                checked = (st.st_dev, st.st_ino, os.fstat(f.fileno()).st_size)
+                after = os.fstat(f.fileno())
+                checked = (st.st_dev, st.st_ino, after.st_size)
+                _verified[checked[:2]] = (after.st_size, after.st_mtime_ns)
         except (UnicodeDecodeError, csv.Error) as e:
             raise KvlibError(f"cannot read the existing results file {p}: {e}") from None
         except OSError as e:

@@ -71,6 +71,18 @@ def shown_text(tokenizer: Any, tokens: list[int]) -> tuple[str, str]:
     return tokenizer.decode(tokens[:cut]), note
 
 
+def lossy_label(cache: Any) -> str:
+    """What a lossy layout did in this run, from the cache itself: ' (lossy: 12 of 40 tokens per sequence not held
+    exactly)', ' (lossy layout, exact in this run: it quantized or evicted no token)'; '' for an exact layout or
+    no cache."""
+    if cache is None or type(cache).exact:
+        return ""
+    lost = cache.lossy_tokens()
+    if lost == 0:
+        return " (lossy layout, exact in this run: it quantized or evicted no token)"
+    return f" (lossy: {lost} of {cache.seq_len} tokens per sequence not held exactly)"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.cache != NAIVE and args.cache not in CACHE_LAYOUTS:
         raise KvlibError(f"unknown cache {args.cache!r}; choose none or one of {', '.join(CACHE_LAYOUTS)}")
@@ -90,10 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     g = generate(lm.model, ids, N, cache=args.cache)
     tokens = g.tokens[0].tolist()
-    lossy = args.cache != NAIVE and not CACHE_LAYOUTS[args.cache].exact
     print(
         f"{lm.cfg.name} ({lm.weights}: {lm.source}), {lm.device} {lm.dtype_name}, cache {args.cache}"
-        f"{' (lossy)' if lossy else ''}, greedy, {N} new tokens; loaded in {lm.load_s:.1f} s"
+        f"{lossy_label(g.cache)}, greedy, {N} new tokens; loaded in {lm.load_s:.1f} s"
     )
     if lm.weights == "random":
         print("** RANDOM WEIGHTS **: the text would be meaningless, so token ids are shown instead")

@@ -17,7 +17,7 @@ never leaves a half-written cache). Later loads read that folder with `from_pret
 The folder is checked before every load from disk (`damage`): `kvlib-source.json`, written last, records the size
 and sha256 of every other file in it, and a sha256 of its own record. Sizes are compared first (a truncated,
 emptied, missing or added file is found without reading one), then every file is hashed: 0.7-1.3 s for
-SmolLM2's 538 MB on 2 AMD EPYC cores (sha256, 0.5-0.8 GB/s), next to 6-9 s for a later load. A folder that fails
+SmolLM2's 538 MB on 2 AMD EPYC cores (sha256 at 0.4-0.8 GB/s), next to 6-9 s for a later load. A folder that fails
 (any difference, or one converted by an older kvlib, which recorded no checksums) is converted again from the
 GGUF, with one line on stderr saying why, and swapped in: the failed folder is renamed aside and removed (a
 process that still has its files mapped keeps reading them). A process loads a folder once (`_loaded`) and

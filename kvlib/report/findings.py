@@ -66,10 +66,15 @@ def speedup(out: Path) -> Finding | None:
             f"every earlier token at each step (naive / cached total time, {_iqr(s)}; {cond}).",
             "02_naive_vs_cached",
         )
-    what = "made no measurable difference" if not beyond else f"was <b>{_x(1 / s.median)} slower</b>"
+    if not beyond:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+        return Finding(
+            f"These runs could not tell decoding with the {cache} cache from naive decoding: naive / cached total "
+            f"time {_x(s.median)}, and its interval ({_iqr(s)}) holds 1; {cond}.",
+            "02_naive_vs_cached",
+        )
     return Finding(
-        f"<b>Contrary to the textbook</b>, decoding with the {cache} cache {what} against naive decoding "
-        f"(naive / cached total time {_x(s.median)}, {_iqr(s)}; {cond}).",
+        f"<b>Contrary to the textbook</b>, decoding with the {cache} cache was <b>{_x(1 / s.median)} slower</b> "
+        f"than naive decoding (naive / cached total time {_x(s.median)}, {_iqr(s)}; {cond}).",
         "02_naive_vs_cached",
         True,
     )
@@ -90,11 +95,16 @@ def hf_speedup(out: Path) -> Finding | None:
             f"as fast as <code>use_cache=False</code> ({_iqr(s)}).",
             "03_huggingface",
         )
-    what = "made no measurable difference" if not beyond else f"made it <b>{_x(1 / s.median)} slower</b>"
+    if not beyond:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+        return Finding(
+            f"These runs could not tell Hugging Face's dynamic cache from <code>use_cache=False</code> inside "
+            f"<code>generate</code>: ratio {_x(s.median)}, and its interval ({_iqr(s)}) holds 1.",
+            "03_huggingface",
+        )
     return Finding(
-        f"<b>Contrary to the textbook</b>, Hugging Face's dynamic cache {what} against <code>use_cache=False</code> "
-        f"(ratio {_x(s.median)}, {_iqr(s)}): at these sizes <code>generate</code>'s fixed cost per step outweighs "
-        "the recomputation the cache saves.",
+        f"<b>Contrary to the textbook</b>, Hugging Face's dynamic cache made a generation <b>{_x(1 / s.median)} "
+        f"slower</b> than <code>use_cache=False</code> (ratio {_x(s.median)}, {_iqr(s)}): at these sizes "
+        "<code>generate</code>'s fixed cost per step likely outweighs the recomputation the cache saves.",
         "03_huggingface",
         True,
     )
@@ -162,7 +172,8 @@ def batching(out: Path) -> Finding | None:
         return None
     gain, ideal = s1.median / s0.median, b1 / b0
     numbers = f"{s0.median:,.0f} → {s1.median:,.0f} tokens/s, medians; perfect scaling: {_x(ideal)}"
-    if apart and gain > 1.1 * ideal:
+    beyond_ideal = s0.scaled(ideal).separated(s1) and gain > ideal  # above perfect scaling, by the same rule
+    if apart and beyond_ideal:
         return Finding(
             f"Batching {b1} sequences instead of {b0} raised throughput <b>{_x(gain)}</b> ({numbers}): <b>more than "
             "perfect scaling</b>, which the computation cannot do; the smaller batch was most likely slowed by other "
@@ -176,10 +187,16 @@ def batching(out: Path) -> Finding | None:
             "a decode step reads the weights once for the whole batch.",
             "05_batch_sweep",
         )
-    what = "did not measurably change throughput" if not apart else f"changed throughput only <b>{_x(gain)}</b>"
+    if not apart:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+        return Finding(
+            f"These runs could not tell the decode throughput of a batch of {b1} from a batch of {b0} ({numbers}; "
+            "the intervals of their repeats overlap).",
+            "05_batch_sweep",
+        )
     return Finding(
-        f"<b>Contrary to the textbook</b>, batching {b1} sequences instead of {b0} {what} ({numbers}): a decode "
-        "step here is limited by arithmetic or by threads competing for the cores, not by reading the weights.",
+        f"<b>Contrary to the textbook</b>, batching {b1} sequences instead of {b0} changed throughput only "
+        f"<b>{_x(gain)}</b> ({numbers}): a decode step here is likely limited by arithmetic or by threads competing "
+        "for the cores, not by reading the weights.",
         "05_batch_sweep",
         True,
     )
@@ -205,9 +222,14 @@ def prompt_advantage(out: Path) -> Finding | None:
             f"paired repeats), because it recomputes the whole sequence.",
             "06_prompt_sweep",
         )
-    what = "shrank" if grew else "did not measurably change"
+    if not grew:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+        return Finding(
+            f"These runs could not tell whether the cache's advantage per token changes with the prompt: a naive "
+            f"step cost {numbers} (medians of paired repeats, whose intervals overlap).",
+            "06_prompt_sweep",
+        )
     return Finding(
-        f"<b>Contrary to the textbook</b>, the cache's advantage per token {what} with the prompt: a naive step "
+        f"<b>Contrary to the textbook</b>, the cache's advantage per token shrank with the prompt: a naive step "
         f"cost {numbers} (medians of paired repeats; the textbook expects it to grow with the length).",
         "06_prompt_sweep",
         True,

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,9 +279,16 @@ def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path
         + "</body></html>\n"
     )
     target = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
+    # a temporary name of its own: two index builds at once never write into each other's file
+    fd, tmp_name = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=out)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        tmp.chmod(0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -16,9 +16,11 @@ report is left as it was.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -106,18 +108,39 @@ def check_profiles(params_dir: str | Path, notebooks_dir: str | Path) -> list[st
     return problems
 
 
-def _move_outputs(stage: Path, out: Path, prefix: str) -> None:
-    """Replace the report's files of this notebook (data/NN_*, figures/NN_*) by the staged ones."""
+def _move_outputs(stage: Path, out: Path, prefix: str, executed: Path, notebook: str) -> None:
+    """Replace the report's files of this notebook (data/NN_*, figures/NN_*, the executed notebook `executed` as
+    out/<notebook>.ipynb) by the staged ones, under an exclusive
+    lock on out/.lock: a concurrent run of the same notebook replaces them before or after, never file by file in
+    between (which would leave one run's CSVs beside the other's figures)."""
     for sub in ("data", "figures"):
         staged = sorted((stage / sub).glob("*")) if (stage / sub).is_dir() else []
         stray = [p.name for p in staged if not p.name.startswith(f"{prefix}_")]
         if stray:
             raise KvlibError(f"the notebook wrote {sub}/{', '.join(stray)}: names must start with {prefix}_")
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for old in (out / sub).glob(f"{prefix}_*"):
-            old.unlink()
-        for p in staged:
-            os.replace(p, out / sub / p.name)
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        for sub in ("data", "figures"):
+            staged = sorted((stage / sub).glob("*")) if (stage / sub).is_dir() else []
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            for old in (out / sub).glob(f"{prefix}_*"):
+                old.unlink(missing_ok=True)
+            for p in staged:
+                os.replace(p, out / sub / p.name)
+        os.replace(executed, out / f"{notebook}.ipynb")
+
+
+def _new_stage(build: Path, notebook: str) -> Path:
+    """A stage folder of its own under `build`: two runs of one notebook at once (two `make report`s, a report and
+    a test) never write into or remove each other's stage; the last to finish replaces the report's files, as a set
+    (_move_outputs). `build` is made again when another run's _clean_stage removed it in between."""
+    for _ in range(5):
+        build.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{notebook}.", dir=build))
+        except FileNotFoundError:  # another run removed the empty build folder just now
+            continue
+    raise KvlibError(f"cannot create a stage folder in {build}")
 
 
 def _clean_stage(stage: Path) -> None:
@@ -167,9 +190,7 @@ def run_notebook(
     check_keys(source, params, f"profile {profile}")
     check_reports_dir(reports_dir)
     out = Path(reports_dir) / profile
-    stage = out / ".build" / notebook
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    stage = _new_stage(out / ".build", notebook)
     params[OUT_DIR_PARAM] = str(stage.resolve())
 
     order = discover(notebooks_dir)
@@ -205,11 +226,10 @@ def run_notebook(
         raise
     seconds = time.perf_counter() - t0
     try:
-        _move_outputs(stage, out, notebook.split("_", 1)[0])
+        _move_outputs(stage, out, notebook.split("_", 1)[0], staged_nb, notebook)
     except KvlibError as e:
         _keep_failed(staged_nb, failed, stage)
         raise NotebookFailed(f"{notebook}: {e}") from None
-    os.replace(staged_nb, out / f"{notebook}.ipynb")
     failed.unlink(missing_ok=True)
     _clean_stage(stage)
     print(f"{step} {notebook} ... {seconds:.0f} s", flush=True)

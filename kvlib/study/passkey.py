@@ -516,6 +516,8 @@ def leader_text(rows: pd.DataFrame) -> str:
     others = [p for p in tied if p != top["policy"]]
     if len(rows) == 1:
         return head
+    if rows["retrieved"].nunique() == 1 and rows["n"].nunique() == 1:  # no leader to name: every policy tied
+        return f"every policy {int(top['retrieved'])}/{int(top['n'])}"
     if not others:
         return f"{head}, apart from every other policy (95% Wilson intervals)"
     within = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")

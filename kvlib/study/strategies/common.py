@@ -66,13 +66,8 @@ def used_bytes(cache: KVCache) -> int:
 def lossy_tokens(cache: KVCache) -> int:
     """Tokens per sequence that a layout did not keep exactly at the end of a run: quantized (quantized layout) or
     evicted (window); 0 for exact layouts. A lossy layout at 0 behaved exactly in that run, so its error and its
-    saving say nothing about what it loses. A lossy layout without a count of its own counts every stored token."""
-    if type(cache).exact:
-        return 0
-    for count in ("quantized_tokens", "evicted_tokens"):
-        if hasattr(cache, count):
-            return int(getattr(cache, count))
-    return cache.seq_len
+    saving say nothing about what it loses (KVCache.lossy_tokens: the layout's own count)."""
+    return int(cache.lossy_tokens())
 
 
 # ---- timing and error ------------------------------------------------------------------------------------------
