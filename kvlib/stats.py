@@ -1,7 +1,8 @@
 """One rule for "different": when the study may say that two measurements, two counts or two rankings differ.
 
-Every sentence, headline and ⚠ of the study that compares numbers asks this module, so the pages cannot disagree on
-what the same data show.
+Every sentence, headline and ⚠ of the notebooks and the report's index that compares numbers, and the answers of
+`python -m kvlib experiments`, ask this module, so the pages cannot disagree on what the same data show. (The
+bench's met/MISSED against its speed targets is a threshold on medians, not yet judged by this rule.)
 
 - **Timed values (repeats).** A set of repeats is summarised by its median and its quartiles *by nearest rank,
   rounded outward* (the 25th percentile rounded down to a measured value, the 75th rounded up), so the interval is

@@ -152,7 +152,7 @@ def hybrid_saving(out: Path) -> Finding | None:
         f"{last['model']} attends over a sliding window of {int(last['sliding_window'])} tokens on "
         f"{int(last['n_sliding_layers'])} of its layers, so a cache that keeps only the window there is exact: at "
         f"{int(last['tokens']):,} tokens it holds <b>{100 * float(last['ratio_to_full']):.0f}%</b> of a full cache "
-        f"of the same shape ({float(last['kv_mib']):,.0f} MiB per sequence); {agree}.",
+        f"of the same shape ({fmt(float(last['kv_mib']))} MiB per sequence); {agree}.",
         "04_memory",
         exact != len(measured),
     )
