@@ -231,13 +231,16 @@ def test_no_interval_is_interpolated_and_no_comparison_bypasses_the_rule():
 
 
 def test_every_notebook_comparison_goes_through_separated_or_excludes():
-    """A sentence that calls one measurement faster, slower or apart must sit next to a call of the rule."""
+    """A sentence that calls one measurement faster or slower in bold, or says a result is contrary to expectation,
+    must sit in code that asked the rule (a variable from separated/excludes) just before it."""
+    judged = r"separated\(|excludes\(|\bapart\b|\bbeyond\b|\bgrew\b|\bfell\b|_apart\b"
     for path, text in _sources().items():
         if not path.startswith("notebooks/"):
             continue
-        for m in re.finditer(r"\*\*[^*\n]*(faster|slower)[^*\n]*\*\*", text):
-            window = text[max(0, m.start() - 1500) : m.end()]
-            assert re.search(r"separated\(|excludes\(|apart", window), f"{path}: {m.group(0)!r} has no rule nearby"
+        claims = r"\*\*[^*\n]*(faster|slower)[^*\n]*\*\*|[Cc]ontrary to (the usual )?expectation"
+        for m in re.finditer(claims, text):
+            window = text[max(0, m.start() - 800) : m.end() + 200]  # a conditional expression tests after
+            assert re.search(judged, window), f"{path}: {m.group(0)!r} has no rule nearby"
 
 
 def test_spread_text_and_scaled_keep_the_interval_ordered():
