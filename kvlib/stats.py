@@ -27,6 +27,8 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from kvlib import checks
+
 MIN_REPEATS = 3  # values per side below which no difference is claimed
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% interval
 
@@ -105,8 +107,6 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), p = successes / n. Returns (low, high) as fractions;
     (nan, nan) for n = 0. Unlike p ± z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0/n or n/n.
     Raises KvlibError for a negative n or successes outside 0..n."""
-    from kvlib import checks
-
     checks.whole("n", n, minimum=0)
     checks.whole("successes", successes, minimum=0, maximum=n)
     if n == 0:

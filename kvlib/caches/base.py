@@ -111,7 +111,7 @@ class KVCache(ABC):
         would hold (the perplexity command's one-pass method); tests/test_field_bytes_held.py checks it against
         `used_bytes()` for every registered layout. This default is the dense rule of `used_bytes`."""
         formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
-        return n_tokens * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
+        return n_tokens * batch_size * cfg.kv_bytes_per_token(dtype.itemsize)
 
     @abstractmethod
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +128,9 @@ class KVCache(ABC):
 
 
 def slot_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one slot of one layer of one sequence: K and V, n_kv_head x head_dim each."""
-    return 2 * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+    """Bytes of one slot of one layer of one sequence: K and V, n_kv_head x head_dim each (the config's bytes per
+    token of a full cache, ModelConfig.kv_bytes_per_token, over its layers)."""
+    return cfg.kv_bytes_per_token(dtype.itemsize) // cfg.n_layer
 
 
 def formula_options(

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
+from kvlib.caches.base import KVCache, formula_options, register_layout
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -201,7 +201,7 @@ class EvictionCache(KVCache):
         """After n tokens: min(n, budget) kept on every layer, the policy's rule deciding only which (the base
         class's contract)."""
         o = formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
-        return min(n_tokens, o["budget"]) * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
+        return min(n_tokens, o["budget"]) * batch_size * cfg.kv_bytes_per_token(dtype.itemsize)
 
 
 # ---- the policies ------------------------------------------------------------------------------------------------

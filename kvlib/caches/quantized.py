@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
+from kvlib.caches.base import KVCache, formula_options, register_layout
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -270,7 +270,7 @@ class QuantizedCache(KVCache):
             key_scales = 2 * (n_q // r) * hd * el  # K scale and zero, per channel and group of r tokens
         per_row = 2 * n_q * (hd * bits // 8) + 2 * n_q * n_groups * el + key_scales  # codes, V scales, K scales
         rows = cfg.n_layer * batch_size * cfg.n_kv_head
-        return rows * per_row + (n_tokens - n_q) * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
+        return rows * per_row + (n_tokens - n_q) * batch_size * cfg.kv_bytes_per_token(dtype.itemsize)
 
     def lossy_tokens(self) -> int:
         """Tokens per sequence not held exactly: `quantized_tokens`."""

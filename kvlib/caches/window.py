@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
+from kvlib.caches.base import KVCache, formula_options, register_layout
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -143,4 +143,4 @@ class SinkWindowCache(KVCache):
         """After n tokens: min(n, sink + window) slots on every layer (the base class's contract)."""
         o = formula_options(cls, cfg, n_tokens, dtype, batch_size, options)
         kept = min(n_tokens, o["sink"] + o["window"])
-        return kept * batch_size * cfg.n_layer * slot_bytes(cfg, dtype)
+        return kept * batch_size * cfg.kv_bytes_per_token(dtype.itemsize)

@@ -21,10 +21,11 @@ import fcntl
 import io
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kvlib.errors import KvlibError
 
@@ -111,6 +112,25 @@ def _check_writable(p: Path, columns: list[str]) -> tuple[int, int, int] | None:
         raise KvlibError(f"cannot write results to {p}: folder {parent} does not exist (it is not created for you)")
     check_folder_writable(parent, f"cannot write results to {p}")
     return None
+
+
+def write_whole(path: Path, write: Any) -> None:
+    """Replace the file at `path` whole: `write(tmp)` writes it in a new folder of a unique name beside `path`,
+    which is then renamed over `path`. An interrupted write never leaves half a file, and two processes writing the
+    same file at once never write into each other's temporary file (the last whole file wins). The file keeps its
+    own name there, so its mode follows the umask and writers that read its suffix see the real one. Raises
+    KvlibError (one line) when the folder cannot be written."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        write(folder / path.name)
+        os.replace(folder / path.name, path)
+    except OSError as e:
+        raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_folder_writable(folder: str | Path, what: str) -> None:

@@ -17,9 +17,7 @@ import base64
 import html
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from kvlib.errors import KvlibError
+from kvlib.measure.results import write_whole
 from kvlib.report.findings import findings
 from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
 from kvlib.stats import MIN_REPEATS
@@ -279,16 +278,7 @@ def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path
         + "</body></html>\n"
     )
     target = out / "index.html"
-    # a temporary name of its own: two index builds at once never write into each other's file
-    fd, tmp_name = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=out)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        tmp.chmod(0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))  # two builds at once: the last wins
     return target
 
 

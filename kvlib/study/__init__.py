@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import yaml
 
 from kvlib import checks, stats
 from kvlib.errors import KvlibError
+from kvlib.measure.results import check_folder_writable, write_whole
 from kvlib.models.config import ModelConfig
 
 # transformers imports tqdm.auto, which in a notebook without ipywidgets warns on every import; the study's
@@ -246,8 +246,6 @@ class Outputs:
     def _check_out_dir(self) -> None:
         """Before any model is loaded: out_dir (or its parent, for a new one) must exist and every folder the
         notebook writes must take files. A mistyped parent is an error, never created silently."""
-        from kvlib.measure.results import check_folder_writable
-
         parent = self.out_dir.parent
         if not self.out_dir.is_dir() and not parent.is_dir():
             raise KvlibError(f"parameter out_dir: folder {parent} does not exist (it is not created for you)")
@@ -263,24 +261,8 @@ class Outputs:
             check_folder_writable(folder, "parameter out_dir")
 
     def _replace(self, path: Path, write: Any) -> None:
-        """Write the file in a new folder of a unique name beside `path`, then rename it over `path`: an interrupted
-        write never leaves half a file, and two processes writing one notebook's outputs at once never write into
-        each other's temporary file (the last whole file wins). The file keeps its own name there, so its mode
-        follows the umask and writers that read its suffix see the real one."""
-        import shutil
-        import tempfile
-
-        try:
-            folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        except OSError as e:
-            raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
-        try:
-            write(folder / path.name)
-            os.replace(folder / path.name, path)
-        except OSError as e:
-            raise KvlibError(f"cannot write {path}: {e.strerror or e}") from None
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        """Write `path` whole through a temporary file of its own (kvlib.measure.results.write_whole)."""
+        write_whole(path, write)
 
     def csv(self, df: pd.DataFrame, name: str) -> Path:
         """Save `df` as data/NN_<name>.csv (the notebook's result of this execution; replaced whole, atomically)."""
