@@ -138,24 +138,30 @@ def test_quick_bound_fits_the_rows_into_the_budget():
     assert bench.row_limits_s(argparse.Namespace(row_limit_s=3.0, quick=True), [1, 8]) == [3.0, 3.0]
 
 
-def test_compile_is_used_for_batch_1_rows_only_and_switched_back(tmp_path, monkeypatch):
+def test_compile_is_used_for_batch_1_rows_only_and_does_not_leak(tmp_path, monkeypatch):
     import kvlib.models.fastpath as fastpath
+    from kvlib.models.loading import load
 
     monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
-    monkeypatch.setattr(fastpath, "COMPILE_ONE_ROW", False)
+    monkeypatch.delenv("KVLIB_COMPILE", raising=False)  # the process default: no compiled kernel
     csv = tmp_path / "b.csv"
     args = [*TINY[:-1], "--compile", "--batch_sizes", "1,2", "--dtypes", "fp32", "--csv", str(csv)]
     assert main(args) == 0
     df = pd.read_csv(csv)
     assert df["kvlib_compile"].tolist() == [True, False]
-    assert fastpath.COMPILE_ONE_ROW is False  # the bench's choice does not leak into the process
+    # the bench's choice does not leak into the process: it is an argument of the bench's models' preparation, not
+    # a module switch, and a model prepared afterwards without saying gets the process default
+    assert not hasattr(fastpath, "COMPILE_ONE_ROW") and fastpath.compile_default() is False
+    lm = load("tiny", weights="random", with_hf=False)
+    fastpath.prepare_for_inference(lm.model, batch_size=1)
+    assert "compiled" not in fastpath.model_kernel(lm.model, 1)
 
 
 @pytest.mark.parametrize(("minimum", "code"), [(0.0, 0), (1e9, 1)])
 def test_strict_exits_1_only_when_a_target_is_missed(tmp_path, monkeypatch, minimum, code):
     monkeypatch.setenv("KVLIB_NO_ROOFLINE", "1")
     always = bench.Target("ratio", "ratio_hf_best", minimum, lambda r: True, "synthetic")
-    monkeypatch.setattr(bench, "TARGETS", (always,))
+    monkeypatch.setattr(bench.table, "TARGETS", (always,))  # where the verdicts and the CSV's columns read them
     args = [*TINY, "--batch_sizes", "1", "--dtypes", "float32", "--csv", str(tmp_path / "b.csv")]
     assert main([*args, "--strict"]) == code
     assert main(args) == 0  # without --strict a benchmark's verdict is printed, not turned into a failure
@@ -194,6 +200,18 @@ def test_target_report_names_the_missed_target():
     assert not all_met
     assert "MISSED every other row" in text and "float32 b8: 0.80" in text
     assert "met    Llama batch 1, float32: kvlib MBU" in text
+
+
+def test_targets_are_read_from_the_data_file_each_with_its_source():
+    """The targets are data (kvlib/data/bench_targets.yaml): each says where it comes from, in words; an entry the
+    bench cannot apply is refused when read."""
+    assert [t.name for t in bench.TARGETS] == ["b1_fp32_vs_hf_dynamic", "vs_hf_best", "b1_mbu"]
+    assert [t.minimum for t in bench.TARGETS] == [2.0, 1.3, 0.6] and bench.table.GEMMA_TARGET == 1.0
+    for t in (*bench.TARGETS, bench.table.GEMMA_RULE):
+        assert t.source and "issue" not in t.source.lower(), t.name
+    bad = "targets: [{name: x, column: mbu, minimum: 1, rows: some_rows, text: t, source: s}]\nhybrid_cache: {}"
+    with pytest.raises(ValueError, match="judges rows 'some_rows'"):
+        bench.table.load_targets(bad)
 
 
 def test_summarize_takes_medians_and_divides_hf_by_kvlib():
@@ -263,7 +281,7 @@ def test_regression_time_bound_is_not_swallowed_by_an_except_exception_fallback(
     assert time.perf_counter() - t0 < 1.0
 
 
-# ---- Gemma 3 (issue 15): its own row, kvlib's hybrid cache, the "no slower than HF generate" check -----------
+# ---- Gemma 3: its own row, kvlib's hybrid cache, the "no slower than HF generate" check ----------------------
 
 
 def _plan_args(**over) -> argparse.Namespace:
@@ -303,7 +321,7 @@ def test_gemma_report_and_targets():
         "device": "cpu", "native_dtype": True, "ratio_hf_best": 1.2, "ratio_hf_dynamic": 1.5, "mbu": 0.1,
         "kvlib_tpot_p50_ms": 30.0,
     }  # fmt: skip
-    assert set(bench.check_targets(row).values()) == {"n/a"}  # issue 11's targets do not judge Gemma rows
+    assert set(bench.check_targets(row).values()) == {"n/a"}  # the speed targets do not judge Gemma rows
     text = bench.gemma_report([row])
     assert text.strip().startswith("met") and "1.20x" in text and "1.50x" in text
     assert bench.gemma_report([{**row, "ratio_hf_best": 0.8}]).strip().startswith("MISSED")

@@ -18,8 +18,10 @@ PyTorch does for these shapes on CPU, and what this module does instead (measure
   released; the prompt's many rows go through F.linear, as fast for many rows).
 - `one_row_matvec`: for a single row (batch 1 decoding) a matrix-vector product written as one float32 dot
   product per output, compiled by torch.compile into one vectorised loop over the weight: faster than either
-  library's kernel here. Optional (COMPILE_ONE_ROW, or KVLIB_COMPILE=1): compiling takes seconds once per
-  process, which `prepare_for_inference` spends before any timed step.
+  library's kernel here. Optional (`prepare_for_inference(..., compile_one_row=True)`; its default is the
+  environment's KVLIB_COMPILE=1, `compile_default`): compiling takes seconds once per process, which
+  `prepare_for_inference` spends before any timed step. The model keeps the choice (each Linear's), so that a later
+  preparation that does not say (`generate`'s own, the harness's) keeps it too.
 - `one_query_attention`: attention of one new token written out; in half precision PyTorch's fused CPU kernel
   (tiled for many queries) was slower for one query.
 - A dtype the CPU only emulates (kvlib.hardware decides: no native half-precision arithmetic): weights are packed
@@ -46,12 +48,18 @@ from torch import nn
 
 from kvlib.hardware import dtype_support
 
-# Module-level switches, so that the bench and the tests can compare with and without each part.
+# Module-level switches, so that the tests can compare with and without each part (nothing sets them at run time).
 PACK_CPU_WEIGHTS = True  # Linear multiplies with packed weights, oneDNN's or MKL's (False: plain F.linear)
-ONE_ROW_KERNEL = "auto"  # one-row inputs: "packed", "plain" (F.linear), "compiled" (needs COMPILE_ONE_ROW) or "auto"
+# one-row inputs: "packed", "plain" (F.linear), "compiled" (needs compile_one_row, prepare_for_inference) or "auto"
+ONE_ROW_KERNEL = "auto"
 # several rows (batch > 1 decoding): "packed" (oneDNN), "mkl" (MKL's packed sgemm), "plain" (F.linear) or "auto"
 BATCH_KERNEL = "auto"
-COMPILE_ONE_ROW = os.environ.get("KVLIB_COMPILE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def compile_default() -> bool:
+    """Whether the one-row kernel is compiled where no caller said (`prepare_for_inference`'s `compile_one_row`):
+    the environment's KVLIB_COMPILE ("1", "true", "yes" or "on"; off when unset), read when asked."""
+    return os.environ.get("KVLIB_COMPILE", "0").lower() in ("1", "true", "yes", "on")
 
 
 class _PackedWeight:
@@ -67,22 +75,29 @@ class _PackedWeight:
         # goes through F.linear) or None (nothing held: F.linear, or the compiled one-row kernel).
         self.kind: str | None = "onednn"
         self.rows = 0
+        # Whether one-row inputs may take the compiled kernel, as prepare_for_inference was told (None: not
+        # prepared yet, the environment's default, `compile_default`).
+        self.compile_one_row: bool | None = None
 
     def __deepcopy__(self, memo: dict) -> _PackedWeight:
-        return _PackedWeight._chosen(self.kind, self.rows)
+        return _PackedWeight._chosen(self.kind, self.rows, self.compile_one_row)
 
     def __reduce__(self) -> tuple:
-        return (_PackedWeight._chosen, (self.kind, self.rows))
+        return (_PackedWeight._chosen, (self.kind, self.rows, self.compile_one_row))
 
     def clear(self) -> None:
         """Drop the packed tensor (the kernel chosen stays): it is made again when wanted."""
         self.tensor, self.source, self.packed_as = None, None, None
 
+    def compiles_one_row(self) -> bool:
+        """Whether one-row inputs may take the compiled kernel: as prepared, else the environment's default."""
+        return compile_default() if self.compile_one_row is None else self.compile_one_row
+
     @staticmethod
-    def _chosen(kind: str | None, rows: int) -> _PackedWeight:
+    def _chosen(kind: str | None, rows: int, compile_one_row: bool | None = None) -> _PackedWeight:
         """A new, empty cache for the same choice of kernel (what copies and unpickled models get)."""
         pk = _PackedWeight()
-        pk.kind, pk.rows = kind, rows
+        pk.kind, pk.rows, pk.compile_one_row = kind, rows, compile_one_row
         return pk
 
 
@@ -111,10 +126,11 @@ class Linear(nn.Linear):
 
     def kernel_for(self, rows: int) -> str:
         """The kernel `forward` uses for an input of `rows` rows on CPU without autograd: "compiled" (the one-row
-        kernel, COMPILE_ONE_ROW), "mkl" (MKL's packing, made for exactly this many rows), "packed" (oneDNN's) or
-        "plain" (F.linear: no packing chosen, another row count than MKL's, or a weight no library can pack)."""
+        kernel, where this Linear was prepared with `compile_one_row`), "mkl" (MKL's packing, made for exactly this
+        many rows), "packed" (oneDNN's) or "plain" (F.linear: no packing chosen, another row count than MKL's, or a
+        weight no library can pack)."""
         w, pk = self.weight, self._packed
-        if rows == 1 and COMPILE_ONE_ROW and not _compile_failed and _one_row_compiled(w.dtype):
+        if rows == 1 and pk.compiles_one_row() and not _compile_failed and _one_row_compiled(w.dtype):
             return "compiled"
         if not PACK_CPU_WEIGHTS or not w.is_cpu or w.is_inference():  # no version counter: see packed_weight
             return "plain"
@@ -365,7 +381,7 @@ def _one_row_plain(dtype: torch.dtype) -> bool:
 
 
 def _one_row_compiled(dtype: torch.dtype) -> bool:
-    """Whether one-row inputs take the compiled kernel (COMPILE_ONE_ROW on): forced, or measured the fastest by
+    """Whether one-row inputs take the compiled kernel (`compile_one_row` on): forced, or measured the fastest by
     `one_row_kernel(..., with_compiled=True)`, or not measured yet (then compiled, as asked)."""
     if ONE_ROW_KERNEL in ("packed", "plain"):
         return False
@@ -387,7 +403,7 @@ def _will_measure(model: nn.Module, dtype: torch.dtype, batch_size: int, compili
 
 
 @torch.inference_mode()
-def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
+def prepare_for_inference(model: nn.Module, batch_size: int = 1, *, compile_one_row: bool | None = None) -> float:
     """Get `model` ready to decode `batch_size` rows (0: at load time, as for 1 but without compiling) now rather
     than inside a timed prefill or decode step, holding one copy of each weight at most beside the parameter:
 
@@ -398,13 +414,25 @@ def prepare_for_inference(model: nn.Module, batch_size: int = 1) -> float:
       `batch_size` rows (any other row count, such as the prompt's, then goes through F.linear, measured as fast
       there), or none.
 
+    `compile_one_row`: whether the torch.compile'd one-row kernel is a candidate for one-row inputs (compiled here
+    for batch 1). The model keeps it (each Linear's `kernel_for` reads it), and None, the default, keeps what the
+    model was prepared with before (so that `generate`'s own preparation and the harness's keep a caller's choice),
+    else the environment's KVLIB_COMPILE (`compile_default`).
+
     Returns the seconds this took (about 0 when all was ready)."""
     t0 = time.perf_counter()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu]
     dtypes = {m.weight.dtype for m in linears}
     for dt in dtypes:
         note_emulated(dt)
-    compiling = COMPILE_ONE_ROW and batch_size == 1
+    if compile_one_row is None:
+        before = (m._packed.compile_one_row for m in linears if m._packed.compile_one_row is not None)
+        compile_one_row = next(before, None)
+    if compile_one_row is None:
+        compile_one_row = compile_default()
+    for m in linears:  # before compiling: the first call below reads it
+        m._packed.compile_one_row = compile_one_row
+    compiling = compile_one_row and batch_size == 1
     for m in linears:  # compile first, so that the compiled kernel can be measured against the others
         signature = (m.weight.dtype, m.out_features, m.in_features, m.bias is not None)
         if compiling and signature not in _matvec_ready and _one_row_compiled(m.weight.dtype):
