@@ -9,7 +9,7 @@ import gzip
 import pytest
 import torch
 
-from kvlib.caches.base import make_cache
+from kvlib.caches.base import make_cache, sink_window_mask
 from kvlib.cli import main
 from kvlib.errors import KvlibError
 from kvlib.measure.perplexity import (
@@ -19,7 +19,6 @@ from kvlib.measure.perplexity import (
     read_text,
     recompute_nll,
     recompute_targets,
-    window_mask,
 )
 from kvlib.measure.results import read_header
 from kvlib.models.config import get_preset
@@ -69,7 +68,7 @@ def test_window_contract_query_i_sees_the_sinks_and_the_last_window_keys_its_own
     positions j < S and i - W < j <= i (identified here by writing each position's index as its key)."""
     S, W, T = 3, 5, 20
     kv = make_cache("window", llama.cfg, 1, T, "cpu", torch.float32, sink=S, window=W)
-    mask = window_mask(T, S, W)
+    mask = sink_window_mask(T, S, W)
     for i in range(T):
         k = torch.full((1, llama.cfg.n_kv_head, 1, llama.cfg.head_dim), float(i))
         for layer in range(llama.cfg.n_layer):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +42,79 @@ class KVCache(ABC):
     # Eviction policies that score keys by the attention they receive (kvlib.caches.eviction) set True: attend then
     # hands them the attention weights after each write. False costs nothing (one attribute read per layer).
     needs_attention: ClassVar[bool] = False
+    # True for a layout that drops tokens once a sequence outgrows what it holds (the window, the eviction policies):
+    # it takes a token budget (`with_budget`, `held_budget`), and the pass-key probe asks it the question settings
+    evicts: ClassVar[bool] = False
+    # False for a layout that refuses a multi-token write after the prompt (chunked prefill): a question after the
+    # context is then fed to it one token per step
+    chunked_writes: ClassVar[bool] = True
+    # True for a layout that holds exactly one full-precision slot per position it holds or reserves, so its bytes
+    # equal the dense formula (kvlib.measure.memory); a block pool (whole blocks) or integer codes do not
+    dense: ClassVar[bool] = False
+    # True for a layout preallocated to the run's whole length (prompt + new tokens) on every full-attention layer
+    reserves_run_length: ClassVar[bool] = False
+    # True for a layout made for models with sliding-window layers of their own; on any other model it is the static
+    # cache, so comparisons of layouts leave it out there
+    for_sliding_models: ClassVar[bool] = False
+    # What a lossy layout does to the tokens it does not hold exactly ("quantized", "evicted"); None when exact
+    loses: ClassVar[str | None] = None
+    # What a decode step pays for on top of the plain cache's attention ("gathering its blocks"); None: nothing
+    step_overhead: ClassVar[str | None] = None
+    # The layout's colour in every figure; None takes one from the palette rule (kvlib.study.plotting.color), so a
+    # new layout has a colour of its own without editing a table
+    colour: ClassVar[str | None] = None
+
+    # ---- facts a caller asks instead of testing a layout's name ---------------------------------------------------
+
+    @classmethod
+    def label(cls, options: Mapping[str, Any] | None = None) -> str:
+        """A short name for the layout with these options, as tables and figures show it ("window 4+252", "int4
+        kivi r32 g32"); the layout's name unless it says more."""
+        return cls.name
+
+    @classmethod
+    def option(cls, options: Mapping[str, Any] | None, key: str) -> Any:
+        """The value of option `key` in `options`, or the layout's default for it (its constructor's, the one place
+        a default is written); None when the layout has no such option."""
+        options = options or {}
+        return options[key] if key in options else dict(_options_of(cls)).get(key)
+
+    @classmethod
+    def with_budget(cls, options: Mapping[str, Any], budget: int) -> dict[str, Any]:
+        """`options` with a token budget (tokens per sequence held at most) applied. This default: a layout that does
+        not evict takes no budget (KvlibError); evicting layouts say how a budget maps onto their options."""
+        evicting = ", ".join(n for n, c in CACHE_LAYOUTS.items() if c.evicts)
+        raise KvlibError(f"cache {cls.name!r} does not evict, so it takes no --budget; layouts that do: {evicting}")
+
+    @classmethod
+    def held_budget(cls, options: Mapping[str, Any] | None = None) -> int | None:
+        """Tokens per sequence the layout keeps at most with these options (None: it does not evict)."""
+        return None
+
+    @classmethod
+    def protected_sinks(cls, options: Mapping[str, Any] | None = None) -> int:
+        """The first tokens of a sequence the layout never evicts (attention sinks); 0 for none."""
+        return 0
+
+    @classmethod
+    def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass | None:
+        """What a cache of this layout shows each query when a text of `n_tokens` tokens is read token by token
+        (teacher forcing: one prompt token, then one token per step), as one attention pattern over the whole
+        text, so that a one-pass forward gives the same perplexity (kvlib.measure.perplexity, method "fast").
+        None: no such pattern (the pass must go token by token). Exact layouts: the causal mask."""
+        if not cls.exact:
+            return None
+        return OnePass(causal_mask(n_tokens, device))
+
+    @classmethod
+    def layer_slots(cls, cfg: ModelConfig, n_tokens: int) -> list[int]:
+        """Slots each layer holds for one sequence once `n_tokens` positions were written (dense: all of them)."""
+        return [n_tokens] * cfg.n_layer
+
+    def release(self, row: int) -> None:
+        """Sequence `row` of the batch has ended: free its slots where the layout can (paged), else keep them (this
+        default: nothing to free)."""
+        return None
 
     def __init__(
         self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
@@ -127,6 +201,36 @@ class KVCache(ABC):
         )
 
 
+@dataclass(frozen=True)
+class OnePass:
+    """The attention pattern of a cache over a whole text read token by token, for a one-pass forward.
+
+    allowed: (T, T) bool, query i sees key j. sink_positions: (T,) long or None, the position each query's sinks
+    are scored at when the layout moves them (the window with positions="cache"); sinks: how many keys are sinks.
+    codes_where: (T, T) bool or None, where query i sees key j as the layout's integer codes rather than at full
+    precision; fake_quantized(k, v) -> (k, v): keys and values (B, nkv, T, hd) as the layout would hold them as codes.
+    """
+
+    allowed: torch.Tensor
+    sink_positions: torch.Tensor | None = None
+    sinks: int = 0
+    codes_where: torch.Tensor | None = None
+    fake_quantized: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def sink_window_mask(T: int, sink: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, T) bool: query i sees key j when j <= i and (j < sink or j > i - window) (a sink-window cache's
+    contract, read token by token; sink 0, window T is the causal mask)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & ((j < sink) | (j > i - window))
+
+
+def causal_mask(T: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, T) bool: query i sees key j when j <= i (what an exact cache shows each query)."""
+    return sink_window_mask(T, 0, T, device)
+
+
 def slot_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of one slot of one layer of one sequence: K and V, n_kv_head x head_dim each (the config's bytes per
     token of a full cache, ModelConfig.kv_bytes_per_token, over its layers)."""
@@ -173,6 +277,26 @@ def refuse_on_hybrid(cls: type[KVCache], cfg: ModelConfig, options: Mapping[str,
 
 
 CACHE_LAYOUTS: dict[str, type[KVCache]] = {}
+# The exact layout every other is judged against (its tokens, logits and bytes are the baseline of comparisons)
+REFERENCE = "static"
+
+
+def layout_class(name: str) -> type[KVCache]:
+    """The registered layout class of this name (KvlibError naming the choices for an unknown one)."""
+    check_layout(name)
+    return CACHE_LAYOUTS[name]
+
+
+def evicts(name: str) -> bool:
+    """Whether `name` is a registered layout that drops tokens (its `evicts` fact); False for anything else (a cache
+    mode such as "none", another engine's cache)."""
+    return name in CACHE_LAYOUTS and CACHE_LAYOUTS[name].evicts
+
+
+def evicting_layouts() -> tuple[str, ...]:
+    """The registered layouts that drop tokens under a budget, in registration order (the window and the eviction
+    policies): what the pass-key probe and the eviction pages sweep."""
+    return tuple(n for n, c in CACHE_LAYOUTS.items() if c.evicts)
 
 
 def register_layout(cls: type[KVCache]) -> type[KVCache]:
@@ -186,6 +310,8 @@ class DynamicCache(KVCache):
     whole cache into a new tensor (O(length) work and allocator churn per step)."""
 
     name = "dynamic"
+    dense = True
+    colour = "#de8f05"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -213,6 +339,13 @@ class StaticCache(KVCache):
     Hugging Face's StaticCache): no allocation while decoding; attention reads a view of the filled slots."""
 
     name = "static"
+    dense = True
+    reserves_run_length = True
+    colour = "#0173b2"
+
+    @classmethod
+    def label(cls, options: Mapping[str, Any] | None = None) -> str:
+        return "full (static)"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -34,13 +34,14 @@ Shapes: B batch, nkv key-value heads, n kept tokens, T new tokens of a write, S 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, formula_options, register_layout
+from kvlib.caches.base import CACHE_LAYOUTS, KVCache, OnePass, formula_options, register_layout, sink_window_mask
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -54,8 +55,28 @@ class EvictionCache(KVCache):
 
     name = "eviction"
     exact = False  # lossy once a sequence outgrows the budget; exact, token for token, while it fits (tests)
+    loses = "evicted"
     keeps_positions = True  # each kept key's slot is known: composes with a model's own sliding windows (Gemma 3)
     needs_attention: ClassVar[bool] = False
+    evicts = True
+
+    @classmethod
+    def with_budget(cls, options: Mapping[str, Any], budget: int) -> dict[str, Any]:
+        """`options` with `budget`; KvlibError for a budget its protected sinks alone would fill."""
+        sink = cls.protected_sinks(options)
+        if budget <= sink:
+            raise KvlibError(
+                f"--budget {budget} must exceed the {sink} sink tokens of {cls.name} (at least one recent token)"
+            )
+        return {**options, "budget": budget}
+
+    @classmethod
+    def held_budget(cls, options: Mapping[str, Any] | None = None) -> int | None:
+        return cls.option(options, "budget")
+
+    @classmethod
+    def protected_sinks(cls, options: Mapping[str, Any] | None = None) -> int:
+        return cls.option(options, "sink") or 0
 
     def __init__(
         self,
@@ -218,6 +239,17 @@ class StreamingCache(EvictionCache):
     sink (4)."""
 
     name = "streaming"
+    colour = "#b59a00"  # the window layout's: the same tokens (tests)
+
+    @classmethod
+    def label(cls, options: Mapping[str, Any] | None = None) -> str:
+        return f"streaming {cls.option(options, 'sink')}+{cls.option(options, 'budget') - cls.option(options, 'sink')}"
+
+    @classmethod
+    def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
+        """Read token by token it keeps the window layout's tokens (sink + the budget - sink newest): its mask."""
+        sink = cls.option(options, "sink")
+        return OnePass(sink_window_mask(n_tokens, sink, cls.option(options, "budget") - sink, device), None, sink)
 
     def __init__(
         self,
@@ -255,6 +287,7 @@ class H2OCache(EvictionCache):
     the paper's equal split between heavy hitters and recent tokens)."""
 
     name = "h2o"
+    colour = "#332288"
     needs_attention = True
 
     def __init__(
@@ -293,6 +326,7 @@ class TOVACache(EvictionCache):
     token's attention chooses the kept prompt tokens, as in the authors' implementation. Option: budget (256)."""
 
     name = "tova"
+    colour = "#117733"
     needs_attention = True
 
     def __init__(
@@ -322,8 +356,9 @@ class SnapKVCache(EvictionCache):
 
     Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation". Score of a prompt key
     outside the window = its attention from the window's queries, mean over those queries and over the query
-    heads of its GQA group (kvpress; SnapKV issue 22), then pooled along the kept keys with a `kernel`-wide
-    `pooling` ("avg" or "max"), stride 1, zero padding (SnapKV's avg_pool1d / max_pool1d). What we changed:
+    heads of its GQA group (as kvpress does, after a discussion in SnapKV's repository), then pooled along the
+    kept keys with a `kernel`-wide `pooling` ("avg" or "max"), stride 1, zero padding (SnapKV's avg_pool1d /
+    max_pool1d). What we changed:
     - compression happens at the end of every multi-token write (and of a one-token prompt), with that write's
       last min(observation, T) queries as the window: a question written after a compressed context re-scores
       the kept keys with the question's queries, but cannot bring back what the first compression dropped;
@@ -334,6 +369,13 @@ class SnapKVCache(EvictionCache):
 
     name = "snapkv"
     needs_attention = True
+    colour = "#cc6677"
+
+    @classmethod
+    def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
+        """Read token by token (a one-token prompt, then decode steps) it drops the oldest key at every step and
+        keeps no sinks: the window layout's tokens with no sinks and window = budget."""
+        return OnePass(sink_window_mask(n_tokens, 0, cls.option(options, "budget"), device))
 
     def __init__(
         self,
@@ -400,6 +442,7 @@ class KnormCache(EvictionCache):
     and the newest token is always kept. Option: budget (256)."""
 
     name = "knorm"
+    colour = "#882255"
 
     def __init__(
         self,
@@ -416,7 +459,13 @@ class KnormCache(EvictionCache):
         return -k.float().norm(dim=-1)  # (B, nkv, T)
 
 
-POLICIES: tuple[str, ...] = ("streaming", "h2o", "tova", "snapkv", "knorm")
+def policies() -> tuple[str, ...]:
+    """Every registered eviction policy (a subclass of EvictionCache), in registration order: what pages and
+    parameter files mean by "all" policies, so a new policy is listed by registering it."""
+    return tuple(n for n, c in CACHE_LAYOUTS.items() if issubclass(c, EvictionCache))
+
+
+POLICIES: tuple[str, ...] = policies()  # the policies of this module (tests sweep them)
 
 
 # ---- the two question settings of the pass-key probe -------------------------------------------------------------

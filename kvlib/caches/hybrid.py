@@ -48,6 +48,15 @@ class HybridCache(KVCache):
     """No options: the model's config says which layers slide and how far."""
 
     name = "hybrid"
+    dense = True
+    reserves_run_length = True  # on its full-attention layers
+    for_sliding_models = True
+    colour = "#a50026"
+
+    @classmethod
+    def layer_slots(cls, cfg: ModelConfig, n_tokens: int) -> list[int]:
+        """Sliding layers hold at most their window; full layers every position."""
+        return [n_tokens if w is None else min(n_tokens, w) for w in map(cfg.window_of, range(cfg.n_layer))]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

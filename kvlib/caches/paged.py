@@ -91,6 +91,8 @@ class PagedCache(KVCache):
     padding out), pool (a BlockPool to share with other caches)."""
 
     name = "paged"
+    step_overhead = "gathering its blocks"
+    colour = "#029e73"
 
     def __init__(
         self,

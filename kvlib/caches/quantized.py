@@ -26,13 +26,15 @@ and `used_bytes()` the part holding tokens.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, formula_options, register_layout
+from kvlib.caches.base import KVCache, OnePass, causal_mask, formula_options, register_layout
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -106,6 +108,31 @@ class QuantizedCache(KVCache):
 
     name = "quantized"
     exact = False
+    loses = "quantized"
+    step_overhead = "dequantizing its codes"
+    colour = "#d55e00"  # int8's; figures tell bits apart by label (kvlib.study.plotting)
+
+    @classmethod
+    def label(cls, options: Mapping[str, Any] | None = None) -> str:
+        """ "int8 per-token", "int4 kivi r32 g32": bits, key axis (KIVI: keys per channel), tail and group if set."""
+        kivi = cls.option(options, "key_axis") == "channel"
+        name = f"int{cls.option(options, 'bits')} {'kivi' if kivi else 'per-token'}"
+        if cls.option(options, "residual_len"):
+            name += f" r{cls.option(options, 'residual_len')}"
+        if cls.option(options, "group"):
+            name += f" g{cls.option(options, 'group')}"
+        return name
+
+    @classmethod
+    def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
+        """Causal, with keys and values seen as codes where the layout would hold codes (`quantized_where`), fake-
+        quantized by the layout's own functions (`fake_quantized`)."""
+        o = {k: cls.option(options, k) for k in ("bits", "residual_len", "key_axis", "group")}
+        return OnePass(
+            causal_mask(n_tokens, device),
+            codes_where=quantized_where(n_tokens, o, device),
+            fake_quantized=functools.partial(fake_quantized, options=o),
+        )
 
     def __init__(
         self,
@@ -281,3 +308,39 @@ class QuantizedCache(KVCache):
         """Tokens per sequence stored as integer codes so far (in every layer); the others sit in the full-precision
         tail. 0 means every token stayed at full precision: a run like that measures nothing about quantization."""
         return min(self.n_quant)
+
+
+# ---- the layout read token by token, as one pattern (KVCache.one_pass) ----------------------------------------------
+
+
+def quantized_where(T: int, options: Mapping[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, T) bool: whether query i's step sees key j as integer codes (else at full precision) in the quantized
+    layout, which holds a full-precision tail: per token, the last residual_len tokens; per channel, the tokens
+    past the last whole group of residual_len. The first step attends to its own key at full precision.
+    `options`: the layout's options, every one given (QuantizedCache.option fills the defaults)."""
+    r = options["residual_len"]
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    per_token = options["key_axis"] == "token"
+    held = j <= i - r if per_token else j < (i + 1) // r * r
+    held[0] = False
+    return held & (j <= i)
+
+
+def fake_quantized(k: torch.Tensor, v: torch.Tensor, options: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, nkv, T, hd) quantized and dequantized as the quantized layout stores them (per-channel keys: only
+    the whole groups of residual_len tokens; the rest is returned unchanged and never used as codes). `options`:
+    every option of the layout given."""
+    bits, group = options["bits"], options["group"] or k.shape[-1]
+    dtype = k.dtype
+    vq = dequantize_grouped(*quantize_grouped(v, bits, group, dtype), dtype)
+    if options["key_axis"] == "token":
+        return dequantize_grouped(*quantize_grouped(k, bits, group, dtype), dtype), vq
+    G = options["residual_len"]
+    B, nkv, T, hd = k.shape
+    n = T // G * G
+    kq = k.clone()
+    if n:
+        codes, scale, zero = quantize(k[:, :, :n].reshape(B, nkv, n // G, G, hd), bits, dim=3, dtype=dtype)
+        kq[:, :, :n] = dequantize(codes, scale, zero, dtype).reshape(B, nkv, n, hd)
+    return kq, vq

@@ -26,12 +26,13 @@ longer fits (`exact = False`); exact, slot for slot, while it does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, formula_options, register_layout
+from kvlib.caches.base import KVCache, OnePass, formula_options, register_layout, sink_window_mask
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
 
@@ -44,6 +45,45 @@ class SinkWindowCache(KVCache):
 
     name = "window"
     exact = False
+    loses = "evicted"
+    evicts = True
+    chunked_writes = False  # a question after the prompt goes in one token per step
+    colour = "#b59a00"
+
+    @classmethod
+    def label(cls, options: Mapping[str, Any] | None = None) -> str:
+        """ "window 4+252", "window 4+252 (cache positions)": sink + window."""
+        pos = " (cache positions)" if cls.option(options, "positions") == "cache" else ""
+        return f"window {cls.option(options, 'sink')}+{cls.option(options, 'window')}{pos}"
+
+    @classmethod
+    def with_budget(cls, options: Mapping[str, Any], budget: int) -> dict[str, Any]:
+        """sink + window = budget (sink: the given one, else the default). Raises KvlibError for a window given too
+        (the budget would be given twice) or a budget the sinks alone would fill."""
+        if "window" in options:
+            raise KvlibError("give the window layout --budget or --window, not both (budget = sink + window)")
+        sink = cls.option(options, "sink")
+        if budget <= sink:
+            raise KvlibError(f"--budget {budget} must exceed the {sink} sink tokens (at least one recent token)")
+        return {**options, "sink": sink, "window": budget - sink}
+
+    @classmethod
+    def held_budget(cls, options: Mapping[str, Any] | None = None) -> int | None:
+        return cls.option(options, "sink") + cls.option(options, "window")
+
+    @classmethod
+    def protected_sinks(cls, options: Mapping[str, Any] | None = None) -> int:
+        return cls.option(options, "sink")
+
+    @classmethod
+    def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
+        """The sink-window mask; with positions="cache", the sinks scored at each query's position within the
+        cache (min(i, sink + window - 1))."""
+        sink, window = cls.option(options, "sink"), cls.option(options, "window")
+        sink_positions = None
+        if cls.option(options, "positions") == "cache":
+            sink_positions = torch.arange(n_tokens, device=device).clamp(max=min(sink + window, n_tokens) - 1)
+        return OnePass(sink_window_mask(n_tokens, sink, window, device), sink_positions, sink)
 
     def __init__(
         self,

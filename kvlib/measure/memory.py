@@ -41,8 +41,10 @@ import psutil
 import torch
 
 from kvlib import checks
+from kvlib.caches.base import CACHE_LAYOUTS
 from kvlib.errors import KvlibError
 from kvlib.models.config import ModelConfig
+from kvlib.models.hf import HF_DYNAMIC, HF_STATIC
 
 MIB = 2**20
 MB = 10**6
@@ -71,9 +73,10 @@ def bytes_per_element(dtype: torch.dtype | str) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-# Layouts that keep only the window on a sliding layer: kvlib's name, and the engine it belongs to. Every other
-# layout (dynamic, static, paged, quantized, ...) holds every token on every layer, as far as this formula goes.
-WINDOWED_LAYOUTS = {("kvlib", "hybrid"), ("hf", "static"), ("hf", "dynamic")}
+# Hugging Face's caches that keep only the window on a sliding layer, and how many slots fewer than the window they
+# keep between steps (its DynamicSlidingWindowLayer keeps window - 1). kvlib's layouts say it themselves
+# (KVCache.layer_slots); every other cache holds every token on every layer, as far as this formula goes.
+HF_WINDOWED = {HF_STATIC: 0, HF_DYNAMIC: 1}
 
 
 def layer_windows(cfg: ModelConfig) -> list[int | None]:
@@ -95,9 +98,11 @@ def layer_slots(cfg: ModelConfig, tokens: int, layout: str = "full", engine: str
     if not isinstance(layout, str) or not layout:
         raise checks.fail("layout", layout, 'a cache layout name ("full", "hybrid", "static", ...)', where)
     windows = layer_windows(cfg)
-    if (engine, layout) not in WINDOWED_LAYOUTS:
+    if engine == "kvlib" and layout in CACHE_LAYOUTS:
+        return CACHE_LAYOUTS[layout].layer_slots(cfg, tokens)
+    if engine == "kvlib" or layout not in HF_WINDOWED:
         return [tokens] * len(windows)
-    keep = 1 if (engine, layout) == ("hf", "dynamic") else 0  # HF's DynamicSlidingWindowLayer keeps window - 1
+    keep = HF_WINDOWED[layout]
     return [tokens if w is None else min(tokens, w - keep) for w in windows]
 
 
@@ -139,7 +144,7 @@ def cache_tokens(engine: str, cache: str, prompt_len: int, max_new_tokens: int) 
     checks.whole("max_new_tokens", max_new_tokens, where="cache_tokens:")
     if cache == "none":
         return 0
-    if engine == "kvlib" and cache in ("static", "hybrid"):
+    if engine == "kvlib" and cache in CACHE_LAYOUTS and CACHE_LAYOUTS[cache].reserves_run_length:
         return prompt_len + max_new_tokens  # decode.generate preallocates P + N slots (hybrid: on full layers)
     # Growing caches, and HF's static cache (sized max_length - 1 by generate), end with the last token unfed.
     return prompt_len + max_new_tokens - 1

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import CACHE_LAYOUTS, KVCache, layout_options, make_cache
+from kvlib.caches.base import CACHE_LAYOUTS, KVCache, evicts, layout_class, make_cache
 from kvlib.errors import KvlibError
 from kvlib.measure.perplexity import FLAG_OPTIONS, PROVENANCE, layout_options_from
 from kvlib.measure.provenance import provenance
@@ -41,7 +41,6 @@ from kvlib.stats import wilson
 SETTINGS = ("question-after", "question-aware")
 NO_SETTING = "no eviction"  # layouts that do not evict: one prefill, the setting changes nothing
 NEW_TOKENS = 8
-WINDOW_SINK = 4  # the window layout's default sink count
 RULE = "retrieved: the key's five digits appear together in the greedy continuation"
 # command-line flag -> layout option: the perplexity command's, and the eviction policies'
 FLAGS = {**FLAG_OPTIONS, "recent": "recent", "observation": "observation", "kernel": "kernel", "pooling": "pooling"}
@@ -83,41 +82,19 @@ def retrieved(continuation: str, key: int) -> bool:
 # ---- layouts, budgets and settings ---------------------------------------------------------------------------------
 
 
-def evicts(cache: str) -> bool:
-    """Whether a layout drops tokens: "window", and every layout with a `budget` option (kvlib.caches.eviction)."""
-    return cache == "window" or (cache in CACHE_LAYOUTS and "budget" in layout_options(cache))
-
-
 def budget_options(cache: str, options: dict[str, Any], budget: int | None) -> dict[str, Any]:
-    """The layout's options with --budget applied: an eviction layout's `budget`; the window layout's sink + window
-    (window = budget - sink, sink 4 unless given). Raises KvlibError for a budget on a layout that does not evict, a
-    budget given twice (--budget and --window), or one that the sinks alone would fill."""
+    """The layout's options with --budget applied, as the layout maps a budget onto its options
+    (KVCache.with_budget: an eviction policy's `budget`; the window's sink + window). Raises KvlibError for a budget
+    on a layout that does not evict, or one the layout refuses (given twice, filled by its sinks alone)."""
     if budget is None:
         return options
     checks.whole("budget", budget)
-    if not evicts(cache):
-        evicting = ", ".join(n for n in CACHE_LAYOUTS if evicts(n))
-        raise KvlibError(f"cache {cache!r} does not evict, so it takes no --budget; layouts that do: {evicting}")
-    if cache == "window":
-        if "window" in options:
-            raise KvlibError("give the window layout --budget or --window, not both (budget = sink + window)")
-        sink = options.get("sink", WINDOW_SINK)
-        if budget <= sink:
-            raise KvlibError(f"--budget {budget} must exceed the {sink} sink tokens (at least one recent token)")
-        return {**options, "sink": sink, "window": budget - sink}
-    sink = options.get("sink", layout_options(cache).get("sink", 0)) or 0
-    if budget <= sink and "sink" in layout_options(cache):
-        raise KvlibError(f"--budget {budget} must exceed the {sink} sink tokens of {cache} (at least one recent token)")
-    return {**options, "budget": budget}
+    return layout_class(cache).with_budget(options, budget)
 
 
 def held_budget(cache: str, options: dict[str, Any]) -> int | None:
     """Tokens per sequence the layout keeps at most (None: it does not evict)."""
-    if cache == "window":
-        return options.get("sink", WINDOW_SINK) + options.get("window", 64)
-    if evicts(cache):
-        return options.get("budget", layout_options(cache)["budget"])
-    return None
+    return layout_class(cache).held_budget(options)
 
 
 def setting_of(cache: str, question_aware: bool) -> str:
@@ -167,23 +144,24 @@ def answer(
     kv = make_cache(cache, model.cfg, B, N + new_tokens, ids.device, _dtype(model), **options)
     if not evicts(cache) or question_aware:
         logits = model(ids, torch.arange(N, device=ids.device).expand(B, N), kv, 0)[:, -1]
-    elif cache == "window":  # no chunked writes
+    elif not kv.chunked_writes:  # the question one token per step
         model(ids[:, :context_len], torch.arange(context_len, device=ids.device).expand(B, context_len), kv, 0)
-        logits = question_chunk(model, kv, ids, context_len, cache)
+        logits = question_chunk(model, kv, ids, context_len)
     else:  # kvlib.caches.eviction's two-chunk prefill
         logits = prefill_then(model, kv, ids[:, :context_len], ids[:, context_len:], question_aware=False)
     out = decode_answer(model, kv, logits, N, new_tokens)
     return Answers(out, kv_bytes(kv), time.perf_counter() - t0, kv)
 
 
-def question_chunk(model: Any, cache: KVCache, ids: torch.Tensor, context_len: int, layout: str) -> torch.Tensor:
-    """The question (ids[:, context_len:]) after a context already in `cache`: one multi-token write, or, for the
-    window layout (no multi-token write after the prompt), one token per step. Returns the last logits (B, V)."""
+def question_chunk(model: Any, cache: KVCache, ids: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The question (ids[:, context_len:]) after a context already in `cache`: one multi-token write, or, for a
+    layout that takes none after the prompt (`chunked_writes` False: the window), one token per step. Returns the
+    last logits (B, V)."""
     from kvlib.models.decode import decode_step
 
     B, N = ids.shape
     positions = torch.arange(N, device=ids.device).expand(B, N)
-    if layout != "window":
+    if cache.chunked_writes:
         return model(ids[:, context_len:], positions[:, context_len:], cache, context_len)[:, -1]
     for i in range(context_len, N):
         logits = decode_step(model, ids[:, i : i + 1], i, positions, cache, None)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from kvlib import checks
 from kvlib.caches.base import CACHE_LAYOUTS, check_layout, make_cache
-from kvlib.caches.quantized import dequantize, dequantize_grouped, quantize, quantize_grouped
+from kvlib.caches.window import SinkWindowCache
 from kvlib.errors import KvlibError
 from kvlib.measure.provenance import provenance
 from kvlib.measure.results import append_rows, check_outputs
@@ -65,7 +65,8 @@ FLAG_OPTIONS = {
     "key_axis": "key_axis",
     "backend": "backend",
 }
-HF_OPTIONS = ("bits", "residual_len", "backend")  # hf-quantized's options
+HF_QUANTIZED_DEFAULTS = {"bits": 4, "residual_len": 128, "backend": "quanto"}  # hf-quantized's options
+HF_OPTIONS = tuple(HF_QUANTIZED_DEFAULTS)
 RANDOM_NOTE = "RANDOM WEIGHTS: synthetic token ids through a random model; this perplexity is meaningless"
 PROVENANCE = (
     "git_commit",
@@ -170,7 +171,9 @@ def layout_options_from(cache: str, given: dict[str, Any]) -> dict[str, Any]:
         extra = sorted(set(given) - {"window"})
         if extra:
             raise KvlibError(f"cache {cache!r} takes only window; not {', '.join(extra)}")
-        return {"window": checks.whole("window", given.get("window", 64), minimum=1)}
+        # re-computation is compared with the window layout of the same size: the window layout's default
+        window = SinkWindowCache.option(given, "window")
+        return {"window": checks.whole("window", window, minimum=1)}
     if cache not in CACHE_LAYOUTS:
         names = ", ".join([NAIVE, *CACHE_LAYOUTS, RECOMPUTE, HF_QUANTIZED])
         raise KvlibError(f"unknown cache layout {cache!r}; choose one of {names}")
@@ -182,9 +185,10 @@ def check_fits(cache: str, options: dict[str, Any], n_tokens: int, n_positions: 
     checks.whole("tokens", n_tokens, minimum=2)
     if n_tokens > n_positions:
         raise KvlibError(f"--tokens {n_tokens} exceeds the model's context of {n_positions} positions")
-    if cache == "window" and options.get("sink", 4) >= n_tokens:
+    sinks = CACHE_LAYOUTS[cache].protected_sinks(options) if cache in CACHE_LAYOUTS else 0
+    if sinks >= n_tokens:
         raise KvlibError(
-            f"window cache: sink {options.get('sink', 4)} does not fit a text of {n_tokens} tokens "
+            f"{cache} cache: sink {sinks} does not fit a text of {n_tokens} tokens "
             "(the sinks alone would hold all of it); use fewer sinks"
         )
 
@@ -319,44 +323,6 @@ def perplexity_recompute(model: Any, ids: torch.Tensor, window: int, method: str
 # ---- the shortcut: one pass with a mask and fake quantization ------------------------------------------------------
 
 
-def window_mask(T: int, sink: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(T, T) bool: query i sees key j when j <= i and (j < sink or j > i - window) (the window's contract)."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & ((j < sink) | (j > i - window))
-
-
-def quantized_where(T: int, options: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(T, T) bool: whether query i's step sees key j as integer codes (else at full precision) in the quantized
-    layout, which holds a full-precision tail: per token, the last residual_len tokens; per channel, the tokens
-    past the last whole group of residual_len. The first step attends to its own key at full precision."""
-    r = options.get("residual_len", 0)
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    per_token = options.get("key_axis", "token") == "token"
-    held = j <= i - r if per_token else j < (i + 1) // r * r
-    held[0] = False
-    return held & (j <= i)
-
-
-def fake_quantized(k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v (B, nkv, T, hd) quantized and dequantized as the quantized layout stores them (per-channel keys: only
-    the whole groups of residual_len tokens; the rest is returned unchanged and never used as codes)."""
-    bits, group = options.get("bits", 8), options.get("group", 0) or k.shape[-1]
-    dtype = k.dtype
-    vq = dequantize_grouped(*quantize_grouped(v, bits, group, dtype), dtype)
-    if options.get("key_axis", "token") == "token":
-        return dequantize_grouped(*quantize_grouped(k, bits, group, dtype), dtype), vq
-    G = options["residual_len"]
-    B, nkv, T, hd = k.shape
-    n = T // G * G
-    kq = k.clone()
-    if n:
-        codes, scale, zero = quantize(k[:, :, :n].reshape(B, nkv, n // G, G, hd), bits, dim=3, dtype=dtype)
-        kq[:, :, :n] = dequantize(codes, scale, zero, dtype).reshape(B, nkv, n, hd)
-    return kq, vq
-
-
 def _rope(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     from kvlib.models.llama import rope_cos_sin
 
@@ -408,17 +374,10 @@ def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str
         logits = model(ids, positions, None, 0, last_only=False)[0]  # (N, V)
         nll = _nll(logits[:-1], ids[0, 1:])
         return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0)
-    causal = window_mask(N, 0, N, device)
-    allowed, codes_where, sink, q_sink_pos = causal, None, 0, None
-    if cache == "window":
-        sink, window = options.get("sink", 4), options.get("window", 64)
-        allowed = window_mask(N, sink, window, device)
-        if options.get("positions", "original") == "cache":
-            q_sink_pos = torch.arange(N, device=device).clamp(max=min(sink + window, N) - 1)
-    elif cache == "quantized":
-        codes_where = quantized_where(N, options, device)
-    elif not CACHE_LAYOUTS[cache].exact:
+    plan = CACHE_LAYOUTS[cache].one_pass(N, options, device)
+    if plan is None:
         raise KvlibError(f"method fast has no mask for the lossy layout {cache!r}; use method token")
+    allowed, codes_where, sink, q_sink_pos = plan.allowed, plan.codes_where, plan.sinks, plan.sink_positions
     positions = torch.arange(N, device=device)
     cos, sin = _rope(model, positions, dtype)
     if q_sink_pos is not None:
@@ -433,14 +392,24 @@ def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str
         qr, kr = rotate(q, cos, sin), rotate(k, cos, sin)
         qs = rotate(q, cos_s, sin_s) if q_sink_pos is not None else None
         kq = vq = None
-        if codes_where is not None:
-            kq, vq = fake_quantized(kr, v, options)
+        if plan.fake_quantized is not None:
+            kq, vq = plan.fake_quantized(kr, v)
         y = _attention(qr, kr, v, allowed, qs, sink, kq, vq, codes_where)  # (1, nh, N, hd)
         x = x + a.o_proj(y.transpose(1, 2).reshape(1, N, a.n_head * a.head_dim))
         x = x + block.mlp(block.post_attention_layernorm(x))
     logits = model.lm_head(model.norm(x))[0]  # (N, V)
     nll = _nll(logits[:-1], ids[0, 1:])
     return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0)
+
+
+def fast_applies(cfg: Any, cache: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether method "fast" (one pass) covers this layout on this model: an exact layout on any model; a lossy
+    layout with a one-pass pattern (KVCache.one_pass: the window, StreamingLLM, SnapKV read token by token, the
+    quantized layout) on a Llama-architecture model."""
+    if cache not in CACHE_LAYOUTS:
+        return False
+    cls = CACHE_LAYOUTS[cache]
+    return cls.exact or (cfg.arch == "llama" and cls.one_pass(2, options, "cpu") is not None)
 
 
 def held_bytes(cfg: Any, cache: str, options: dict[str, Any], n_tokens: int, dtype: torch.dtype) -> int:
@@ -522,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ids = text_token_ids(lm.tokenizer, text, args.tokens, name).to(lm.device)
     if args.cache == HF_QUANTIZED:
-        hf_opts = {"bits": 4, "residual_len": 128, "backend": "quanto", **options}
+        hf_opts = {**HF_QUANTIZED_DEFAULTS, **options}
         result = perplexity_hf_quantized(lm.hf, ids, **hf_opts)
     else:
         result = perplexity(lm.model, ids, args.cache, options, args.method)

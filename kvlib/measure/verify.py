@@ -24,27 +24,26 @@ from dataclasses import dataclass
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import CACHE_LAYOUTS
+from kvlib.caches.base import CACHE_LAYOUTS, layout_options
 from kvlib.errors import KvlibError
 from kvlib.measure.memory import bytes_per_element, cache_tokens, held_cache_bytes, kv_cache_bytes_formula
 from kvlib.models.config import ModelConfig
 from kvlib.models.decode import Generation, generate
-from kvlib.models.hf import hf_generate
+from kvlib.models.hf import HF_DYNAMIC, HF_STATIC, hf_generate
 from kvlib.models.loading import LoadedModel, load
 from kvlib.models.prompts import padded_prompts_for, prompt_source, prompts_for
 
 # Largest |logit difference| accepted, relative to the reference's largest |logit| (at least 1).
 # fp32 paths differ only by the order of floating-point sums; half precision rounds every activation.
 RELATIVE_LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-HF_PATHS = ("dynamic", "static")  # "none" is the reference
-DENSE_CACHES = ("dynamic", "static", "hybrid")  # caches whose bytes must equal the formula (paged: whole blocks)
+HF_PATHS = (HF_DYNAMIC, HF_STATIC)  # HF_NONE is the reference; both keep one dense slot per token
 
 
 def kvlib_paths(cfg: ModelConfig | None = None) -> tuple[str, ...]:
     """kvlib's naive path and every registered exact cache layout (dynamic, static, paged, ...); "hybrid" only for
     a model with sliding-window layers (on any other it is the static cache)."""
     hybrid = cfg is not None and cfg.is_hybrid
-    return ("none", *(n for n, cls in CACHE_LAYOUTS.items() if cls.exact and (n != "hybrid" or hybrid)))
+    return ("none", *(n for n, cls in CACHE_LAYOUTS.items() if cls.exact and (hybrid or not cls.for_sliding_models)))
 
 
 @dataclass
@@ -151,7 +150,8 @@ def _kv_fields(lm: LoadedModel, engine: str, cache: str, g: Generation, P: int, 
     return {
         "kv_bytes": held_cache_bytes(g.cache),
         "kv_formula_bytes": kv_cache_bytes_formula(lm.cfg, B, slots, lm.dtype, layout=cache, engine=engine),
-        "kv_must_match": cache in DENSE_CACHES,
+        # a dense cache's bytes must equal the formula (not a paged one's: whole blocks)
+        "kv_must_match": cache in HF_PATHS if engine == "hf" else CACHE_LAYOUTS[cache].dense,
     }
 
 
@@ -167,7 +167,8 @@ def verify_prompts(
     results = [compare("hf use_cache=False (reference)", ref.tokens, ref.step_logits, ref.tokens, ref.step_logits, tol)]
     for cache in kvlib_paths(lm.cfg):
         # The paged cache stores no pad slots when given the mask (each row's padding maps to a scratch block).
-        options = {"attention_mask": mask} if cache == "paged" and mask is not None else None
+        takes_mask = cache in CACHE_LAYOUTS and "attention_mask" in layout_options(cache)
+        options = {"attention_mask": mask} if takes_mask and mask is not None else None
         g = generate(lm.model, ids, N, cache=cache, attention_mask=mask, keep_logits=True, cache_options=options)
         name = "kvlib naive (no cache)" if cache == "none" else f"kvlib {cache} cache"
         r = compare(name, g.tokens, g.step_logits, ref.tokens, ref.step_logits, tol)

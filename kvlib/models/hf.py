@@ -21,7 +21,9 @@ from kvlib import checks
 from kvlib.errors import KvlibError
 from kvlib.models.decode import Clock, Generation
 
+# Hugging Face's cache modes, by Hugging Face's names (two of them read like kvlib's layouts; they are HF's caches)
 HF_CACHE_MODES = ("none", "dynamic", "static")
+HF_NONE, HF_DYNAMIC, HF_STATIC = HF_CACHE_MODES
 
 
 class TokenClock(BaseStreamer):
@@ -60,8 +62,8 @@ def generation_config(hf_model: Any, max_new_tokens: int, cache: str, keep_logit
     cfg.min_new_tokens = None
     cfg.eos_token_id = None
     cfg.pad_token_id = 0  # never used (no sequence finishes early), but generate wants one
-    cfg.use_cache = cache != "none"
-    cfg.cache_implementation = "static" if cache == "static" else None
+    cfg.use_cache = cache != HF_NONE
+    cfg.cache_implementation = "static" if cache == HF_STATIC else None
     cfg.return_dict_in_generate = True
     cfg.output_logits = keep_logits
     return cfg
@@ -90,7 +92,7 @@ def hf_generate(
     if P + max_new_tokens > context:
         raise KvlibError(f"prompt_len {P} + max_new_tokens {max_new_tokens} exceeds the context of {context}")
     gen_cfg = generation_config(hf_model, max_new_tokens, cache, keep_logits)
-    if cache == "static":
+    if cache == HF_STATIC:
         # generate sizes a new static cache by max(this call, every earlier call) to spare torch.compile a
         # recompile: after a longer run, the cache (and the attention over it) would be larger than this run's.
         hf_model.__dict__.pop("_previous_max_cache_length", None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvlib.caches.base import REFERENCE, evicts
 from kvlib.study import Spread, fmt
 
 
@@ -138,7 +139,7 @@ def hybrid_saving(out: Path) -> Finding | None:
     per-layer formula, and the computed share of a full cache at the longest length."""
     measured = pd.read_csv(out / "data" / "04_hybrid_measured.csv")
     computed = pd.read_csv(out / "data" / "04_hybrid_computed.csv")
-    hyb = computed[computed["layout"] == "hybrid"].sort_values("tokens")
+    hyb = computed[computed["layout"] != REFERENCE].sort_values("tokens")  # the layout set against the full cache
     if hyb.empty:
         return None
     last = hyb.iloc[-1]
@@ -282,11 +283,11 @@ def quantized(out: Path) -> Finding | None:
 def window(out: Path) -> Finding | None:
     """07: the sliding window once it evicted tokens."""
     win = pd.read_csv(out / "data" / "07_window.csv")
-    w = win[(win["cache"] == "window") & ~win["fits"].astype(bool)]
+    w = win[win["cache"].map(evicts) & ~win["fits"].astype(bool)]
     if w.empty:
         return None  # nothing evicted: the window was exact
     r = w.sort_values("total_tokens").iloc[-1]
-    st = win[(win["cache"] == "static") & (win["total_tokens"] == r["total_tokens"])]
+    st = win[(win["cache"] == REFERENCE) & (win["total_tokens"] == r["total_tokens"])]
     if st.empty:
         return None
     less = float(st["held_bytes"].iloc[0]) / float(r["held_bytes"])
@@ -361,8 +362,8 @@ def sinks(out: Path) -> Finding | None:
     if meta is None:
         return None
     s = pd.read_csv(out / "data" / "08_streaming.csv")
-    full = float(s.loc[s["cache"] == "static", "perplexity"].iloc[0])
-    win = s[(s["cache"] == "window") & (s["positions"] != "cache")]
+    full = float(s.loc[s["cache"] == REFERENCE, "perplexity"].iloc[0])
+    win = s[s["cache"].map(evicts) & (s["positions"] != "cache")]
     W = int(win["budget"].max())
     at = win[win["budget"] == W].set_index("sink")["perplexity"]
     if 0 not in at.index or len(at) < 2:

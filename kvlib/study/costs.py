@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from kvlib import checks
+from kvlib.caches.base import REFERENCE
 from kvlib.errors import KvlibError
 from kvlib.models.config import PRESETS, ModelConfig
 
@@ -437,8 +438,8 @@ def hybrid_cache_bytes(
     rows = []
     for t in tokens:
         full = per_slot * t * cfg.n_layer
-        for layout in ("static", "hybrid"):
-            slots = layer_slots(cfg, t, "full" if layout == "static" else layout)
+        for layout in (REFERENCE, "hybrid"):
+            slots = layer_slots(cfg, t, layout)
             on_sliding = per_slot * sum(n for n, s in zip(slots, sliding, strict=True) if s)
             on_full = per_slot * sum(n for n, s in zip(slots, sliding, strict=True) if not s)
             rows.append(

@@ -26,7 +26,9 @@ import pandas as pd
 import torch
 
 from kvlib import stats
-from kvlib.caches.base import KVCache, make_cache
+from kvlib.caches.base import REFERENCE, KVCache, evicting_layouts, layout_class, make_cache
+from kvlib.caches.eviction import policies as eviction_policies
+from kvlib.errors import KvlibError
 from kvlib.measure.passkey import (
     NO_SETTING,
     SETTINGS,
@@ -41,6 +43,7 @@ from kvlib.measure.passkey import (
     retrieved,
     wilson,
 )
+from kvlib.measure.perplexity import fast_applies, perplexity
 from kvlib.models.attention import outputs_unused
 
 FULL = "full (static)"
@@ -96,21 +99,34 @@ def theirs_for(model: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]
     )
 
 
-# Read token by token (teacher forcing, what perplexity does), these keep exactly the window layout's tokens:
-# StreamingLLM with its sinks; SnapKV, which selects among a prompt's tokens and makes each decode step drop the
-# oldest, with no sinks (every token after the first is a decode step). tests/test_passkey.py checks both.
-SAME_AS_WINDOW = ("window", "streaming", "snapkv")
+def policy_names(policies: str | list[str]) -> list[str]:
+    """The eviction layouts a page runs: "all" asks the registry (every registered eviction policy, so a new one is
+    listed by registering it); a list is checked against every layout that evicts. KvlibError, one line, for
+    anything else."""
+    known = list(evicting_layouts())
+    if policies == "all":
+        return list(eviction_policies())
+    if not isinstance(policies, (list, tuple)) or not policies or not all(isinstance(p, str) for p in policies):
+        raise KvlibError(
+            f'parameter policies: "all" or a list of layouts that evict ({", ".join(known)}), got {policies!r}'
+        )
+    unknown = [p for p in policies if p not in known]
+    if unknown:
+        raise KvlibError(
+            f"parameter policies: {', '.join(map(repr, unknown))} not a layout that evicts; "
+            f"choose from {', '.join(known)}"
+        )
+    return list(policies)
 
 
 def policy_label(cache: str, options: dict[str, Any] | None = None) -> str:
     """How figures name a policy; the names keep the study's colours (kvlib.study.plotting): the full cache is the
-    static layout's colour, StreamingLLM the window's."""
-    options = options or {}
-    if not evicts(cache):
-        return FULL if cache == "static" else f"full ({cache})"
-    if cache in ("streaming", "window"):
-        return f"{cache} ({options.get('sink', 4)} sinks + window)"
-    return cache
+    reference layout's colour, a layout with sinks says how many."""
+    cls = layout_class(cache)
+    if not cls.evicts:
+        return FULL if cache == REFERENCE else f"full ({cache})"
+    sinks = cls.protected_sinks(options)
+    return f"{cache} ({sinks} sinks + window)" if sinks else cache
 
 
 # ---- one prefill, replayed into every layout -----------------------------------------------------------------------
@@ -142,7 +158,7 @@ def record_prefill(model: Any, ids: torch.Tensor, new_tokens: int) -> Recorded:
     B, N = ids.shape
     prepare_for_inference(model, B)
     t0 = time.perf_counter()
-    kv = make_cache("static", model.cfg, B, N + new_tokens, ids.device, _dtype(model))
+    kv = make_cache(REFERENCE, model.cfg, B, N + new_tokens, ids.device, _dtype(model))
     calls: list[tuple[torch.nn.Module, tuple, dict]] = []
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -213,7 +229,7 @@ def replayed_answer(
         logits = rec.logits
     else:
         replay(rec, kv, context_len)
-        logits = question_chunk(model, kv, rec.ids, context_len, cache)
+        logits = question_chunk(model, kv, rec.ids, context_len)
     out = decode_answer(model, kv, logits, N, new_tokens)
     return Answers(out, kv_bytes(kv), time.perf_counter() - t0, kv)
 
@@ -262,7 +278,7 @@ def retrieval_grid(
                 ans = replayed_answer(
                     model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
                 )
-            elif cache == "static":  # the recording cache is the full cache: decode from it
+            elif cache == REFERENCE:  # the recording cache is the full cache: decode from it
                 options, t0 = dict(opts), time.perf_counter()
                 out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
                 ans = Answers(out, kv_bytes(rec.cache), time.perf_counter() - t0, rec.cache)
@@ -436,22 +452,17 @@ def perplexity_rows(
     """Perplexity of `ids` (1, N) through the same policies at the same budget fractions of N, with
     kvlib.measure.perplexity, every policy on the same text so that their changes compare.
 
-    On a Llama-architecture model the full cache, the window layout, StreamingLLM and SnapKV go through the one-pass
-    method ("fast", proven equal to the token method): read token by token, StreamingLLM and SnapKV keep exactly the
-    window layout's tokens (SAME_AS_WINDOW; StreamingLLM: window = budget - sink; SnapKV: no sinks, window = budget,
-    so its perplexity is its decode rule's, not its prompt selection's). H2O, TOVA and K-norm have no mask for the
-    one-pass method (what they keep depends on the attention or the keys), so they run token by token through the
-    layout itself. A model of another architecture has a one-pass method for the full cache only: everything else
-    then runs token by token, StreamingLLM and SnapKV through their own layouts on a model with sliding layers of
-    its own (Gemma 3, which refuses the window layout). Returns one row per (policy, budget fraction): method,
+    Each policy goes through the one-pass method ("fast", proven equal to the token method) where it applies
+    (`kvlib.measure.perplexity.fast_applies`: the full cache on any model; on a Llama-architecture model every
+    layout with a one-pass pattern, KVCache.one_pass: the window, and StreamingLLM and SnapKV, which read token by
+    token keep the window layout's tokens, so SnapKV's perplexity is its decode rule's, not its prompt selection's),
+    else token by token through the layout itself (H2O, TOVA and K-norm, whose kept tokens depend on the attention
+    or the keys; every lossy layout on another architecture). Returns one row per (policy, budget fraction): method,
     tokens, budget, perplexity, change against the full cache (%)."""
-    from kvlib.measure.perplexity import perplexity
-
-    one_pass = "fast" if model.cfg.arch == "llama" else "token"  # the one-pass method of the window mask: Llama's
     n = ids.shape[1]
-    full = perplexity(model, ids, "static", {}, "fast").perplexity  # an exact layout: one pass on any model
+    full = perplexity(model, ids, REFERENCE, {}, "fast").perplexity  # an exact layout: one pass on any model
     rows = [
-        {"policy": FULL, "cache": "static", "budget_fraction": 1.0, "method": "fast", "tokens": n, "budget": n,
+        {"policy": FULL, "cache": REFERENCE, "budget_fraction": 1.0, "method": "fast", "tokens": n, "budget": n,
          "perplexity": full, "ppl_change_pct": 0.0},
     ]  # fmt: skip
     for cache, opts in policies:
@@ -459,15 +470,8 @@ def perplexity_rows(
             continue
         for frac in budget_fractions:
             options = budget_options(cache, dict(opts), max(1, round(frac * n)))
-            layout, lopts, method = cache, options, "token"
-            if cache in ("streaming", "snapkv") and not model.cfg.is_hybrid:  # the window layout's tokens
-                # (SAME_AS_WINDOW); a model with sliding layers of its own (Gemma 3) refuses the window layout, so
-                # there they run token by token through their own layouts, which compose with its windows
-                sink = options.get("sink", 4) if cache == "streaming" else 0
-                layout, lopts = "window", {"sink": sink, "window": options["budget"] - sink}
-            if layout == "window":
-                method = one_pass
-            ppl = perplexity(model, ids, layout, lopts, method).perplexity
+            method = "fast" if fast_applies(model.cfg, cache, options) else "token"
+            ppl = perplexity(model, ids, cache, options, method).perplexity
             rows.append(
                 {"policy": policy_label(cache, options), "cache": cache, "budget_fraction": frac, "method": method,
                  "tokens": n, "budget": held_budget(cache, options), "perplexity": ppl,

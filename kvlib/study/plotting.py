@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from kvlib import stats
+from kvlib.caches.base import CACHE_LAYOUTS
 
 ESTIMATOR = "median"
 ERRORBAR = stats.quartile_interval  # nearest-rank quartiles (measured values): the interval the sentences judge by
@@ -63,12 +64,12 @@ _STYLES: tuple[tuple[str, str, str], ...] = (
     # (key, colour, what it is)
     ("naive", "#4d4d4d", "no cache: every step recomputes the whole sequence"),
     ("hf naive", "#a6a6a6", "Hugging Face generate, use_cache=False"),
-    ("dynamic", "#de8f05", "cache grown by concatenation every step"),
+    ("dynamic", None, "cache grown by concatenation every step"),
     ("hf dynamic", "#f6c46a", "Hugging Face DynamicCache"),
-    ("static", "#0173b2", "cache preallocated to the run's length, written in place"),
+    ("static", None, "cache preallocated to the run's length, written in place"),
     ("hf static", "#86bde6", "Hugging Face StaticCache"),
     ("static_context", "#08306b", "static cache preallocated to the model's whole context"),
-    ("paged", "#029e73", "block pool, blocks freed when a sequence ends"),
+    ("paged", None, "block pool, blocks freed when a sequence ends"),
     ("paged_keep", "#8fd9bd", "block pool, blocks kept until the batch ends"),
     ("int8", "#d55e00", "int8 codes per token"),
     ("int8 tail", "#f4a582", "int8 codes, recent tokens in full precision"),
@@ -77,12 +78,13 @@ _STYLES: tuple[tuple[str, str, str], ...] = (
     ("hf quanto", "#ca9161", "Hugging Face QuantizedCache, quanto backend"),
     ("hf hqq", "#8c510a", "Hugging Face QuantizedCache, HQQ backend"),
     ("hf fp8", "#dfc27d", "Hugging Face fp8 cache"),
-    ("window", "#b59a00", "sliding window with attention sinks (StreamingLLM; the 'streaming' policy too)"),
-    ("h2o", "#332288", "eviction: heavy hitters by accumulated attention + recent (H2O)"),
-    ("tova", "#117733", "eviction: the token the current query attends least goes (TOVA)"),
-    ("snapkv", "#cc6677", "eviction: prompt positions most attended by the last queries (SnapKV)"),
-    ("knorm", "#882255", "eviction: keys of smallest L2 norm kept (K-norm)"),
-    ("hybrid", "#a50026", "per layer type: the window on sliding layers, every token on full ones (Gemma)"),
+    ("window", None, "sliding window with attention sinks (StreamingLLM)"),
+    ("streaming", None, "eviction: StreamingLLM as a policy (the window's tokens, so the window's colour)"),
+    ("h2o", None, "eviction: heavy hitters by accumulated attention + recent (H2O)"),
+    ("tova", None, "eviction: the token the current query attends least goes (TOVA)"),
+    ("snapkv", None, "eviction: prompt positions most attended by the last queries (SnapKV)"),
+    ("knorm", None, "eviction: keys of smallest L2 norm kept (K-norm)"),
+    ("hybrid", None, "per layer type: the window on sliding layers, every token on full ones (Gemma)"),
     ("prefix", "#00a5a5", "prefix prefilled once and shared"),
     ("multi-head", "#3f007d", "one key/value head per query head"),
     ("grouped-query", "#807dba", "key/value heads shared by groups of query heads"),
@@ -96,16 +98,43 @@ _STYLES: tuple[tuple[str, str, str], ...] = (
     ("kv cache", "#0173b2", "the KV cache"),
     ("rest", "#d0d0d0", "everything else in the peak: activations, allocator, libraries"),
 )
-COLORS: dict[str, str] = {key: color for key, color, _ in _STYLES}
-ORDER: tuple[str, ...] = tuple(key for key, _, _ in _STYLES)
+# Colours for a registered layout that declares none (KVCache.colour), taken in registration order: distinct from
+# every colour above and from each other (seaborn's "dark" and "bright" tones not already used).
+_NEW_LAYOUT_COLOURS = ("#8b2be2", "#023eff", "#1ac938", "#ff7c00", "#e8000b", "#00d7ff", "#9f4800", "#3c3c3c")
 _SPARE = ("#56b4e9", "#e69f00", "#009e73", "#f0e442", "#d55e00", "#cc79a7", "#999999", "#0072b2")
+
+
+def layout_colour(name: str) -> str:
+    """The colour of a registered layout: its own (KVCache.colour), else the palette rule: the i-th registered
+    layout without a colour of its own takes the i-th of _NEW_LAYOUT_COLOURS (cycling after the last)."""
+    cls = CACHE_LAYOUTS[name]
+    if cls.colour is not None:
+        return cls.colour
+    uncoloured = [n for n, c in CACHE_LAYOUTS.items() if c.colour is None]
+    return _NEW_LAYOUT_COLOURS[uncoloured.index(name) % len(_NEW_LAYOUT_COLOURS)]
+
+
+def _colours() -> dict[str, str]:
+    """Every known key's colour: the table's, layouts' from their classes, then registered layouts not in the table
+    (a layout added since, in registration order)."""
+    table = {key: color if color is not None else layout_colour(key) for key, color, _ in _STYLES}
+    return table | {n: layout_colour(n) for n in CACHE_LAYOUTS if n not in table}
+
+
+def _order() -> tuple[str, ...]:
+    keys = tuple(key for key, _, _ in _STYLES)
+    return keys + tuple(n for n in CACHE_LAYOUTS if n not in keys)
+
+
+COLORS: dict[str, str] = _colours()  # at import; `color` and `order` read the registry again for later layouts
+ORDER: tuple[str, ...] = _order()
 
 
 def style_key(name: object) -> str | None:
     """The key in COLORS of a path or layout name (None: not a known one). Marks in brackets ("[0 evicted]") and
     sizes in parentheses are ignored: "paged (block 16)" -> "paged", "hf static cache" -> "hf static"."""
     text = re.sub(r"\[.*?\]", "", str(name)).strip().lower()
-    if text in COLORS:
+    if text in _colours():
         return text
     engine = "hf " if text.startswith(("hf ", "hf's", "hugging face")) else ""
     text = re.sub(r"^(kvlib|hf|hugging face)('s)?\s+", "", text)
@@ -122,20 +151,14 @@ def style_key(name: object) -> str | None:
         ("int8 tail", ("int8 per-token, 32", "int8, ", "int8 with")),
         ("int8", ("int8",)),
         ("int4", ("int4",)),
-        ("paged", ("paged",)),
-        ("hybrid", ("hybrid",)),
-        ("h2o", ("h2o",)),
-        ("tova", ("tova",)),
-        ("snapkv", ("snapkv",)),
-        ("knorm", ("knorm", "k-norm")),
-        ("window", ("window", "streaming")),
+        ("knorm", ("k-norm",)),
         ("prefix", ("shared", "prefix")),
         ("multi-head", ("multi-head",)),
         ("grouped-query", ("grouped-query",)),
         ("multi-query", ("multi-query",)),
-        ("dynamic", ("dynamic",)),
-        ("static", ("static", "full precision")),
+        ("static", ("full precision",)),
     )
+    colours = _colours()
     for key, needles in rules:
         if any(n in text for n in needles):
             if key in ("quanto", "hqq", "fp8"):
@@ -143,7 +166,12 @@ def style_key(name: object) -> str | None:
             if key == "int8 tail" and "tail" not in text:
                 continue
             full = engine + key
-            return full if full in COLORS else key
+            return full if full in colours else key
+    words = set(re.findall(r"[a-z0-9_]+", text))
+    for name in sorted(CACHE_LAYOUTS, key=len, reverse=True):  # a registered layout named in the label
+        if name in words:
+            full = engine + name
+            return full if full in colours else name
     return None
 
 
@@ -151,7 +179,7 @@ def color(name: object) -> str:
     """The colour of a path or layout in every figure; a name the study does not know gets a fixed spare colour."""
     key = style_key(name)
     if key is not None:
-        return COLORS[key]
+        return _colours()[key]
     return _SPARE[zlib.crc32(str(name).encode()) % len(_SPARE)]
 
 
@@ -159,7 +187,7 @@ def order(labels: Any) -> list[str]:
     """`labels` (repeats dropped) in the study's fixed order: known paths and layouts by ORDER, others after them
     by name."""
     labels = list(dict.fromkeys(str(v) for v in labels))
-    rank = {key: i for i, key in enumerate(ORDER)}
+    rank = {key: i for i, key in enumerate(_order())}
 
     def where(v: str) -> tuple[int, str]:
         key = style_key(v)

@@ -16,8 +16,10 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvlib.caches.base import CACHE_LAYOUTS, layout_class
 from kvlib.measure.perplexity import (
     HF_QUANTIZED,
+    HF_QUANTIZED_DEFAULTS,
     perplexity,
     perplexity_hf,
     perplexity_hf_quantized,
@@ -63,22 +65,12 @@ QUANT_REFERENCES = pd.DataFrame(
 
 
 def variant_label(cache: str, options: dict[str, Any]) -> str:
-    """A short name for a cache and its options ("window 4+252", "int4 kivi r32 g32", ...)."""
-    o = options
-    if cache == "window":
-        pos = " (cache positions)" if o.get("positions") == "cache" else ""
-        return f"window {o.get('sink', 4)}+{o.get('window', 64)}{pos}"
-    if cache == "quantized":
-        kivi = o.get("key_axis") == "channel"
-        name = f"int{o.get('bits', 8)} {'kivi' if kivi else 'per-token'}"
-        if o.get("residual_len"):
-            name += f" r{o['residual_len']}"
-        if o.get("group"):
-            name += f" g{o['group']}"
-        return name
+    """A short name for a cache and its options: the layout's own label ("window 4+252", "int4 kivi r32 g32",
+    KVCache.label), or Hugging Face's quantized cache's ("hf quanto int4 r128")."""
     if cache == HF_QUANTIZED:
-        return f"hf quanto int{o.get('bits', 4)} r{o.get('residual_len', 128)}"
-    return "full (static)" if cache == "static" else cache
+        o = {**HF_QUANTIZED_DEFAULTS, **options}
+        return f"hf quanto int{o['bits']} r{o['residual_len']}"
+    return layout_class(cache).label(options)
 
 
 def full_bytes_per_token(cfg: Any, dtype: torch.dtype) -> int:
@@ -103,7 +95,7 @@ def run_variants(
                 "variant": label,
                 "cache": cache,
                 **{k: options.get(k) for k in ("sink", "window", "bits", "key_axis", "residual_len")},
-                "positions": options.get("positions", "original") if cache == "window" else None,
+                "positions": layout_class(cache).option(options, "positions") if cache in CACHE_LAYOUTS else None,
                 "group": options.get("group"),
                 "tokens": N,
                 "perplexity": r.perplexity,

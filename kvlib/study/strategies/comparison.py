@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from kvlib import checks
+from kvlib.caches.base import REFERENCE
 from kvlib.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.decoders import Decoder
@@ -72,8 +73,10 @@ def comparison_table(
         seed=seed,
     )  # fmt: skip
     variants = check_variants(default_variants() if variants is None else variants, where)
-    if variants.get("static", (None,))[0] != "static":
-        raise KvlibError('comparison_table needs the exact reference: a variant "static" with layout "static"')
+    if variants.get(REFERENCE, (None,))[0] != REFERENCE:
+        raise KvlibError(
+            f'comparison_table needs the exact reference: a variant "{REFERENCE}" with layout "{REFERENCE}"'
+        )
     device = model.wte.weight.device
     ids = prompts_for(model.cfg.vocab_size, tokenizer, batch_size, prompt_len, seed, device)  # text with a tokenizer
     exact = generate(model, ids, new_tokens, cache="static", keep_logits=True)
@@ -82,7 +85,7 @@ def comparison_table(
     )
     timing = timing_summary(runs).set_index("variant")
     stored = batch_size * (prompt_len + new_tokens - 1)  # tokens in the cache at the end: the last is never fed back
-    static_held = held_bytes(last["static"].cache)
+    static_held = held_bytes(last[REFERENCE].cache)
     rows = []
     for label, (cache, options) in variants.items():
         kv = last[label].cache
@@ -115,7 +118,7 @@ def best_saving_at_equal_tokens(table: pd.DataFrame) -> pd.DataFrame:
     than "static" whose free-running tokens equalled the exact ones; empty when none did. A lossy variant that lost
     nothing in the run (lossy_tokens 0: nothing quantized or evicted) is not a candidate: its equal tokens say
     nothing about the layout."""
-    ok = table[(table["variant"] != "static") & table["tokens_equal"]]
+    ok = table[(table["variant"] != REFERENCE) & table["tokens_equal"]]
     if "lossy_tokens" in ok:
         ok = ok[ok["exact"] | (ok["lossy_tokens"] > 0)]
     if ok.empty:

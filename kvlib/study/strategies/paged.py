@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from kvlib import checks
-from kvlib.caches.base import KVCache, make_cache
+from kvlib.caches.base import KVCache, layout_options, make_cache
 from kvlib.caches.paged import PagedCache
 from kvlib.errors import KvlibError
 from kvlib.models.decode import check_lengths, decode_step, prefill, prepare_positions
@@ -43,7 +43,24 @@ def mixed_batch(
     return draw(max_prompt_len), draw(max_new_tokens)
 
 
-MIXED_LAYOUTS = ("static", "static_context", "dynamic", "paged", "paged_keep")
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the mixed-batch experiment: the layout it runs, whether a finished sequence's slots are released at
+    once (KVCache.release), and whether the cache is sized to the model's whole context instead of the batch's run."""
+
+    layout: str
+    release_early: bool = False
+    whole_context: bool = False
+
+
+MIXED_ARMS: dict[str, Arm] = {
+    "static": Arm("static"),
+    "static_context": Arm("static", whole_context=True),
+    "dynamic": Arm("dynamic"),
+    "paged": Arm("paged", release_early=True),
+    "paged_keep": Arm("paged"),
+}
+MIXED_LAYOUTS = tuple(MIXED_ARMS)  # the arms' names, as the experiment's tables name them
 
 
 @dataclass
@@ -91,11 +108,11 @@ def run_mixed_batch(
     N = max(new_tokens)
     check_lengths(model, P, N)
     positions, key_valid = prepare_positions(ids, mask, N)
-    max_len = model.cfg.n_positions if layout == "static_context" else P + N
-    paged = layout.startswith("paged")
-    options = {"block_size": block_size, "attention_mask": mask} if paged else {}
-    name = "paged" if paged else layout.removesuffix("_context")
-    kv = make_cache(name, model.cfg, B, max_len, device, model.wte.weight.dtype, **options)
+    arm = MIXED_ARMS[layout]
+    max_len = model.cfg.n_positions if arm.whole_context else P + N
+    takes = layout_options(arm.layout)  # block-based layouts take the block size and map padding out
+    options = {k: v for k, v in (("block_size", block_size), ("attention_mask", mask)) if k in takes}
+    kv = make_cache(arm.layout, model.cfg, B, max_len, device, model.wte.weight.dtype, **options)
     bpt = bytes_per_token(model)
     out = torch.empty(B, N, dtype=torch.long, device=device)
     rows = []
@@ -118,7 +135,7 @@ def run_mixed_batch(
     out[:, 0] = prefill(model, ids, positions, kv, key_valid).argmax(-1)
     record(0)
     for step in range(1, N):
-        if layout == "paged":
+        if arm.release_early:
             for b in range(B):
                 if new_tokens[b] == step:  # its last token came out of the previous step
                     kv.release(b)
