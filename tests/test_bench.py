@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-import kvlib.hardware as hardware
+import kvlib.core.hardware as hardware
 import kvlib.measure.bench as bench
 from kvlib.cli import main
 from kvlib.measure.harness import Measurement

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvlib.caches.base import CACHE_LAYOUTS, CacheOverflowError, make_cache
-from kvlib.errors import KvlibError
-from kvlib.models.config import get_preset
+from kvlib.core.config import get_preset
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.prompts import synthetic_prompts
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-import kvlib.models.generate_cli as generate_cli
+import kvlib.cli.generate as generate_cli
 from kvlib.cli import main
 from kvlib.models.decode import generate
 from kvlib.models.loading import load

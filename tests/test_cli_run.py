@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
+import kvlib.cli.run as run_cli
 import kvlib.measure.harness as harness
-import kvlib.measure.run_cli as run_cli
 from kvlib.cli import main
+from kvlib.cli.run import CSV_COLUMNS, answers
 from kvlib.measure.harness import RUN_COLUMNS
-from kvlib.measure.run_cli import CSV_COLUMNS, answers
 
 TINY = ["--model", "tiny", "--weights", "random", "--warmup", "0", "--no-roofline"]
 ASSIGNMENT_COLUMNS = [
@@ -251,6 +251,6 @@ def test_answers_are_computed_from_the_rows():
     assert lines[2].startswith("3. Prompt length 32/128/256") and "TTFT 32.00 ms, 128.00 ms, 256.00 ms" in lines[2]
     slower = answers({"exp1_cache": _rows([{"use_cache": 1, "tpot_p50_s": 0.02}] * 3 + [{"use_cache": 0}] * 3)})
     assert "2.00x slower per token" in slower[0]
-    # one repeat a side: the ratio is shown, but not called faster or slower (kvlib.stats: n too small)
+    # one repeat a side: the ratio is shown, but not called faster or slower (kvlib.core.stats: n too small)
     once = answers({"exp1_cache": _rows([{"use_cache": 1, "tpot_p50_s": 0.02}, {"use_cache": 0}])})
     assert "0.50x (n too small" in once[0] and "slower" not in once[0] and "faster" not in once[0]

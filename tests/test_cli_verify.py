@@ -10,7 +10,7 @@ import torch
 
 import kvlib.measure.verify
 from kvlib.cli import main
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.models.loading import resolve_dtype
 
 TINY = ["verify", "--model", "tiny", "--weights", "random"]

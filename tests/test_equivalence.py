@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.hf import hf_generate
 from kvlib.models.loading import load

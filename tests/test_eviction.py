@@ -13,8 +13,9 @@ import kvlib.models.attention as attention_module
 import kvlib.models.gpt2 as gpt2_module
 import kvlib.models.llama as llama_module
 from kvlib.caches.base import CACHE_LAYOUTS, make_cache
-from kvlib.caches.eviction import POLICIES, EvictionCache, answer_greedily, prefill_then
-from kvlib.errors import KvlibError
+from kvlib.caches.eviction import POLICIES, EvictionCache
+from kvlib.core.errors import KvlibError
+from kvlib.decoding.questions import answer_greedily, prefill_then
 from kvlib.models.attention import attend
 from kvlib.models.decode import decode_step, generate, greedy
 from kvlib.models.loading import load
@@ -224,7 +225,7 @@ def pooled_by_hand(x: list[float], kernel: int, pooling: str) -> list[float]:
 def test_snapkv_keeps_exactly_the_top_positions_of_the_pooled_scores(kernel, pooling):
     """A prompt of 20 tokens, budget 9, window 4: the window plus the 5 prompt positions of highest pooled score
     (attention of the window's queries, mean over those queries and over the 2 query heads of each group)."""
-    from kvlib.models.config import get_preset
+    from kvlib.core.config import get_preset
 
     cfg = get_preset("tiny-llama")  # 4 query heads, 2 key-value heads
     budget, W, T, hd = 9, 4, 20, cfg.head_dim
@@ -265,7 +266,7 @@ def test_streaming_equals_the_window_layout_at_the_same_sink_and_recent_split(mo
 
 
 def test_knorm_keeps_the_keys_of_smallest_norm_and_the_newest():
-    from kvlib.models.config import get_preset
+    from kvlib.core.config import get_preset
 
     cfg = get_preset("tiny")
     kv = make_cache("knorm", cfg, 1, 32, "cpu", torch.float32, budget=5)
@@ -298,7 +299,7 @@ def test_layouts_without_the_flag_never_compute_attention_weights(monkeypatch, m
 
 
 def test_a_policy_that_needs_attention_refuses_writes_that_bypass_attend():
-    from kvlib.models.config import get_preset
+    from kvlib.core.config import get_preset
 
     cfg = get_preset("tiny")
     kv = make_cache("tova", cfg, 1, 16, "cpu", torch.float32, budget=4)
@@ -318,7 +319,7 @@ def test_a_custom_scale_reaches_the_attention_weights():
 
 
 def test_the_mask_is_mapped_onto_the_kept_positions():
-    from kvlib.models.config import get_preset
+    from kvlib.core.config import get_preset
 
     cfg = get_preset("tiny-llama")
     kv = make_cache("streaming", cfg, 2, 16, "cpu", torch.float32, budget=4, sink=1)
@@ -366,7 +367,7 @@ def test_left_padding_leaves_the_other_sequences_as_if_alone(model, policy):
     ],
 )
 def test_bad_options_are_refused_with_one_line(policy, opts, match):
-    from kvlib.models.config import get_preset
+    from kvlib.core.config import get_preset
 
     with pytest.raises(KvlibError, match=match) as e:
         make_cache(policy, get_preset("tiny"), 1, 8, "cpu", torch.float32, **opts)

@@ -13,8 +13,8 @@ import torch
 import kvlib.models.attention as kvattention
 import kvlib.models.fastpath as fastpath
 from kvlib.caches.base import make_cache
+from kvlib.core.config import get_preset
 from kvlib.measure.bench import agreement
-from kvlib.models.config import get_preset
 from kvlib.models.decode import generate, greedy
 from kvlib.models.fastpath import Linear, one_query_attention, prepare_for_inference
 from kvlib.models.gpt2 import GPT
@@ -288,7 +288,7 @@ def test_regression_compiled_kernel_is_not_recompiled_per_matrix_shape(monkeypat
     kernel gets detached weights, so a model with new shapes must not compile anything new."""
     from torch._dynamo.utils import counters
 
-    from kvlib.models.config import GPTConfig
+    from kvlib.core.config import GPTConfig
 
     monkeypatch.setattr(fastpath, "ONE_ROW_KERNEL", "compiled")  # compile whatever was measured fastest before
     prepare_for_inference(load("tiny", weights="random", with_hf=False).model, batch_size=1, compile_one_row=True)
@@ -442,7 +442,7 @@ def test_mkl_packed_copy_holds_about_the_weights_bytes():
 def test_llama_rope_table_and_folded_rotation_are_bit_identical_to_the_textbook_rotation():
     """The decode path's RoPE (a precomputed table, rotate_half's sign folded into the sine, queries and keys
     rotated in one pass) against rope_cos_sin + rotate, HF's formulation: equal to the bit, in float32 and bf16."""
-    from kvlib.models.llama import RopeTable, rope_cos_sin, rope_inv_freq, rotate, rotate_folded
+    from kvlib.core.rope import RopeTable, rope_cos_sin, rope_inv_freq, rotate, rotate_folded
 
     cfg = get_preset("tiny-llama")
     inv_freq = rope_inv_freq(cfg)

@@ -17,7 +17,7 @@ import torch
 import kvlib.caches  # noqa: F401  (registers every layout)
 from kvlib.caches.base import CACHE_LAYOUTS, layout_options, make_cache
 from kvlib.cli import main
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.measure.perplexity import perplexity
 from kvlib.models.decode import generate
 from kvlib.models.loading import load

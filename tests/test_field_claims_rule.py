@@ -1,4 +1,4 @@
-"""Field fault, kind 3: claims from overlapping intervals. One rule for "different" (kvlib.stats) across the study:
+"""Field fault, kind 3: claims from overlapping intervals. One rule for "different" (kvlib.core.stats) across the study:
 fewer than three repeats a side is "n too small"; otherwise intervals of measured values (never interpolated) must
 not overlap; counts are compared by their Wilson intervals; a rank correlation over tied or overlapping values is
 not a finding. These tests feed the rule interleaved, tied and tiny samples, and sweep the code for the old kind."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvlib import stats
+from kvlib.core import stats
 from kvlib.report import findings as fnd
 from kvlib.study import passkey
 
@@ -211,7 +211,7 @@ def _sources() -> dict[str, str]:
 
 
 def test_no_interval_is_interpolated_and_no_comparison_bypasses_the_rule():
-    """Every quantile, error bar, Wilson interval and rank correlation of the study comes from kvlib.stats: an
+    """Every quantile, error bar, Wilson interval and rank correlation of the study comes from kvlib.core.stats: an
     interpolated quantile, seaborn's percentile interval or a hand-rolled correlation elsewhere would judge
     differences by another rule."""
     kinds = {
@@ -223,7 +223,7 @@ def test_no_interval_is_interpolated_and_no_comparison_bypasses_the_rule():
     found = [
         f"{name}: {path}"
         for path, text in _sources().items()
-        if path != "kvlib/stats.py"
+        if path != "kvlib/core/stats.py"
         for name, pattern in kinds.items()
         if pattern.search(text)
     ]

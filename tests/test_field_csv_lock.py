@@ -19,8 +19,9 @@ import pytest
 from test_kind1_results_files import OUTPUTS, _refused, no_model  # noqa: F401  (no_model: a fixture used below)
 
 from kvlib import study
-from kvlib.errors import KvlibError
-from kvlib.measure import bench, passkey, perplexity, run_cli
+from kvlib.cli import run as run_cli
+from kvlib.core.errors import KvlibError
+from kvlib.measure import bench, passkey, perplexity
 from kvlib.measure.results import append_rows, check_outputs, check_writable
 
 COLS = ["model", "batch_size", "total_time_s", "note"]

@@ -23,7 +23,7 @@ import torch
 
 import kvlib.models.gguf_cache as gguf_cache
 from kvlib.cli import main
-from kvlib.models.config import PRESETS, hf_config_from
+from kvlib.core.config import PRESETS, hf_config_from
 from kvlib.models.decoders import build_model
 from kvlib.models.loading import load
 

@@ -2,7 +2,7 @@
 AMD EPYC: AVX2 only) ended every command in "RuntimeError: mkldnn_reorder_linear_weight: fp16 path needs the cpu
 support avx_ne_convert or avx512_fp16": the fast path asked oneDNN to pack float16 weights, checking only bfloat16.
 
-Now one function decides what a dtype is on this machine (kvlib.hardware.dtype_support): native or emulated, and
+Now one function decides what a dtype is on this machine (kvlib.core.hardware.dtype_support): native or emulated, and
 whether oneDNN accepts it. The fast path packs only what oneDNN accepts (float16: never; it takes F.linear), and a
 model made ready in an emulated dtype prints one note naming the CPU feature missing. The decision is tested with
 the CPU's features faked both ways, so these tests mean the same on any machine."""
@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-import kvlib.hardware as hardware
+import kvlib.core.hardware as hardware
 from kvlib.cli import main
-from kvlib.hardware import dtype_support
+from kvlib.core.hardware import dtype_support
 from kvlib.models import fastpath
 from kvlib.models.decode import generate
 from kvlib.models.loading import load

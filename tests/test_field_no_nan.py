@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-import kvlib.hardware as hardware
+import kvlib.core.hardware as hardware
 from kvlib.cli import main
+from kvlib.cli.run import NO_DECODE_STEP
 from kvlib.measure.machine_load import LoadReading
-from kvlib.measure.run_cli import NO_DECODE_STEP
 
 NOT_A_NUMBER = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
 RANDOM = ["--weights", "random"]

@@ -16,8 +16,8 @@ import torch
 
 import kvlib.models.gguf_cache as gguf_cache
 from kvlib.cli import main
-from kvlib.errors import KvlibError
-from kvlib.models.config import PRESETS, ModelConfig, config_from_hf, get_preset, hf_config_from
+from kvlib.core.config import PRESETS, ModelConfig, config_from_hf, get_preset, hf_config_from
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.gemma3 import Gemma3
 from kvlib.models.hf import hf_generate
@@ -209,7 +209,7 @@ def test_real_gemma3_270m_continues_like_hf_past_its_window():
 def test_prefix_sharing_on_a_hybrid_model_equals_the_naive_path(tiny_gemma):
     """Full layouts work on a hybrid model because the model masks the window: here the paged cache with a
     shared prefix, whose suffixes are written at slot 13 (past the window of 8)."""
-    from kvlib.caches.prefix import generate_with_shared_prefix
+    from kvlib.decoding.prefix import generate_with_shared_prefix
 
     prefix, suffixes = synthetic_prompts(512, 1, 13, seed=1), synthetic_prompts(512, 3, 6, seed=2)
     shared = generate_with_shared_prefix(tiny_gemma.model, prefix, suffixes, 10, block_size=4, keep_logits=True)

@@ -9,8 +9,9 @@ import torch
 
 import kvlib.caches  # noqa: F401  (registers the layouts)
 from kvlib.caches.base import make_cache
-from kvlib.caches.eviction import POLICIES, answer_greedily
-from kvlib.errors import KvlibError
+from kvlib.caches.eviction import POLICIES
+from kvlib.core.errors import KvlibError
+from kvlib.decoding.questions import answer_greedily
 from kvlib.models.decode import generate
 from kvlib.models.loading import load
 from kvlib.models.prompts import synthetic_prompts

@@ -10,7 +10,7 @@ import pytest
 
 import kvlib.models.gguf_cache as gguf_cache
 from kvlib.cli import main
-from kvlib.models.config import PRESETS
+from kvlib.core.config import PRESETS
 from kvlib.models.loading import load
 
 

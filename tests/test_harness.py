@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvlib.measure.harness as harness
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.measure.harness import RUN_COLUMNS, STEP_COLUMNS, RunSpec, measure, measure_grid
 from kvlib.measure.provenance import provenance
 
@@ -143,8 +143,8 @@ def test_mbu_uses_the_measured_bandwidth(monkeypatch):
     monkeypatch.setattr(roofline, "measure_bandwidth_bytes_per_s", lambda device: 1e10)
     monkeypatch.setattr(roofline, "measure_matmul_flops", lambda device, dtype: 1e11)
     r = measure(RunSpec("kvlib", "static", batch_size=2, prompt_len=6, max_new_tokens=5), 1, 0).runs.iloc[0]
+    from kvlib.core.config import get_preset
     from kvlib.measure.roofline import decode_step_bytes
-    from kvlib.models.config import get_preset
 
     # the mean decode step reads the keys/values of P + N/2 tokens: 6 + 2.5
     expected_bytes = (

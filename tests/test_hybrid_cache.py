@@ -13,9 +13,9 @@ import torch
 from kvlib.caches.base import CACHE_LAYOUTS, make_cache
 from kvlib.caches.hybrid import HybridCache, hybrid_bytes, ring_slots
 from kvlib.cli import main
-from kvlib.errors import KvlibError
+from kvlib.core.config import get_preset
+from kvlib.core.errors import KvlibError
 from kvlib.measure.memory import kv_cache_bytes_formula
-from kvlib.models.config import get_preset
 from kvlib.models.decode import generate
 from kvlib.models.loading import load
 from kvlib.models.prompts import left_padded_prompts, synthetic_prompts

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kvlib.caches.base import CACHE_LAYOUTS
-from kvlib.errors import KvlibError
+from kvlib.core.config import get_preset
+from kvlib.core.errors import KvlibError
 from kvlib.measure.memory import cache_tokens, held_cache_bytes, kv_cache_bytes_formula, layer_slots, layer_windows
-from kvlib.models.config import get_preset
 from kvlib.study import costs
 
 TINY_GEMMA = get_preset("tiny-gemma")  # 4 layers: sliding, sliding, full, sliding; window 8; 2 kv heads of 32
@@ -71,7 +71,7 @@ def test_formula_refuses_bad_arguments(args, kwargs):
 def hf_tiny_gemma():
     from transformers import Gemma3ForCausalLM
 
-    from kvlib.models.config import hf_config_from
+    from kvlib.core.config import hf_config_from
 
     torch.manual_seed(0)
     return Gemma3ForCausalLM(hf_config_from(TINY_GEMMA)).eval()
@@ -247,7 +247,7 @@ def test_context_budget_has_windowed_rows():
 
 
 def test_run_defaults_to_the_hybrid_cache_on_gemma():
-    from kvlib.measure.run_cli import resolve_cache
+    from kvlib.measure.harness import resolve_cache
 
     assert (
         resolve_cache("kvlib", 1, None, "tiny-gemma") == "hybrid" == resolve_cache("kvlib", None, None, "gemma3-270m")

@@ -18,7 +18,7 @@ import kvlib.measure.harness
 import kvlib.models.loading
 from kvlib import study
 from kvlib.cli import build_parser, main
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.measure.results import check_outputs
 
 TINY = ["--model", "tiny", "--weights", "random", "--repeats", "1", "--warmup", "0", "--no-roofline"]

@@ -31,8 +31,9 @@ import torch
 
 from kvlib import study
 from kvlib.caches.base import KVCache
-from kvlib.errors import KvlibError
-from kvlib.measure.run_cli import answers
+from kvlib.cli.run import answers
+from kvlib.core.errors import KvlibError
+from kvlib.models.hf_quantized import hf_greedy_loop, hf_quantized_tokens, make_hf_quantized_cache
 from kvlib.study.strategies import (
     best_saving_at_equal_tokens,
     comparison_table,
@@ -40,7 +41,6 @@ from kvlib.study.strategies import (
     lossy_tokens,
     quantized_error,
 )
-from kvlib.study.strategies.hf_quantized import hf_greedy_loop, hf_quantized_tokens, make_hf_quantized_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

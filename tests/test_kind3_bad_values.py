@@ -24,18 +24,18 @@ import pytest
 import torch
 
 import kvlib.caches  # noqa: F401  (registers every layout)
+import kvlib.cli.verify as verify_cli
 import kvlib.measure.harness as harness
-import kvlib.measure.verify as verify_cli
 from kvlib import study
 from kvlib.caches.base import CACHE_LAYOUTS, layout_options, make_cache
 from kvlib.caches.paged import BlockPool, PagedCache
-from kvlib.caches.prefix import generate_with_shared_prefix
 from kvlib.cli import main
-from kvlib.errors import KvlibError
+from kvlib.core.config import ModelConfig, get_preset
+from kvlib.core.errors import KvlibError
+from kvlib.decoding.prefix import generate_with_shared_prefix
 from kvlib.measure import memory
 from kvlib.measure.harness import RunSpec, measure_grid
 from kvlib.measure.verify import verify
-from kvlib.models.config import ModelConfig, get_preset
 from kvlib.models.decode import generate
 from kvlib.models.hf import hf_generate
 from kvlib.models.loading import load

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-import kvlib.caches.prefix
+import kvlib.decoding.prefix
 import kvlib.models.decode
 from kvlib.models.decode import generate
 from kvlib.models.loading import load
@@ -43,10 +43,10 @@ def test_kvlib_ttft_counts_creating_its_cache(lm, monkeypatch, cache):
 
 
 def test_prefix_sharing_ttft_counts_creating_its_block_pool(lm, monkeypatch):
-    monkeypatch.setattr(kvlib.caches.prefix, "BlockPool", _slow(kvlib.caches.prefix.BlockPool))
+    monkeypatch.setattr(kvlib.decoding.prefix, "BlockPool", _slow(kvlib.decoding.prefix.BlockPool))
     prefix = torch.randint(0, lm.cfg.vocab_size, (8,))
     suffix = torch.randint(0, lm.cfg.vocab_size, (2, 4))
-    g = kvlib.caches.prefix.generate_with_shared_prefix(lm.model, prefix, suffix, 3)
+    g = kvlib.decoding.prefix.generate_with_shared_prefix(lm.model, prefix, suffix, 3)
     assert g.prefill_s >= SLOW_S
 
 
@@ -62,7 +62,7 @@ def test_hf_ttft_counts_creating_its_static_cache(lm, monkeypatch):
 
 
 def test_hf_quantized_loop_ttft_counts_creating_its_cache(lm):
-    from kvlib.study.strategies.hf_quantized import hf_greedy_loop
+    from kvlib.models.hf_quantized import hf_greedy_loop
 
     def make():
         time.sleep(SLOW_S)

@@ -166,7 +166,7 @@ def test_a_sixth_policy_is_one_class(sixth_policy, tmp_path, capsys):
 
 
 def test_policy_names_refuse_an_unknown_policy_with_one_line():
-    from kvlib.errors import KvlibError
+    from kvlib.core.errors import KvlibError
     from kvlib.study import passkey as page
 
     with pytest.raises(KvlibError, match="policies") as e:

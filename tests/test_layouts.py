@@ -10,10 +10,10 @@ import torch
 import kvlib.caches  # noqa: F401  (registers the layouts even where kvlib/__init__.py is not run)
 from kvlib.caches.base import CACHE_LAYOUTS, CacheOverflowError, make_cache
 from kvlib.caches.paged import BlockPool, PagedCache
-from kvlib.caches.prefix import generate_with_shared_prefix
 from kvlib.caches.quantized import dequantize, pack_int4, quantize, unpack_int4
-from kvlib.errors import KvlibError
-from kvlib.models.config import get_preset
+from kvlib.core.config import get_preset
+from kvlib.core.errors import KvlibError
+from kvlib.decoding.prefix import generate_with_shared_prefix
 from kvlib.models.decode import generate
 from kvlib.models.loading import load
 from kvlib.models.prompts import left_padded_prompts, synthetic_prompts

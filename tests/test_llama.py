@@ -13,10 +13,10 @@ import torch
 
 import kvlib.models.attention as kvattention
 import kvlib.models.fastpath as fastpath
-from kvlib.errors import KvlibError
+from kvlib.core.config import PRESETS, config_from_hf, get_preset, hf_config_from
+from kvlib.core.errors import KvlibError
 from kvlib.measure.memory import kv_cache_bytes_formula
 from kvlib.measure.roofline import decode_weight_bytes
-from kvlib.models.config import PRESETS, config_from_hf, get_preset, hf_config_from
 from kvlib.models.decode import generate
 from kvlib.models.decoders import build_model
 from kvlib.models.hf import hf_generate

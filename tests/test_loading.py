@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlib.errors import KvlibError
-from kvlib.models.config import PRESETS, GPTConfig, get_preset
+from kvlib.core.config import PRESETS, GPTConfig, get_preset
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.loading import hub_reachable, load, resolve_device, resolve_dtype
 from kvlib.models.prompts import synthetic_prompts

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from kvlib.errors import KvlibError
+from kvlib.core.config import get_preset
+from kvlib.core.errors import KvlibError
 from kvlib.measure.memory import (
     PeakTracker,
     bytes_per_element,
@@ -31,7 +32,6 @@ from kvlib.measure.roofline import (
     measure_bandwidth_bytes_per_s,
     measure_matmul_flops,
 )
-from kvlib.models.config import get_preset
 from kvlib.models.decode import generate
 from kvlib.models.hf import hf_generate
 from kvlib.models.loading import load

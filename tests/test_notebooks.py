@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from kvlib import study
-from kvlib.errors import KvlibError
-from kvlib.models.config import PRESETS
+from kvlib.core.config import PRESETS
+from kvlib.core.errors import KvlibError
 from kvlib.report import pipeline
 from kvlib.report.index import build_index
 from kvlib.study import costs

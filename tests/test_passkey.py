@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kvlib.cli import main
-from kvlib.errors import KvlibError
-from kvlib.measure.passkey import CSV_COLUMNS, answer, budget_options, retrieved, wilson
+from kvlib.core.errors import KvlibError
+from kvlib.decoding.questions import answer
+from kvlib.measure.passkey import CSV_COLUMNS, budget_options, retrieved, wilson
 from kvlib.models.loading import load
 from kvlib.models.prompts import (
     PASSKEY_SENTENCE,
@@ -461,7 +462,7 @@ def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_lay
     ],
 )
 def test_page_runs_refuse_bad_more_models_with_one_line(more, message):
-    from kvlib.errors import KvlibError
+    from kvlib.core.errors import KvlibError
     from kvlib.study.passkey import page_runs
 
     with pytest.raises(KvlibError) as e:

@@ -11,7 +11,8 @@ import torch
 
 from kvlib.caches.base import make_cache, sink_window_mask
 from kvlib.cli import main
-from kvlib.errors import KvlibError
+from kvlib.core.config import get_preset
+from kvlib.core.errors import KvlibError
 from kvlib.measure.perplexity import (
     CSV_COLUMNS,
     held_bytes,
@@ -21,7 +22,6 @@ from kvlib.measure.perplexity import (
     recompute_targets,
 )
 from kvlib.measure.results import read_header
-from kvlib.models.config import get_preset
 from kvlib.models.loading import load
 
 N = 32  # tokens of the short texts: long enough for windows to slide and quantized groups to fill

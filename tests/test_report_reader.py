@@ -44,7 +44,7 @@ def test_speedup_finding_states_its_number_and_links_the_notebook(tmp_path):
 
 
 def test_a_speedup_within_the_noise_makes_no_claim_and_no_warning(tmp_path):
-    """Overlapping intervals are no finding either way (kvlib.stats): no ⚠, no cause, the interval stated."""
+    """Overlapping intervals are no finding either way (kvlib.core.stats): no ⚠, no cause, the interval stated."""
     (f,) = _speedup(tmp_path, 1.05, 0.9, 1.2, 3)
     assert not f.contradicts and "Contrary" not in f.html and "could not tell" in f.html and "holds 1" in f.html
 

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.measure.results import append_rows, check_writable, read_header
 
 COLS = ["model", "batch_size", "total_time_s", "note"]

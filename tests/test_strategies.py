@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import Generation
 from kvlib.models.loading import load
 from kvlib.study.strategies import (

@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvlib import checks
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.core import checks
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
 
 
 class CacheOverflowError(KvlibError):
@@ -121,7 +121,7 @@ class KVCache(ABC):
     ) -> None:
         where = f"{self.name} cache:"
         if not isinstance(cfg, ModelConfig):
-            raise checks.fail("cfg", cfg, "a kvlib.models.config.ModelConfig", where)
+            raise checks.fail("cfg", cfg, "a kvlib.core.config.ModelConfig", where)
         self.cfg = cfg
         self.batch_size = checks.whole("batch_size", batch_size, where=where)
         self.max_len = checks.whole("max_len", max_len, where=where)

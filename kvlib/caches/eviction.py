@@ -27,7 +27,8 @@ Also:
 - Padding: the attention mask (over cache slots) is mapped onto the kept keys by their positions (`visible_mask`),
   so left-padded batches run and each sequence is scored on its own; but pad slots count as tokens (they may be
   kept and use budget, and streaming's sinks are the first slots). Compare policies one sequence at a time.
-- Helpers for the question settings of the pass-key probe: `prefill_then` and `answer_greedily` (bottom).
+- The question settings of the pass-key probe (a context, then a question) are decoding procedures:
+  kvlib.decoding.questions (`prefill_then`, `answer_greedily`).
 
 Shapes: B batch, nkv key-value heads, n kept tokens, T new tokens of a write, S = n + T keys attended, hd head_dim.
 """
@@ -40,10 +41,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvlib import checks
 from kvlib.caches.base import CACHE_LAYOUTS, KVCache, OnePass, formula_options, register_layout, sink_window_mask
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.core import checks
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
 
 POOLINGS = ("avg", "max")
 
@@ -466,69 +467,3 @@ def policies() -> tuple[str, ...]:
 
 
 POLICIES: tuple[str, ...] = policies()  # the policies of this module (tests sweep them)
-
-
-# ---- the two question settings of the pass-key probe -------------------------------------------------------------
-
-
-@torch.inference_mode()
-def prefill_then(
-    model: Any, cache: KVCache, context_ids: torch.Tensor, question_ids: torch.Tensor, question_aware: bool = False
-) -> torch.Tensor:
-    """Fill `cache` with a context and then a question; return the logits after the question's last token (B, V).
-
-    context_ids (B, C) and question_ids (B, Q) are token ids without padding (positions 0 .. C + Q - 1); the
-    cache is fresh and has room for C + Q + the tokens to generate (`max_len`). Two settings:
-    - question_aware=False (`--question-after`, kvpress's setting: the question arrives after compression): the
-      context is one write, so an eviction policy compresses it to its budget before seeing the question; the
-      question is then a second multi-token write (chunked prefill) over the kept tokens, and is compressed
-      after it in turn. A layout that refuses chunked writes (the "window" layout) raises a KvlibError; use
-      "streaming" for StreamingLLM.
-    - question_aware=True (the papers' setting): context and question are one write, so the policy's scores
-      (SnapKV's observation window, TOVA's last query, H2O's accumulated attention) see the question.
-    Greedy decoding then continues with `kvlib.models.decode.decode_step` at slot C + Q (see `answer_greedily`).
-    Raises KvlibError for ids that are not (B, n) token tensors of one batch size, or a cache already written.
-    """
-    from kvlib.models.decode import check_inputs
-
-    check_inputs(model, context_ids, name="context_ids")
-    check_inputs(model, question_ids, name="question_ids")
-    if question_ids.shape[0] != context_ids.shape[0]:
-        raise KvlibError(
-            f"question_ids has {question_ids.shape[0]} sequences, context_ids {context_ids.shape[0]}: give one "
-            "question per context"
-        )
-    if cache.seq_len != 0:
-        raise KvlibError(f"prefill_then needs a fresh cache; this {cache.name} cache holds {cache.seq_len} positions")
-    B, C = context_ids.shape
-    Q = question_ids.shape[1]
-    positions = torch.arange(C + Q, device=context_ids.device).expand(B, C + Q)
-    if question_aware:
-        ids = torch.cat([context_ids, question_ids], dim=1)
-        return model(ids, positions, cache, 0)[:, -1]
-    model(context_ids, positions[:, :C], cache, 0)  # compressed to the budget here, before the question
-    return model(question_ids, positions[:, C:], cache, C)[:, -1]
-
-
-@torch.inference_mode()
-def answer_greedily(
-    model: Any,
-    cache: KVCache,
-    context_ids: torch.Tensor,
-    question_ids: torch.Tensor,
-    max_new_tokens: int,
-    question_aware: bool = False,
-) -> torch.Tensor:
-    """`prefill_then`, then greedy decoding of `max_new_tokens` tokens through `cache`; returns them (B, N).
-    The cache needs `max_len` >= C + Q + max_new_tokens - 1 (the last token is never fed back)."""
-    from kvlib.models.decode import decode_step, greedy
-
-    N = checks.whole("max_new_tokens", max_new_tokens)
-    logits = prefill_then(model, cache, context_ids, question_ids, question_aware)
-    B, P = context_ids.shape[0], context_ids.shape[1] + question_ids.shape[1]
-    positions = torch.arange(P + N, device=context_ids.device).expand(B, P + N)
-    out = torch.empty(B, N, dtype=torch.long, device=context_ids.device)
-    out[:, 0] = greedy(logits)
-    for i in range(1, N):
-        out[:, i] = greedy(decode_step(model, out[:, i - 1 : i], P + i - 1, positions, cache, None))
-    return out

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kvlib.caches.base import KVCache, formula_options, register_layout, slot_bytes
-from kvlib.models.config import ModelConfig
+from kvlib.core.config import ModelConfig
 
 
 def hybrid_bytes(cfg: ModelConfig, batch_size: int, max_len: int, bytes_per_element: int) -> int:

@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from kvlib import checks
 from kvlib.caches.base import CacheOverflowError, KVCache, register_layout
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.core import checks
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
 
 SCRATCH_BLOCK = 0  # pad slots and released rows read and write here; it is never allocated to a sequence
 

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from kvlib import checks
 from kvlib.caches.base import KVCache, OnePass, causal_mask, formula_options, register_layout
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.core import checks
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
 
 KEY_AXES = ("token", "channel")
 BITS = (8, 4, 2)

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from kvlib import checks
 from kvlib.caches.base import KVCache, OnePass, formula_options, register_layout, sink_window_mask
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.core import checks
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
+from kvlib.core.rope import rope_inv_freq, rotate
 
 POSITIONS = ("original", "cache")
 
@@ -108,8 +109,6 @@ class SinkWindowCache(KVCache):
         self.sink, self.window, self.positions = sink, window, positions
         self.inv_freq = None
         if positions == "cache":
-            from kvlib.models.llama import rope_inv_freq  # here: kvlib.models.llama imports kvlib.caches.base
-
             self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.capacity = min(sink + window, max_len)  # slots ever needed
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.capacity, cfg.head_dim)  # (L, B, nkv, sink+window, hd)
@@ -150,8 +149,6 @@ class SinkWindowCache(KVCache):
 
     def _rotate_forward(self, k: torch.Tensor, shift: int) -> torch.Tensor:
         """Keys (B, nkv, s, hd) rotated by `shift` more positions (HF's RoPE layout), computed in float32."""
-        from kvlib.models.llama import rotate
-
         angles = shift * self.inv_freq  # (hd/2,)
         emb = torch.cat((angles, angles))  # (hd,)
         return rotate(k.float(), emb.cos(), emb.sin()).to(k.dtype)

@@ -40,10 +40,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from kvlib import checks
-from kvlib.caches.base import CACHE_LAYOUTS
-from kvlib.errors import KvlibError
+from kvlib.caches.base import CACHE_LAYOUTS, REFERENCE
+from kvlib.core import checks
+from kvlib.core.config import PRESETS
+from kvlib.core.errors import KvlibError
 from kvlib.measure.memory import (
     PeakTracker,
     cache_tokens,
@@ -55,11 +57,18 @@ from kvlib.measure.memory import (
 )
 from kvlib.measure.provenance import provenance
 from kvlib.measure.roofline import decode_step_bytes, floor_s, machine_roofline, mbu
-from kvlib.models.config import PRESETS
 from kvlib.models.decode import check_context, generate
 from kvlib.models.fastpath import prepare_for_inference
-from kvlib.models.hf import HF_CACHE_MODES, hf_generate
-from kvlib.models.loading import DTYPES, WEIGHT_CHOICES, LoadedModel, check_model_name, load, resolve_device
+from kvlib.models.hf import HF_CACHE_MODES, HF_DYNAMIC, hf_generate
+from kvlib.models.loading import (
+    DTYPES,
+    WEIGHT_CHOICES,
+    LoadedModel,
+    check_model_name,
+    load,
+    model_config,
+    resolve_device,
+)
 from kvlib.models.prompts import prompts_for
 
 ENGINES = ("kvlib", "hf")
@@ -440,8 +449,6 @@ def measure_grid(
     ]
     roofs = {(str(lm.device), lm.dtype_name): machine_roofline(lm.device, lm.dtype, roofline) for lm in loaded}
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(
         total=len(specs) * (warmup + repeats), desc="measuring", unit="run", file=sys.stderr, delay=2.0,
         disable=not progress, leave=False,
@@ -491,3 +498,34 @@ def measure(
 ) -> Measurement:
     """`measure_grid` of one spec."""
     return measure_grid([spec], repeats, warmup, progress, roofline, on_run, pool)
+
+
+# ---- what --use_cache 1 means ---------------------------------------------------------------------------------------
+
+DEFAULT_CACHE = {"hf": HF_DYNAMIC, "kvlib": REFERENCE}  # what --use_cache 1 means for each engine (but see below)
+
+
+def default_cache(engine: str, model: str | None = None) -> str:
+    """What --use_cache 1 means: HF's DynamicCache; kvlib's static cache, or on a model with sliding-window
+    layers (a preset or saved folder whose config has them: Gemma 3) kvlib's hybrid cache, which keeps only the
+    window there. A model that cannot be read here gets the plain default (its error comes from validation)."""
+    if engine == "kvlib" and model is not None:
+        sliding_default = next(n for n, c in CACHE_LAYOUTS.items() if c.for_sliding_models)
+        try:
+            if model_config(model).is_hybrid:
+                return sliding_default
+        except KvlibError:
+            pass
+    return DEFAULT_CACHE[engine]
+
+
+def resolve_cache(engine: str, use_cache: int | None, cache: str | None, model: str | None = None) -> str:
+    """The cache mode from --use_cache and --cache (and the model, for kvlib's default: `default_cache`); an error
+    when they contradict each other."""
+    if cache is None:
+        return "none" if use_cache == 0 else default_cache(engine, model)
+    if use_cache == 0 and cache != "none":
+        raise KvlibError(f"--use_cache 0 contradicts --cache {cache}")
+    if use_cache == 1 and cache == "none":
+        raise KvlibError("--use_cache 1 contradicts --cache none")
+    return cache

@@ -40,11 +40,13 @@ from typing import Any
 import psutil
 import torch
 
-from kvlib import checks
-from kvlib.caches.base import CACHE_LAYOUTS
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.caches.base import CACHE_LAYOUTS, KVCache
+from kvlib.core import checks
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
+from kvlib.models.fastpath import packed_bytes
 from kvlib.models.hf import HF_DYNAMIC, HF_STATIC
+from kvlib.models.loading import DTYPES
 
 MIB = 2**20
 MB = 10**6
@@ -62,8 +64,6 @@ def mb(n_bytes: float) -> float:
 
 def bytes_per_element(dtype: torch.dtype | str) -> int:
     if isinstance(dtype, str):
-        from kvlib.models.loading import DTYPES
-
         try:
             dtype = DTYPES[dtype]
         except KeyError:
@@ -158,7 +158,6 @@ def held_cache_bytes(cache: Any) -> int:
     """Bytes of the tensors a cache holds: a kvlib KVCache, a Hugging Face Cache, legacy tuples, or None (0)."""
     if cache is None:
         return 0
-    from kvlib.caches.base import KVCache
 
     if isinstance(cache, KVCache):
         return int(cache.nbytes())
@@ -181,7 +180,6 @@ def held_storage_bytes(cache: Any) -> int:
     the whole prompt's keys alive, and after a decode step window keys (tests/test_hybrid_memory.py)."""
     if cache is None:
         return 0
-    from kvlib.caches.base import KVCache
 
     if isinstance(cache, KVCache):
         tensors = cache.tensors()
@@ -202,7 +200,6 @@ def module_weight_bytes(module: torch.nn.Module | None) -> int:
     copies kvlib's CPU fast path packs for its kernels (kvlib.models.fastpath): weights the process holds."""
     if module is None:
         return 0
-    from kvlib.models.fastpath import packed_bytes
 
     return sum(p.numel() * p.element_size() for p in module.parameters()) + packed_bytes(module)
 

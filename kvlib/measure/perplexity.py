@@ -30,10 +30,8 @@ Hugging Face's QuantizedCache ("hf-quantized", backend quanto by default) runs t
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +40,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvlib import checks
 from kvlib.caches.base import CACHE_LAYOUTS, check_layout, make_cache
 from kvlib.caches.window import SinkWindowCache
-from kvlib.errors import KvlibError
-from kvlib.measure.provenance import provenance
-from kvlib.measure.results import append_rows, check_outputs
-from kvlib.models.prompts import bos_ids
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
+from kvlib.core.rope import rope_cos_sin, rotate
+from kvlib.models.fastpath import prepare_for_inference
+from kvlib.models.hf_quantized import hf_cache_bytes, make_hf_quantized_cache
+from kvlib.models.prompts import CORPUS_NAME, bos_ids, corpus_text
 
 NAIVE = "none"
 RECOMPUTE = "recompute"
@@ -124,8 +123,6 @@ class Perplexity:
 def read_text(path: str | Path | None) -> tuple[str, str]:
     """(text, its name): the file's text (UTF-8, .gz unpacked), or the study's shipped novel when `path` is None."""
     if path is None:
-        from kvlib.models.prompts import CORPUS_NAME, corpus_text
-
         return corpus_text(), CORPUS_NAME
     p = Path(path)
     if not p.is_file():
@@ -206,8 +203,6 @@ def perplexity_token_by_token(
     model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None
 ) -> Perplexity:
     """Teacher forcing of `ids` (1, N) through the named layout, one token per step; "none": one causal pass."""
-    from kvlib.models.fastpath import prepare_for_inference
-
     options = options or {}
     N = ids.shape[1]
     positions = torch.arange(N, device=ids.device)[None]  # (1, N)
@@ -230,8 +225,6 @@ def perplexity_hf_quantized(
     hf_model: Any, ids: torch.Tensor, bits: int = 4, residual_len: int = 128, backend: str = "quanto"
 ) -> Perplexity:
     """Teacher forcing through Hugging Face's model with its QuantizedCache, one token per call."""
-    from kvlib.study.strategies.hf_quantized import hf_cache_bytes, make_hf_quantized_cache
-
     if hf_model is None:
         raise KvlibError("hf-quantized needs the Hugging Face model (this configuration has none)")
     try:
@@ -324,8 +317,6 @@ def perplexity_recompute(model: Any, ids: torch.Tensor, window: int, method: str
 
 
 def _rope(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    from kvlib.models.llama import rope_cos_sin
-
     return rope_cos_sin(positions[None], model.inv_freq.to(positions.device), dtype)
 
 
@@ -356,8 +347,6 @@ def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str
     window and quantized; on any other architecture for the exact layouts only (the model's own forward pass over
     the whole text, without a cache: what an exact cache shows each query). Bytes held are computed by
     `held_bytes`. Raises KvlibError for a layout it has no mask for."""
-    from kvlib.models.llama import rotate
-
     options = options or {}
     if cache in (NAIVE, HF_QUANTIZED) or cache not in CACHE_LAYOUTS:
         raise KvlibError(f"method fast does not apply to cache {cache!r}; use method token")
@@ -429,100 +418,3 @@ def perplexity(
     if method == "fast":
         return perplexity_fast(model, ids, cache, options)
     return perplexity_token_by_token(model, ids, cache, options)
-
-
-# ---- the command ---------------------------------------------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kvlib.cli import add_model_args, flag, non_negative_int, positive_int
-
-    p = sub.add_parser("perplexity", help="perplexity of real text through a cache layout (quality of lossy caches)")
-    add_model_args(p, model="smollm2-135m")
-    p.add_argument("--text", default=None, help="a UTF-8 text file (.gz too) [the study's novel]")
-    p.add_argument("--tokens", type=int, default=2048, help="score the text's first N tokens [2048]")
-    p.add_argument(
-        "--cache",
-        default="static",
-        help=f"none, any layout ({', '.join(CACHE_LAYOUTS)}), {RECOMPUTE} or {HF_QUANTIZED} [static]",
-    )
-    p.add_argument("--method", choices=METHODS, default="token", help="token by token, or one masked pass [token]")
-    p.add_argument("--sink", type=non_negative_int, default=None, help="window: sink tokens kept [4]")
-    p.add_argument("--window", type=positive_int, default=None, help="window, recompute: recent tokens kept [64]")
-    p.add_argument("--positions", default=None, help="window: original or cache (StreamingLLM's) [original]")
-    p.add_argument("--bits", type=positive_int, default=None, help="quantized: 8, 4 or 2; hf-quantized: 4 or 2")
-    p.add_argument("--group", type=non_negative_int, default=None, help="quantized: channels per scale [head_dim]")
-    p.add_argument("--residual", type=non_negative_int, default=None, help="quantized: full-precision tail tokens")
-    flag(p, "key_axis", default=None, help="quantized: token or channel (KIVI) [token]")
-    p.add_argument("--backend", default=None, help="hf-quantized: quanto, hqq or fp8 [quanto]")
-    p.add_argument("--csv", default=None, help="append one row with provenance to this CSV [none]")
-    p.set_defaults(func=run)
-
-
-def _check_values(model: str, cache: str, options: dict[str, Any]) -> None:
-    """The layout's option values, checked before any model is loaded by making a 2-token cache of a preset's
-    shape (a local folder's shape is known only once loaded: its layout checks them then)."""
-    from kvlib.models.config import PRESETS, get_preset
-
-    if cache in CACHE_LAYOUTS and model in PRESETS:
-        make_cache(cache, get_preset(model), 1, 2, "cpu", torch.float32, **options)
-
-
-def run(args: argparse.Namespace) -> int:
-    from kvlib.models.loading import load
-    from kvlib.models.prompts import synthetic_prompts
-
-    given = {opt: getattr(args, flag) for flag, opt in FLAG_OPTIONS.items()}
-    options = layout_options_from(args.cache, given)
-    if args.tokens < 2:
-        raise KvlibError(f"--tokens must be at least 2 (the first token is never scored), got {args.tokens}")
-    if args.method == "fast" and args.cache in (NAIVE, HF_QUANTIZED):
-        raise KvlibError(f"--method fast does not apply to --cache {args.cache}; use --method token")
-    _check_values(args.model, args.cache, options)
-    text = name = None
-    if args.text is not None or args.weights != "random":
-        text, name = read_text(args.text)
-    check_outputs({"--csv": (args.csv, CSV_COLUMNS)})
-    lm = load(args.model, args.weights, args.device, args.dtype, args.seed, with_hf=args.cache == HF_QUANTIZED)
-    check_fits(args.cache, options, args.tokens, lm.cfg.n_positions)
-    if lm.tokenizer is None:
-        print(f"warning: {RANDOM_NOTE}", file=sys.stderr)
-        ids, name = synthetic_prompts(lm.cfg.vocab_size, 1, args.tokens, args.seed, lm.device), "synthetic token ids"
-    else:
-        ids = text_token_ids(lm.tokenizer, text, args.tokens, name).to(lm.device)
-    if args.cache == HF_QUANTIZED:
-        hf_opts = {**HF_QUANTIZED_DEFAULTS, **options}
-        result = perplexity_hf_quantized(lm.hf, ids, **hf_opts)
-    else:
-        result = perplexity(lm.model, ids, args.cache, options, args.method)
-    opts_text = " ".join(f"{k}={v}" for k, v in options.items())
-    random = f" {RANDOM_NOTE}" if lm.weights == "random" else ""
-    print(
-        f"{lm.cfg.name} ({lm.weights}; {lm.source}){random}: {name}, first {args.tokens} tokens, cache {args.cache}"
-        f"{' ' + opts_text if opts_text else ''}, method {args.method}: perplexity {result.perplexity:.4f} "
-        f"(mean NLL {result.nll_mean:.5f} nats over {result.scored} tokens scored), KV held "
-        f"{result.kv_bytes_held:,} bytes ({result.kv_bytes_held / args.tokens:,.0f} per token), {result.time_s:.1f} s"
-    )
-    if args.csv:
-        row = {
-            "model": lm.cfg.name,
-            "weights": lm.weights,
-            "weights_source": lm.source,
-            "text": name,
-            "tokens": args.tokens,
-            "scored": result.scored,
-            "cache": args.cache,
-            "options": opts_text,
-            "method": args.method,
-            "nll_mean": result.nll_mean,
-            "perplexity": result.perplexity,
-            "kv_bytes_held": result.kv_bytes_held,
-            "bytes_per_token": result.kv_bytes_held / args.tokens,
-            "time_s": result.time_s,
-            "device": str(lm.device),
-            **{k: v for k, v in provenance(lm.device, lm.dtype_name).items() if k in PROVENANCE},
-            "dtype": lm.dtype_name,
-        }
-        append_rows(args.csv, [row], CSV_COLUMNS)
-        print(f"1 row appended to {args.csv}")
-    return 0

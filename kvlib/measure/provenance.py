@@ -63,7 +63,7 @@ def timestamp() -> str:
 
 @functools.cache
 def _static() -> dict[str, str]:
-    import transformers
+    import transformers  # heavy: seconds to import
 
     return {
         "git_commit": git_commit(),

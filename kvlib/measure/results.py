@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 
 
 def read_header(path: str | Path) -> list[str] | None:

@@ -20,8 +20,9 @@ import time
 
 import torch
 
+from kvlib.core.config import ModelConfig
 from kvlib.measure.memory import MIB, bytes_per_element
-from kvlib.models.config import ModelConfig
+from kvlib.models.loading import DTYPES
 
 BANDWIDTH_BUFFER_BYTES = 256 * MIB
 _bandwidth_cache: dict[str, float] = {}
@@ -68,8 +69,6 @@ def measure_bandwidth_bytes_per_s(
 
 def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype | str = "float32") -> float:
     """Dense matmul throughput in FLOP/s (2 n^3 per n x n product), best of 3; cached per (device, dtype)."""
-    from kvlib.models.loading import DTYPES
-
     dev = torch.device(device)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     key = (str(dev), str(dt))

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlib import checks
 from kvlib.caches.base import KVCache, check_layout, make_cache
-from kvlib.errors import KvlibError
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
 from kvlib.models.decoders import DECODERS, Decoder
 from kvlib.models.fastpath import prepare_for_inference
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvlib.models.config import ModelConfig
+from kvlib.core.config import ModelConfig
 from kvlib.models.gemma3 import Gemma3
 from kvlib.models.gpt2 import GPT
 from kvlib.models.llama import Llama

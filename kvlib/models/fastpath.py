@@ -24,7 +24,7 @@ PyTorch does for these shapes on CPU, and what this module does instead (measure
   preparation that does not say (`generate`'s own, the harness's) keeps it too.
 - `one_query_attention`: attention of one new token written out; in half precision PyTorch's fused CPU kernel
   (tiled for many queries) was slower for one query.
-- A dtype the CPU only emulates (kvlib.hardware decides: no native half-precision arithmetic): weights are packed
+- A dtype the CPU only emulates (kvlib.core.hardware decides: no native half-precision arithmetic): weights are packed
   for oneDNN only where PyTorch's oneDNN accepts the dtype on this CPU (float16 never: it always takes F.linear),
   and `prepare_for_inference` prints one note per process and dtype naming the CPU feature missing.
 
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlib.hardware import dtype_support
+from kvlib.core.hardware import dtype_support
 
 # Module-level switches, so that the tests can compare with and without each part (nothing sets them at run time).
 PACK_CPU_WEIGHTS = True  # Linear multiplies with packed weights, oneDNN's or MKL's (False: plain F.linear)
@@ -181,7 +181,7 @@ _NOTED: set[torch.dtype] = set()  # dtypes whose emulation note this process has
 
 def _onednn(dtype: torch.dtype) -> bool:
     """Whether the fast path may pack weights of `dtype` for oneDNN: one of PACKED_DTYPES, and accepted by PyTorch's
-    oneDNN on this CPU (kvlib.hardware.dtype_support decides: bfloat16 needs AVX-512 or AVX-NE-CONVERT there, and
+    oneDNN on this CPU (kvlib.core.hardware.dtype_support decides: bfloat16 needs AVX-512 or AVX-NE-CONVERT there, and
     oneDNN raises instead of running it without). float16 is never packed: it takes F.linear."""
     if dtype not in _ONEDNN:
         _ONEDNN[dtype] = dtype in PACKED_DTYPES and dtype_support(dtype, "cpu").onednn
@@ -190,7 +190,7 @@ def _onednn(dtype: torch.dtype) -> bool:
 
 def note_emulated(dtype: torch.dtype) -> None:
     """Print one line on stderr, once per process and dtype, when the CPU only emulates `dtype` (no native
-    arithmetic: kvlib.hardware), saying which CPU feature is missing and which kernels run it instead."""
+    arithmetic: kvlib.core.hardware), saying which CPU feature is missing and which kernels run it instead."""
     if dtype in _NOTED:
         return
     _NOTED.add(dtype)

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.caches.base import KVCache
-from kvlib.errors import KvlibError
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
+from kvlib.core.rope import RopeTable, rope_inv_freq, rotate_folded
 from kvlib.models.attention import attend, attention_mask, output_wanted, sdpa
-from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear, one_query_attention
-from kvlib.models.llama import RopeTable, rope_inv_freq, rotate_folded
 
 ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 

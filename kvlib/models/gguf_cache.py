@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -54,8 +55,8 @@ from typing import Any
 
 import torch
 
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
 
 CACHE_ENV = "KVLIB_CACHE"
 SOURCE_FILE = "kvlib-source.json"  # written last into a converted folder: what it was made from, and how
@@ -155,8 +156,6 @@ def _assembled(cfg: ModelConfig, module: str, sums: Path) -> tuple[Path, str]:
         raise _cannot_write(target.parent, e) from None
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        import importlib
-
         importlib.import_module(module).assemble(tmp, overwrite=True)
     except (ImportError, FileNotFoundError) as e:  # a part package is missing
         why = (str(e).splitlines() or [type(e).__name__])[0][:160]
@@ -202,7 +201,7 @@ def describe(cfg: ModelConfig) -> str:
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers' progress bars and notices would bury our one-line messages."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: seconds to import
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -219,7 +218,10 @@ def _quiet_transformers():
 
 def _convert(gguf: Path, dest: Path) -> None:
     """Dequantize `gguf` with transformers and save the float32 model, config and tokenizer into `dest`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # heavy: seconds to import
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     with _quiet_transformers():
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -245,7 +247,7 @@ def _unreadable(cfg: ModelConfig, gguf: Path, e: BaseException) -> KvlibError:
 def _check_readable(cfg: ModelConfig, gguf: Path) -> None:
     """Parse the GGUF's header and tensor table (memory-mapped, a fraction of a second)."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # optional: only to convert a GGUF file
 
         GGUFReader(gguf)
     except ImportError as e:
@@ -379,7 +381,7 @@ def converted_folder(cfg: ModelConfig, gguf: Path | None = None, sha: str | None
         except Exception as e:  # a file the header check let through may still fail inside transformers
             raise _unreadable(cfg, gguf, e) from None
         source = {"gguf": str(gguf), "sha256": sha, "requirement": cfg.gguf_requirement, "dtype": "float32"}
-        import transformers
+        import transformers  # heavy: seconds to import
 
         source |= {"transformers": transformers.__version__, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
         _write_source(tmp, source)
@@ -397,7 +399,10 @@ def load_gguf_weights(cfg: ModelConfig) -> GGUFWeights:
     its tokenizer, converting once per machine and loading once per process: a later call returns the same
     objects, unless something moved the model off float32 on the CPU or changed the folder's files (then the
     folder is checked and read again)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # heavy: seconds to import
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     t0 = time.perf_counter()
     gguf, sha = gguf_and_sha(cfg)

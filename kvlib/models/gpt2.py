@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.caches.base import KVCache
+from kvlib.core.config import ModelConfig
 from kvlib.models.attention import attend, attention_mask, output_wanted
-from kvlib.models.config import ModelConfig
 from kvlib.models.fastpath import Linear
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from kvlib import checks
-from kvlib.errors import KvlibError
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import Clock, Generation
 
 # Hugging Face's cache modes, by Hugging Face's names (two of them read like kvlib's layouts; they are HF's caches)

@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
-from kvlib import checks
-from kvlib.errors import KvlibError
-from kvlib.models.config import PRESETS, ModelConfig, config_from_hf, get_preset, hf_config_from
+from kvlib.core import checks
+from kvlib.core.config import PRESETS, ModelConfig, config_from_hf, get_preset, hf_config_from
+from kvlib.core.errors import KvlibError
+from kvlib.core.rope import rope_inv_freq
 from kvlib.models.decoders import Decoder, build_model
 from kvlib.models.fastpath import prepare_for_inference
-from kvlib.models.llama import rope_inv_freq
+from kvlib.models.gguf_cache import load_gguf_weights
 
 WEIGHT_CHOICES = ("pretrained", "random", "auto")
 DTYPES = {
@@ -144,8 +145,10 @@ def _resolve_model(model: str) -> tuple[ModelConfig | None, str]:
 
 
 def _from_pretrained(source: str, local_only: bool) -> Any:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM  # heavy: seconds to import
+    from transformers.utils import (
+        logging as hf_logging,  # heavy: seconds to import
+    )
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line messages
@@ -182,8 +185,6 @@ def _try_pretrained(source: str, allow_network: bool) -> tuple[Any | None, str]:
 def _try_gguf(cfg: ModelConfig) -> tuple[Any | None, Any | None, str, str]:
     """(HF model, tokenizer, description of the weights, "") from the preset's GGUF package, or
     (None, None, "", why not)."""
-    from kvlib.models.gguf_cache import load_gguf_weights
-
     try:
         w = load_gguf_weights(cfg)
     except KvlibError as e:
@@ -198,7 +199,7 @@ def _try_gguf(cfg: ModelConfig) -> tuple[Any | None, Any | None, str, str]:
 
 
 def _random_hf(cfg: ModelConfig, seed: int) -> Any:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: seconds to import
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -222,7 +223,7 @@ def _rope_in_float32(hf: Any, cfg: ModelConfig) -> None:
 
 def _load_tokenizer(source: str) -> Any | None:
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: seconds to import
 
         with contextlib.redirect_stderr(io.StringIO()):
             return AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -274,7 +275,7 @@ def load(
         tokenizer = tokenizer or _load_tokenizer(source)
     else:
         if preset is None:  # a local folder: its config.json gives the architecture
-            from transformers import AutoConfig
+            from transformers import AutoConfig  # heavy: seconds to import
 
             preset = config_from_hf(AutoConfig.from_pretrained(source), name=Path(source).name)
         cfg = preset if n_kv_head is None else preset.with_kv_heads(n_kv_head)
@@ -301,3 +302,13 @@ def load(
     else:
         hf = None
     return LoadedModel(cfg, kv_model, hf, used, src, tokenizer, dev, dt, warning, time.perf_counter() - t0)
+
+
+def model_config(model: str) -> ModelConfig:
+    """The shapes of a preset or of a local folder saved by save_pretrained, without loading any weights."""
+    path = Path(check_model_name(model))
+    if path.is_dir() and (path / "config.json").exists():
+        from transformers import AutoConfig  # heavy (seconds to import): only for a saved folder
+
+        return config_from_hf(AutoConfig.from_pretrained(path), name=path.name)
+    return get_preset(model)

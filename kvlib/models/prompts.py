@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from kvlib import checks
-from kvlib.errors import KvlibError
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
 
 CORPUS_FILE = "pride_and_prejudice.txt.gz"
 CORPUS_NAME = "Pride and Prejudice (Jane Austen, 1813; Project Gutenberg #1342)"

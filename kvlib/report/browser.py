@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WIDTH, MAX_SHOT_HEIGHT = 1280, 6000  # screenshot size in CSS pixels (the top of a long page)
@@ -64,8 +64,8 @@ def _local_target(report: Path, page: Path, href: str) -> tuple[Path | None, str
 
 def check_report(report: str | Path, browser: str | None = None, screenshots: bool = True) -> list[PageResult]:
     """Open every page of `report` (a folder with index.html) headless; return each page's problems."""
-    from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Error as PlaywrightError  # optional: only the browser check of a built report
+    from playwright.sync_api import sync_playwright  # optional: only the browser check of a built report
 
     report = Path(report).resolve()
     if not (report / "index.html").is_file():

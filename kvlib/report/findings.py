@@ -1,7 +1,7 @@
 """The findings that open the report: a few plain sentences, each computed from the notebooks' CSVs, with its number
 and the notebook that shows it.
 
-Every finding first checks that its data can carry it, by the study's one rule for "different" (kvlib.stats): a
+Every finding first checks that its data can carry it, by the study's one rule for "different" (kvlib.core.stats): a
 comparison that rests on fewer than three repeats a side is left out (n too small); one whose intervals of measured
 values overlap is reported as no measurable difference; counts are compared by their 95% Wilson intervals; a lossy
 layout that quantized or evicted nothing is left out. When the data contradict the textbook, the sentence says so.
@@ -24,6 +24,8 @@ import pandas as pd
 
 from kvlib.caches.base import REFERENCE, evicts
 from kvlib.study import Spread, fmt
+from kvlib.study.passkey import leader_text, metric_suffix, verdict
+from kvlib.study.quality import SINK_EFFECT
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def speedup(out: Path) -> Finding | None:
             f"every earlier token at each step (naive / cached total time, {_iqr(s)}; {cond}).",
             "02_naive_vs_cached",
         )
-    if not beyond:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+    if not beyond:  # not apart: no claim either way, and no ⚠ (kvlib.core.stats)
         return Finding(
             f"These runs could not tell decoding with the {cache} cache from naive decoding: naive / cached total "
             f"time {_x(s.median)}, and its interval ({_iqr(s)}) holds 1; {cond}.",
@@ -96,7 +98,7 @@ def hf_speedup(out: Path) -> Finding | None:
             f"as fast as <code>use_cache=False</code> ({_iqr(s)}).",
             "03_huggingface",
         )
-    if not beyond:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+    if not beyond:  # not apart: no claim either way, and no ⚠ (kvlib.core.stats)
         return Finding(
             f"These runs could not tell Hugging Face's dynamic cache from <code>use_cache=False</code> inside "
             f"<code>generate</code>: ratio {_x(s.median)}, and its interval ({_iqr(s)}) holds 1.",
@@ -188,7 +190,7 @@ def batching(out: Path) -> Finding | None:
             "a decode step reads the weights once for the whole batch.",
             "05_batch_sweep",
         )
-    if not apart:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+    if not apart:  # not apart: no claim either way, and no ⚠ (kvlib.core.stats)
         return Finding(
             f"These runs could not tell the decode throughput of a batch of {b1} from a batch of {b0} ({numbers}; "
             "the intervals of their repeats overlap).",
@@ -223,7 +225,7 @@ def prompt_advantage(out: Path) -> Finding | None:
             f"paired repeats), because it recomputes the whole sequence.",
             "06_prompt_sweep",
         )
-    if not grew:  # not apart: no claim either way, and no ⚠ (kvlib.stats)
+    if not grew:  # not apart: no claim either way, and no ⚠ (kvlib.core.stats)
         return Finding(
             f"These runs could not tell whether the cache's advantage per token changes with the prompt: a naive "
             f"step cost {numbers} (medians of paired repeats, whose intervals overlap).",
@@ -308,8 +310,6 @@ def passkey_retrieval(out: Path) -> Finding | None:
     """09: for each model on the page, pass-key retrieval under eviction at the smallest budget, both question
     settings, against the full cache; whether perplexity's ranking of the policies predicted it. Left out for
     random weights (not a headline)."""
-    from kvlib.study.passkey import leader_text, metric_suffix, verdict
-
     h = _headline(out, "09")
     acc_all = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
     ppl_all = pd.read_csv(out / "data" / "09_perplexity.csv")
@@ -375,7 +375,6 @@ def sinks(out: Path) -> Finding | None:
         f"window only <b>{only:.2f}</b>, {best_sink} sink{'s' if best_sink > 1 else ''} + {W - best_sink} recent "
         f"<b>{best:.2f}</b>, full cache {full:.2f} ({where})"
     )
-    from kvlib.study.quality import SINK_EFFECT
 
     if only >= SINK_EFFECT * best:
         return Finding(

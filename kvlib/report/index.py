@@ -25,11 +25,11 @@ from typing import Any
 
 import pandas as pd
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
+from kvlib.core.stats import MIN_REPEATS
 from kvlib.measure.results import write_whole
 from kvlib.report.findings import findings
 from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
-from kvlib.stats import MIN_REPEATS
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;

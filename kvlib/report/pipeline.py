@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -28,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
+from kvlib.measure.results import check_folder_writable
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 KERNEL = "python3"  # the kernel of the Python that runs papermill: the project's .venv
@@ -75,7 +77,7 @@ def profile_params(params_dir: str | Path, profile: str, notebook: str) -> dict[
 
 def declared_parameters(notebook_path: str | Path) -> dict[str, dict[str, Any]]:
     """The notebook's parameters as papermill infers them from its `parameters` cell."""
-    import papermill
+    import papermill  # heavy: only when the report runs notebooks
 
     return papermill.inspect_notebook(str(notebook_path))
 
@@ -159,8 +161,6 @@ def _keep_failed(staged_nb: Path, failed: Path, stage: Path) -> None:
 def check_reports_dir(reports_dir: str | Path) -> None:
     """Before any notebook runs: the reports folder, or for a new one its parent, must exist (a mistyped parent is
     not created) and take files."""
-    from kvlib.measure.results import check_folder_writable
-
     folder = Path(reports_dir)
     if not folder.is_dir():
         if not folder.parent.is_dir():
@@ -179,8 +179,8 @@ def run_notebook(
     notebooks_dir: str | Path = "notebooks",
 ) -> float:
     """Execute one notebook of the study with the profile's parameters into reports/<profile>/; return seconds."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    import papermill  # heavy: only when the report runs notebooks
+    from papermill.exceptions import PapermillExecutionError  # heavy: only when the report runs notebooks
 
     notebooks_dir = Path(notebooks_dir).resolve()
     source = notebooks_dir / f"{notebook}.ipynb"
@@ -243,8 +243,6 @@ HEARTBEAT_S = 20.0  # while a cell runs, a line this often (a TTY gets one line 
 
 def _previous_durations(executed: Path) -> list[float] | None:
     """Seconds each code cell took in the report's previous run of this notebook (papermill records them), or None."""
-    import json
-
     try:
         cells = json.loads(executed.read_text()).get("cells", [])
         durations = [c["metadata"]["papermill"].get("duration") for c in cells if c.get("cell_type") == "code"]
@@ -335,7 +333,7 @@ class Progress:
 
 def _engine_with(progress: Progress) -> str:
     """Register (under a fixed name) papermill's nbclient engine reporting each cell to `progress`."""
-    from papermill.engines import NBClientEngine, papermill_engines
+    from papermill.engines import NBClientEngine, papermill_engines  # heavy: only when the report runs notebooks
 
     class ProgressEngine(NBClientEngine):
         @classmethod

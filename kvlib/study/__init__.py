@@ -22,13 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
+from IPython import display as ipython  # looked up at each call: a test (or a host) may replace its display
 
-from kvlib import checks, stats
-from kvlib.errors import KvlibError
+from kvlib.core import checks, stats
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
+from kvlib.measure.provenance import provenance
 from kvlib.measure.results import check_folder_writable, write_whole
-from kvlib.models.config import ModelConfig
+from kvlib.models.loading import model_config  # noqa: F401  (the notebooks' `study.model_config`)
+from kvlib.study import plotting
 
 # transformers imports tqdm.auto, which in a notebook without ipywidgets warns on every import; the study's
 # notebooks show no progress bars, so the warning is noise.
@@ -102,19 +107,6 @@ def check_context(
         )
 
 
-def model_config(model: str) -> ModelConfig:
-    """The shapes of a preset or of a local folder saved by save_pretrained, without loading any weights."""
-    from kvlib.models.config import config_from_hf, get_preset
-    from kvlib.models.loading import check_model_name
-
-    path = Path(check_model_name(model))
-    if path.is_dir() and (path / "config.json").exists():
-        from transformers import AutoConfig
-
-        return config_from_hf(AutoConfig.from_pretrained(path), name=path.name)
-    return get_preset(model)
-
-
 def require_sweep(name: str, values: Sequence[Any]) -> list[Any]:
     """`values` (already checked) unchanged, or a one-line KvlibError when they hold fewer than two distinct values:
     a sweep's trend ("from batch 1 to batch 8 ...") needs at least two points to compare."""
@@ -139,18 +131,18 @@ def fmt(value: float) -> str:
     return f"{float(f'{value:.3g}'):g}" if value else "0"
 
 
-Spread = stats.Spread  # median and nearest-rank quartiles; the study's one rule for "different" is kvlib.stats
+Spread = stats.Spread  # median and nearest-rank quartiles; the study's one rule for "different" is kvlib.core.stats
 MIN_REPEATS = stats.MIN_REPEATS  # repeats a side below which no difference is claimed
 
 
 def spread_caveat(beyond_spread: bool | None, what: str = "repeats", spread: str = "interquartile ranges") -> str:
-    """What a sentence comparing measured values must add (kvlib.stats.caveat): '' when the difference is beyond
+    """What a sentence comparing measured values must add (kvlib.core.stats.caveat): '' when the difference is beyond
     the spread (Spread.separated / Spread.excludes gave True), else why it may be noise or cannot be judged."""
     return stats.caveat(beyond_spread, what, spread)
 
 
 def summarise(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
-    """Median, nearest-rank quartiles (kvlib.stats.quartiles: measured values) and count of `value` per group of
+    """Median, nearest-rank quartiles (kvlib.core.stats.quartiles: measured values) and count of `value` per group of
     `by`: one row per group."""
     g = df.groupby(list(by), sort=True, dropna=False)[value]
     out = g.agg(median="median", q25=lambda s: stats.quartiles(s)[0], q75=lambda s: stats.quartiles(s)[1], n="count")
@@ -272,20 +264,15 @@ class Outputs:
 
     def figure(self, fig: Any, name: str, caption: str, key: bool = False) -> None:
         """Save `fig` as PNG, show it with its caption below, and list it for the report (`key`: on the index)."""
-        import matplotlib.pyplot as plt
-        from IPython.display import Markdown, display
-
-        from kvlib.study import plotting
-
         plotting.tidy(fig)  # log scales where values span decades, legends outside the data, no text overlaps
         path = self.figures_dir / f"{self.prefix}_{name}.png"
         self._replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         title = fig._suptitle.get_text() if fig._suptitle is not None else (fig.axes[0].get_title() if fig.axes else "")
         self.figures = [f for f in self.figures if f["file"] != path.name]
         self.figures.append({"file": path.name, "title": title, "caption": caption, "key": key})
-        display(fig)
+        ipython.display(fig)
         plt.close(fig)
-        display(Markdown(f"*{caption}*"))
+        ipython.display(ipython.Markdown(f"*{caption}*"))
         self.save()
 
     def headline(
@@ -320,10 +307,6 @@ class Outputs:
         """Record the model a notebook measured (weights actually used, provenance); show the banner if its weights
         are random (once per page). A variant built with random weights on purpose (07's other key/value-head
         counts) is not passed here: it is labelled where it appears, and the page's model keeps its weights."""
-        from IPython.display import Markdown, display
-
-        from kvlib.measure.provenance import provenance
-
         self.describe(
             model=lm.cfg.name,
             weights=sorted({*self.meta.get("weights", []), lm.weights}),
@@ -336,7 +319,7 @@ class Outputs:
         banner = weights_banner(lm.weights, lm.source)
         if banner and not self._banner_shown:  # once per notebook page, however many models it loads
             self._banner_shown = True
-            display(Markdown(banner))
+            ipython.display(ipython.Markdown(banner))
 
     def describe(self, **info: Any) -> None:
         """Record facts about the runs: weights actually used, model, device, provenance, ..."""

@@ -20,10 +20,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from kvlib import checks
-from kvlib.caches.base import REFERENCE
-from kvlib.errors import KvlibError
-from kvlib.models.config import PRESETS, ModelConfig
+from kvlib.caches.base import REFERENCE, check_layout, make_cache
+from kvlib.core import checks
+from kvlib.core.config import PRESETS, ModelConfig
+from kvlib.core.errors import KvlibError
+from kvlib.measure.memory import PeakTracker, bytes_per_element, held_cache_bytes, kv_cache_bytes_formula, layer_slots
+from kvlib.models.decode import generate, prefill, prepare_positions
+from kvlib.models.fastpath import packed_bytes, prepare_for_inference
+from kvlib.models.prompts import synthetic_prompts
 
 
 def linear_flops_per_token(cfg: ModelConfig) -> int:
@@ -134,7 +138,7 @@ def _arch(
 def _preset(name: str, family: str) -> Architecture:
     """A study preset as a table row; its sliding layers (Gemma 3) from its own config."""
     cfg = PRESETS[name]
-    source = f"kvlib preset {name!r} (kvlib/models/config.py, the config its GGUF gives)"
+    source = f"kvlib preset {name!r} (kvlib/core/config.py, the config its GGUF gives)"
     return Architecture(cfg, cfg.n_params(), family, cfg.sliding_window, cfg.layer_types, source)
 
 
@@ -427,8 +431,6 @@ def hybrid_cache_bytes(
     """Computed, not measured: the KV bytes after each number of tokens of a full cache of `cfg`'s shape ("static":
     every layer keeps every token) and of the hybrid layout (a sliding layer keeps min(tokens, window)), split by
     layer type. One row per (tokens, layout); `ratio_to_full` is the layout's bytes over the full cache's."""
-    from kvlib.measure.memory import bytes_per_element, layer_slots
-
     where = "hybrid_cache_bytes:"
     checks.config("cfg", cfg, where=where)
     tokens = checks.whole_list("tokens", tokens, where=where)
@@ -471,8 +473,6 @@ def measured_cache_bytes(
     compare with the formula 2 x layers x B x T x kv heads x head_dim x bytes, summed per layer (the hybrid layout
     of a model with sliding layers keeps min(T, window) on those: kvlib.measure.memory.kv_cache_bytes_formula).
     One row per (layout, B, T)."""
-    from kvlib.caches.base import check_layout, make_cache
-
     where = "measured_cache_bytes:"
     layouts = checks.name_list("layouts", layouts, where=where)
     for layout in layouts:
@@ -480,10 +480,6 @@ def measured_cache_bytes(
     batch_sizes = checks.whole_list("batch_sizes", batch_sizes, where=where)
     seq_lens = checks.whole_list("seq_lens", seq_lens, where=where)
     checks.seed("seed", seed, where=where)
-    from kvlib.measure.memory import held_cache_bytes, kv_cache_bytes_formula
-    from kvlib.models.decode import prefill, prepare_positions
-    from kvlib.models.prompts import synthetic_prompts
-
     rows = []
     for layout in layouts:
         for batch in batch_sizes:
@@ -530,17 +526,11 @@ def memory_breakdown(
     for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
         checks.whole(name, value, where=where)
     checks.seed("seed", seed, where=where)
-    from kvlib.measure.memory import PeakTracker, held_cache_bytes
-    from kvlib.models.decode import generate
-    from kvlib.models.fastpath import prepare_for_inference
-    from kvlib.models.prompts import synthetic_prompts
-
     ids = synthetic_prompts(lm.cfg.vocab_size, batch_size, prompt_len, seed, lm.device)
     prepare_for_inference(lm.model, batch_size)  # the fast path's kernel measurement borrows memory: not in the peak
     with PeakTracker(lm.device) as tracker:
         g = generate(lm.model, ids, new_tokens, cache=layout)
     peak = tracker.result
-    from kvlib.models.fastpath import packed_bytes
 
     weights, packed = lm.model.weight_bytes(), packed_bytes(lm.model)
     cache = held_cache_bytes(g.cache)

@@ -24,27 +24,21 @@ from typing import Any
 
 import pandas as pd
 import torch
+from matplotlib.lines import Line2D
 
-from kvlib import stats
-from kvlib.caches.base import REFERENCE, KVCache, evicting_layouts, layout_class, make_cache
+from kvlib import study
+from kvlib.caches.base import REFERENCE, KVCache, evicting_layouts, evicts, layout_class, make_cache
 from kvlib.caches.eviction import policies as eviction_policies
-from kvlib.errors import KvlibError
-from kvlib.measure.passkey import (
-    NO_SETTING,
-    SETTINGS,
-    Answers,
-    _dtype,
-    budget_options,
-    decode_answer,
-    evicts,
-    held_budget,
-    kv_bytes,
-    question_chunk,
-    retrieved,
-    wilson,
-)
-from kvlib.measure.perplexity import fast_applies, perplexity
+from kvlib.core import stats
+from kvlib.core.errors import KvlibError
+from kvlib.core.stats import wilson
+from kvlib.decoding.questions import Answers, decode_answer, model_dtype, question_chunk
+from kvlib.measure.passkey import NO_SETTING, SETTINGS, budget_options, held_budget, retrieved
+from kvlib.measure.perplexity import fast_applies, perplexity, read_text, text_token_ids
 from kvlib.models.attention import outputs_unused
+from kvlib.models.fastpath import prepare_for_inference
+from kvlib.models.prompts import PasskeyPrompts, WordTokenizer, passkey_keys, synthetic_prompts
+from kvlib.study import plotting
 
 FULL = "full (static)"
 # The published figures the study compares with, as issue 16 states them; none is measured here. `model`: the
@@ -153,12 +147,10 @@ def _innermost(calls: list[tuple[torch.nn.Module, tuple, dict]]) -> list[tuple[t
 @torch.inference_mode()
 def record_prefill(model: Any, ids: torch.Tensor, new_tokens: int) -> Recorded:
     """Prefill `ids` (B, N) through a static cache, recording the inputs of every module called with the cache."""
-    from kvlib.models.fastpath import prepare_for_inference
-
     B, N = ids.shape
     prepare_for_inference(model, B)
     t0 = time.perf_counter()
-    kv = make_cache(REFERENCE, model.cfg, B, N + new_tokens, ids.device, _dtype(model))
+    kv = make_cache(REFERENCE, model.cfg, B, N + new_tokens, ids.device, model_dtype(model))
     calls: list[tuple[torch.nn.Module, tuple, dict]] = []
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -223,7 +215,7 @@ def replayed_answer(
     `kvlib.measure.passkey.answer` without running the prefill again (its time excludes the prefill)."""
     B, N = rec.ids.shape
     t0 = time.perf_counter()
-    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, _dtype(model), **options)
+    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, model_dtype(model), **options)
     if question_aware or not evicts(cache):
         replay(rec, kv)
         logits = rec.logits
@@ -231,7 +223,7 @@ def replayed_answer(
         replay(rec, kv, context_len)
         logits = question_chunk(model, kv, rec.ids, context_len)
     out = decode_answer(model, kv, logits, N, new_tokens)
-    return Answers(out, kv_bytes(kv), time.perf_counter() - t0, kv)
+    return Answers(out, kv.used_bytes(), time.perf_counter() - t0, kv)
 
 
 # ---- the grid ------------------------------------------------------------------------------------------------------
@@ -281,7 +273,7 @@ def retrieval_grid(
             elif cache == REFERENCE:  # the recording cache is the full cache: decode from it
                 options, t0 = dict(opts), time.perf_counter()
                 out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
-                ans = Answers(out, kv_bytes(rec.cache), time.perf_counter() - t0, rec.cache)
+                ans = Answers(out, rec.cache.used_bytes(), time.perf_counter() - t0, rec.cache)
             else:
                 options = dict(opts)
                 ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
@@ -335,9 +327,6 @@ def page_runs(model: str, tokens: int, keys: int, more_models: Any) -> list[tupl
     of `more_models`, a list of {"model": preset, "tokens": prompt length[, "keys": keys per depth]} (keys: the
     page's when not given). Raises KvlibError (one line) for an entry that is not such a mapping, an unknown
     preset, a length below 2, keys below 1 or a model named twice."""
-    from kvlib import study
-    from kvlib.errors import KvlibError
-
     if more_models is None:
         more_models = []
     if not isinstance(more_models, list):
@@ -409,9 +398,6 @@ def measure_model(
     `keys` seeded keys per depth in `tokens`-token prompts, its accuracies (95% Wilson intervals), and the
     perplexity of the first `ppl_tokens` tokens of the novel through the same layouts at the same budget fractions.
     Random weights or no tokenizer: a stand-in word tokenizer and synthetic text, and `meaningful` False."""
-    from kvlib.measure.perplexity import read_text, text_token_ids
-    from kvlib.models.prompts import PasskeyPrompts, WordTokenizer, passkey_keys, synthetic_prompts
-
     cfg = lm.cfg
     meaningful = lm.tokenizer is not None and lm.weights == "pretrained"
     tokenizer = lm.tokenizer or WordTokenizer(cfg.vocab_size)
@@ -500,7 +486,7 @@ def check_grid(
 
 def leaders(rows: pd.DataFrame) -> tuple[pd.Series, list[str]]:
     """The row of `rows` (accuracy rows: policy, retrieved, n, accuracy_pct) with the most keys retrieved (ties: the
-    policy first by name) and the policies whose counts are not apart from it (kvlib.stats.counts_apart: 95% Wilson
+    policy first by name) and the policies whose counts are not apart from it (kvlib.core.stats.counts_apart: 95% Wilson
     intervals overlap), itself included. One name means the leader is apart from every other policy."""
     ranked = rows.sort_values(["accuracy_pct", "policy"], ascending=[False, True])
     top = ranked.iloc[0]
@@ -531,7 +517,7 @@ def leader_text(rows: pd.DataFrame) -> str:
 def verdict(acc: pd.DataFrame, ppl: pd.DataFrame, setting: str = SETTINGS[0]) -> tuple[str, float | None, bool | None]:
     """Whether perplexity predicted retrieval here: (one sentence computed from the data, the rank correlation
     behind it, whether it predicted; None: the data cannot tell). The correlation is Spearman's rho over every
-    (policy, budget) pair measured both ways, judged by kvlib.stats.rank_correlation: it is a finding only over at
+    (policy, budget) pair measured both ways, judged by kvlib.core.stats.rank_correlation: it is a finding only over at
     least 3 pairs, 3 distinct values on each side, and the highest and lowest retrieval counts apart (95% Wilson
     intervals that do not overlap). A perfect predictor has rho = -1 (the smaller the perplexity change, the more
     keys retrieved); "predicted" needs a finding with rho <= -0.5 and the policy with the smallest perplexity change
@@ -593,10 +579,6 @@ def two_panel_figure(acc: pd.DataFrame, ppl: pd.DataFrame, title: str, model: st
     solid question-aware, dashed question-after; the full cache a horizontal line; the figures published for
     `model` (`theirs_for`) as grey crosses labelled "theirs". One legend for both panels: colours are policies,
     line styles settings. `acc`, `ppl`: one model's rows of `accuracy` and `perplexity_rows`."""
-    from matplotlib.lines import Line2D
-
-    from kvlib.study import plotting
-
     theirs, theirs_ppl, _ = theirs_for(model)
 
     fig, (left, right) = plotting.figure(ncols=2, width=5.5, height=4.5, title=title)

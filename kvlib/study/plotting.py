@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
 import zlib
@@ -21,9 +22,10 @@ from typing import Any
 import matplotlib
 import matplotlib.pyplot as plt
 import seaborn as sns
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from kvlib import stats
 from kvlib.caches.base import CACHE_LAYOUTS
+from kvlib.core import stats
 
 ESTIMATOR = "median"
 ERRORBAR = stats.quartile_interval  # nearest-rank quartiles (measured values): the interval the sentences judge by
@@ -289,10 +291,6 @@ def log_axis(ax: Any, axis: str = "y") -> None:
     """A log scale labelled with plain numbers (20, 50, 100), not powers of ten; call it after plotting.
     Minor ticks at 2 and 5 times a power of ten are labelled when the axis spans less than a factor of 100 (the
     others would crowd against each other)."""
-    import math
-
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
     target = ax.yaxis if axis == "y" else ax.xaxis
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")

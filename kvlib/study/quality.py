@@ -10,6 +10,7 @@ The papers' numbers are in REFERENCES, each with where it comes from; they are t
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,10 @@ from kvlib.measure.perplexity import (
     recompute_nll,
     recompute_targets,
 )
+from kvlib.models.decode import generate
+from kvlib.models.hf_quantized import hf_backend_status, hf_greedy_loop, make_hf_quantized_cache
+from kvlib.models.prompts import prompts_for
+from kvlib.study.strategies.common import generate_fn, interleaved_runs, timing_summary
 
 # The published figures put beside ours (marked as theirs wherever shown).
 REFERENCES = pd.DataFrame(
@@ -164,8 +169,6 @@ def recompute_comparison(
     (kvlib.measure.perplexity.recompute_nll); the variants `compare(W)` names (labels of `nlls`, the per-token NLL
     of run_variants) are scored on the same tokens. Tidy: budget,
     variant, perplexity, tokens_scored, every, first_token, time_s (of re-computation)."""
-    import time
-
     N = ids.shape[1]
     rows = []
     for W in budgets:
@@ -202,17 +205,13 @@ def decode_latency(
     `warmup` unrecorded runs, then `repeats` interleaved rounds; TPOT = the median decode step of a run; its median
     over repeats with min and max). One row per variant: variant, engine, status, tpot_ms (_min, _max), ttft_ms,
     repeats, tpot_vs_full (TPOT / the same engine's full-precision cache's)."""
-    from kvlib.models.prompts import prompts_for
-    from kvlib.study.strategies.common import generate_fn, interleaved_runs, timing_summary
-    from kvlib.study.strategies.hf_quantized import hf_backend_status, hf_greedy_loop, make_hf_quantized_cache
-
     ids = prompts_for(lm.cfg.vocab_size, lm.tokenizer, 1, prompt_len, seed, lm.device)
     runs, engine, status = {}, {}, {}
     for cache, options in variants:
         label = variant_label(cache, options)
         runs[label], engine[label] = generate_fn(lm.model, ids, new_tokens, (cache, options)), "kvlib"
     if lm.hf is not None:
-        from transformers.cache_utils import DynamicCache
+        from transformers.cache_utils import DynamicCache  # heavy: seconds to import
 
         makers = {"hf full (dynamic)": lambda: DynamicCache(config=lm.hf.config)}
         for bits in hf_bits:
@@ -275,8 +274,6 @@ def greedy_divergence(
 ) -> pd.DataFrame:
     """Greedy continuation of each prompt (B, P) under each layout, and the first step where it leaves the
     full-precision (static) continuation (None: never, within new_tokens)."""
-    from kvlib.models.decode import generate
-
     ref = generate(model, prompts, new_tokens, cache="static").tokens
     rows = []
     for cache, options in variants:

@@ -1,104 +1,26 @@
-"""`python -m kvlib bench` (`make bench`): kvlib's cached decode against Hugging Face `generate` and the memory floor.
-
-This module is the command (its arguments, `add_parser`, and `run`); the rest of the package holds its parts:
-`plan` (which rows run), `cpu` (the dtypes this CPU computes natively, torch threads), `runner` (timing a row within
-its time bound) and `table` (the results table, the CSV's columns and the targets' verdicts, the targets themselves
-read from kvlib/data/bench_targets.yaml).
-
-A row is one (device, dtype, batch size). In each row the harness (`kvlib.measure.harness.measure_grid`) runs three
-engines on the same prompts, interleaved (A B C, then C B A, ...), each after a warm-up, with the same number
-of new tokens and the same torch threads (one process):
-
-    kvlib      kvlib.models.decode.generate with its static cache (on a model trained with sliding-window layers,
-               Gemma 3: its hybrid cache, which keeps only the window on those layers) and the fast path
-               (kvlib.models.fastpath); with --compile (the default) batch-1 rows use the torch.compile'd one-row
-               kernel, compiled before any timing
-    hf-dynamic Hugging Face generate with its DynamicCache
-    hf-static  Hugging Face generate with cache_implementation="static"
-
-Per row: TPOT p50 of each engine (the median over repeats of each run's median decode step), the ratios
-HF dynamic / kvlib and best HF / kvlib, kvlib's decode tokens/s, and kvlib's MBU: the bytes a decode step must
-read (every weight once and the KV cache; kvlib.measure.roofline) / (kvlib's TPOT x the read bandwidth measured on this
-machine). Half-precision rows also report how often kvlib chooses the same token as in float32 given the same
-history (teacher-forced agreement) and the first step where free-running decoding departs from float32: half
-precision is not expected to be identical, so it is measured, not claimed.
-
-The bench covers `smollm2-135m` (the Llama architecture, the default), distilgpt2 (GPT-2) and `gemma3-270m` (Gemma 3,
-hybrid sliding/global attention), pretrained weights where available ("auto"). Gemma 3 gets one row of its own shape
-(`MODEL_ROWS`: batch 1, float32, prompt 2048, longer than its 512-token window), judged by one rule: decoding on the
-hybrid cache no slower than Hugging Face's generate; the bench prints that ratio. `--quick` leaves Gemma out of its
-default models (loading it and prefilling 2048 tokens three ways does not fit its 3 minutes); name it with --model
-to run it, bounded like every quick row. Every other row is checked against the speed targets (TARGETS: HF / kvlib
-TPOT ratios and kvlib's MBU, each with where it comes from) and printed as met or missed. The exit code is 0 either
-way (a benchmark is a measurement), unless --strict.
-
-A bench for every machine:
-- half precision is measured only where the hardware has it: `kvlib.hardware.dtype_support` (the one check every
-  command and the fast path use) reads the CPU's flags (/proc/cpuinfo: avx512_bf16 / amx_bf16 for bfloat16,
-  avx512_fp16 / amx_fp16 for float16; oneDNN's own check where the flags can't be read). Where a dtype is
-  emulated (on an AVX2-only CPU bfloat16 is several times slower than float32) its rows are skipped and the bench
-  says so, or, with --emulated, one short batch-1 row is run and labelled `emulated`; the header prints which
-  dtypes run natively.
-- every row has a time bound (--row-limit-s; with --quick the bench's measuring budget divided by the rows): no
-  further repeat is started that would cross it, and a repeat still running when it passes is stopped (SIGALRM,
-  at the next Python-level op). A row that hit it says so (`time_bound_hit`, "TIME BOUND" in the table), with
-  whatever repeats completed, or none.
-
-Results follow the same contract as `run` (kvlib.measure.results): --csv is checked before anything is loaded (its
-folder must exist, the file must be writable, and an existing file must hold bench rows with this header; anything else
-is refused with one line and exit 2, never rewritten), then each row is appended as soon as it is measured.
-Other processes' CPU use is measured over every row (kvlib.measure.machine_load) and printed with the torch thread
-count; a row measured on a busy machine says so in the table and in its `other_cpu_cores` column.
+"""The bench's parts, one concept each: `plan` (which rows run), `cpu` (the dtypes this CPU computes natively, torch
+threads), `runner` (timing a row within its time bound) and `table` (the results table, the CSV's columns and the
+targets' verdicts, the targets read from kvlib/data/bench_targets.yaml). The command, and what it measures, is
+kvlib.cli.bench. This package re-exports what other modules and the tests use.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-import torch
-
-from kvlib.cli import flag, non_negative_int, positive_int
-from kvlib.errors import KvlibError
-from kvlib.measure.bench.cpu import dtype_support, set_threads
+from kvlib.measure.bench.cpu import dtype_support
 from kvlib.measure.bench.plan import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_MODELS,
     DEFAULT_PROMPT_LEN,
     EMULATED_ROW,
-    FULL,
     FULL_ROW_LIMIT_S,
-    MODEL_ROWS,
-    QUICK,
     QUICK_BUDGET_S,
     QUICK_MIN_ROW_S,
     QUICK_MODELS,
-    model_cost,
     plan_rows,
     row_limits_s,
 )
-from kvlib.measure.bench.runner import RowTimeBound, agreement, measure_row, summarize, time_bound
-from kvlib.measure.bench.table import (
-    COLUMNS,
-    TARGETS,
-    Target,
-    beyond_the_floor,
-    check_targets,
-    csv_columns,
-    fmt,
-    format_table,
-    gemma_report,
-    target_report,
-)
-from kvlib.measure.harness import ModelPool
-from kvlib.measure.machine_load import LoadReading
-from kvlib.measure.provenance import device_name
-from kvlib.measure.results import append_rows, check_outputs
-from kvlib.measure.roofline import measure_bandwidth_bytes_per_s, roofline_enabled
-from kvlib.models.loading import DTYPES, dtype_name, resolve_device
+from kvlib.measure.bench.runner import COLUMNS, RowTimeBound, agreement, check_targets, summarize, time_bound
+from kvlib.measure.bench.table import TARGETS, Target, beyond_the_floor, csv_columns, gemma_report, target_report
 
 __all__ = [  # what other modules and the tests use, and the command
     "COLUMNS",
@@ -113,7 +35,6 @@ __all__ = [  # what other modules and the tests use, and the command
     "TARGETS",
     "RowTimeBound",
     "Target",
-    "add_parser",
     "agreement",
     "beyond_the_floor",
     "check_targets",
@@ -122,168 +43,7 @@ __all__ = [  # what other modules and the tests use, and the command
     "gemma_report",
     "plan_rows",
     "row_limits_s",
-    "run",
     "summarize",
     "target_report",
     "time_bound",
 ]
-
-DEFAULT_CSV = "reports/bench.csv"
-
-
-def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
-    """argparse type: a comma-separated list of `kind`."""
-
-    def parse(text: str) -> list:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        return [kind(s) for s in items]
-
-    return parse
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="kvlib's cached decode vs Hugging Face generate, and vs the memory floor")
-    p.add_argument(
-        "--model",
-        type=csv_list(str),
-        default=None,
-        help=f"comma-separated presets or local folders [{','.join(DEFAULT_MODELS)}; --quick: "
-        f"{','.join(QUICK_MODELS)}]",
-    )
-    p.add_argument("--weights", default="auto", choices=("pretrained", "random", "auto"), help="[auto]")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto [cpu]")
-    p.add_argument(
-        "--dtypes",
-        type=csv_list(str),
-        default=None,
-        help="comma-separated [float32,bfloat16 on CPU (--quick: float32); float16,bfloat16 on CUDA]",
-    )
-    flag(
-        p,
-        "batch_sizes",
-        type=csv_list(positive_int),
-        default=DEFAULT_BATCH_SIZES,
-        help="comma-separated [1,4,8; gemma3-270m: 1]",
-    )
-    flag(p, "prompt_len", type=positive_int, default=DEFAULT_PROMPT_LEN, help="[256; gemma3-270m: 2048]")
-    flag(
-        p,
-        "max_new_tokens",
-        type=positive_int,
-        default=None,
-        help=f"[{FULL['max_new_tokens']}; --quick {QUICK['max_new_tokens']}]",
-    )
-    p.add_argument(
-        "--repeats", type=positive_int, default=None, help=f"[{FULL['repeats']}; --quick {QUICK['repeats']}]"
-    )
-    p.add_argument("--warmup", type=non_negative_int, default=None, help=f"[{FULL['warmup']}]")
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch threads for every engine [torch's default]"
-    )
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of random weights and prompts [0]")
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="torch.compile kvlib's one-row kernel for batch-1 rows, a candidate measured against the others "
-        "(kvlib.models.fastpath.prepare_for_inference's compile_one_row) [on]",
-    )
-    flag(
-        p,
-        "row_limit_s",
-        type=float,
-        default=None,
-        help=f"time bound of each row in seconds [{FULL_ROW_LIMIT_S:.0f}; --quick {QUICK_BUDGET_S:.0f} s shared by "
-        f"the rows in proportion to 1 + batch / 2, at least {QUICK_MIN_ROW_S:.0f}]",
-    )
-    p.add_argument(
-        "--emulated",
-        action="store_true",
-        help="run one short, bounded batch-1 row of a dtype this hardware only emulates (default: skip its rows)",
-    )
-    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats, bounded: under 3 minutes on 2 cores")
-    p.add_argument("--csv", default=DEFAULT_CSV, help=f"append one row per bench row to this CSV [{DEFAULT_CSV}]")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    if args.model is None:
-        args.model = QUICK_MODELS if args.quick else DEFAULT_MODELS
-    # --quick on CPU: float32 only (half-precision rows on request with --dtypes), so that the rows that carry the
-    # targets get enough of the 2-3 minutes to measure
-    cpu_default = ["float32"] if args.quick else ["float32", "bfloat16"]
-    names = args.dtypes or (["float16", "bfloat16"] if device.type == "cuda" else cpu_default)
-    unknown = [d for d in names if d not in DTYPES]
-    if unknown:
-        raise KvlibError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
-    dtypes = list(dict.fromkeys(dtype_name(DTYPES[d]) for d in names))  # canonical names, duplicates dropped
-    if args.max_new_tokens == 1:
-        raise KvlibError(
-            "--max_new_tokens 1 leaves no decode step (the first token comes from the prefill), and the bench times "
-            "decode steps; use 2 or more"
-        )
-    set_threads(args.threads)
-    planned, dtype_notes = plan_rows(args, device, dtypes)
-    limits_s = row_limits_s(
-        args, [row.specs[0].batch_size for row in planned], [model_cost(row.specs[0].model) for row in planned]
-    )
-    for row in planned:  # every row checked before anything is loaded or measured
-        for spec in row.specs:
-            spec.validate()
-    csv_path = Path(args.csv)
-    columns = csv_columns()
-    check_outputs({"--csv": (csv_path, columns)})  # before anything is loaded or measured
-
-    bandwidth = measure_bandwidth_bytes_per_s(device) if roofline_enabled() else math.nan
-    first = planned[0].specs[0] if planned else None
-    shaped = [f"{m}: batch {','.join(map(str, s.batch_sizes))}, prompt {s.prompt_len}, {'/'.join(s.dtypes)} ({s.why})"
-              for m, s in MODEL_ROWS.items() if m in args.model]  # fmt: skip
-    print(
-        f"bench: {', '.join(args.model)} ({args.weights} weights), prompt {args.prompt_len}"
-        f"{' (' + '; '.join(shaped) + ')' if shaped else ''}, "
-        f"{first.max_new_tokens if first else '-'} new tokens, {planned[0].repeats if planned else '-'} repeats after "
-        f"{planned[0].warmup if planned else '-'} warm-up, interleaved; {device} ({device_name(device)}), "
-        f"{torch.get_num_threads()} torch threads, measured read bandwidth "
-        f"{'not measured' if math.isnan(bandwidth) else f'{bandwidth / 1e9:.1f} GB/s'}; kvlib: static "
-        f"cache (hybrid on Gemma 3), fast path"
-        f"{', torch.compile for batch 1' if args.compile and device.type == 'cpu' else ''}; "
-        f"time bound per row {min(limits_s, default=0):.0f}-{max(limits_s, default=0):.0f} s",
-        flush=True,
-    )
-    for note in dtype_notes:
-        print(f"  {note}", flush=True)
-    pool, rows, load = ModelPool(), [], LoadReading()
-    for plan, limit_s in zip(planned, limits_s, strict=True):
-        row, reading = measure_row(
-            plan.specs, pool, plan.repeats, plan.warmup, limit_s, plan.support, compile_one_row=args.compile
-        )
-        rows.append(row)
-        load = load.add(reading)
-        append_rows(csv_path, [{c: row[c] for c in columns}], columns)
-        s0 = plan.specs[0]
-        print(
-            f"  {s0.model} {row['dtype']} batch {s0.batch_size}: kvlib {fmt(row['kvlib_tpot_p50_ms'], '.2f')} ms, "
-            f"HF dynamic {fmt(row['hf_dynamic_tpot_p50_ms'], '.2f')} ms, HF static "
-            f"{fmt(row['hf_static_tpot_p50_ms'], '.2f')} ms in {row['row_s']:.0f} s "
-            f"(kvlib set-up {row['kvlib_setup_s']:.1f} s, not timed; matrix kernel {row['kvlib_kernel']}; "
-            f"other processes "
-            f"{reading.other_cores:.2f} cores{', BUSY' if reading.busy else ''}"
-            f"{'; TIME BOUND hit' if row['time_bound_hit'] else ''}"
-            f"{'; EMULATED ' + row['dtype'] if not plan.support.native else ''})",
-            flush=True,
-        )
-    print()
-    print(format_table(rows))
-    report, all_met = target_report(rows)
-    print(f"\ntargets ({'all met' if all_met else 'some MISSED'}):\n{report}")
-    gemma = gemma_report(rows)
-    if gemma:
-        print(f"Gemma 3, hybrid cache vs HF generate (rule: no slower than HF generate):\n{gemma}")
-    print("dtypes: " + "; ".join(dtype_notes))
-    print(f"\n{torch.get_num_threads()} torch threads; {load.text()}")
-    print(f"appended {len(rows)} rows to {csv_path}")
-    return 1 if args.strict and not all_met else 0

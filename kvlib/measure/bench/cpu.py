@@ -1,8 +1,8 @@
 """What this machine's CPU offers the bench: which dtypes it computes natively, and how many torch threads.
 
-The CPU's flags themselves are read by `kvlib.hardware.dtype_support`, the one check every command and the fast path
-use (/proc/cpuinfo: avx512_bf16 / amx_bf16 for bfloat16, avx512_fp16 / amx_fp16 for float16; oneDNN's own check
-where the flags can't be read). Here its answer becomes the bench's line per dtype, and --threads is bounded.
+The CPU's flags themselves are read by `kvlib.core.hardware.dtype_support`, the one check every command and the
+fast path use (/proc/cpuinfo: avx512_bf16 / amx_bf16 for bfloat16, avx512_fp16 / amx_fp16 for float16; oneDNN's
+own check where the flags can't be read). Here its answer becomes the bench's line per dtype, and --threads is bounded.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from kvlib import checks
-from kvlib.hardware import DtypeSupport, dtype_support
+from kvlib.core import checks
+from kvlib.core.hardware import DtypeSupport, dtype_support
 
 __all__ = ["MAX_THREADS", "DtypeSupport", "dtype_note", "dtype_support", "set_threads"]
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.errors import KvlibError
+from kvlib.core.config import PRESETS
+from kvlib.core.errors import KvlibError
 from kvlib.measure.bench.cpu import DtypeSupport, dtype_note, dtype_support
-from kvlib.measure.harness import RunSpec
-from kvlib.measure.run_cli import default_cache
-from kvlib.models.config import PRESETS
+from kvlib.measure.harness import RunSpec, default_cache
 
 ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
     ("kvlib", "kvlib", "static"),

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from kvlib.caches.base import make_cache
-from kvlib.errors import KvlibError
-from kvlib.hardware import DtypeSupport
+from kvlib.core.errors import KvlibError
+from kvlib.core.hardware import DtypeSupport
 from kvlib.measure.bench.plan import ENGINES
 from kvlib.measure.bench.table import COLUMNS, check_targets
 from kvlib.measure.harness import Measurement, ModelPool, RunSpec, measure_grid

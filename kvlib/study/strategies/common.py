@@ -12,9 +12,9 @@ import pandas as pd
 import torch
 
 import kvlib.caches  # noqa: F401  (registers the layouts, whatever way kvlib was imported)
-from kvlib import checks
 from kvlib.caches.base import KVCache, check_layout, make_cache
 from kvlib.caches.paged import PagedCache
+from kvlib.core import checks
 from kvlib.models.decode import Generation, check_inputs, decode_step, generate, prefill, prepare_positions
 from kvlib.models.decoders import Decoder
 

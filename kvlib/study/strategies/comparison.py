@@ -7,9 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from kvlib import checks
 from kvlib.caches.base import REFERENCE
-from kvlib.errors import KvlibError
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import generate
 from kvlib.models.decoders import Decoder
 from kvlib.models.prompts import prompts_for

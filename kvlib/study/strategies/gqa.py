@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from kvlib import checks
+from kvlib.core import checks
 from kvlib.models.loading import LoadedModel, load
 from kvlib.models.prompts import synthetic_prompts
 from kvlib.study.strategies.common import check_sizes, generate_fn, held_bytes, interleaved_runs, timing_summary

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from kvlib import checks
 from kvlib.caches.base import KVCache, layout_options, make_cache
 from kvlib.caches.paged import PagedCache
-from kvlib.errors import KvlibError
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import check_lengths, decode_step, prefill, prepare_positions
 from kvlib.models.decoders import Decoder
 from kvlib.models.prompts import left_padded_prompts, synthetic_prompts

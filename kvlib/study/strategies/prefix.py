@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kvlib.caches.prefix import generate_with_shared_prefix
+from kvlib.decoding.prefix import generate_with_shared_prefix
 from kvlib.models.decode import generate
 from kvlib.models.decoders import Decoder
 from kvlib.models.prompts import synthetic_prompts

@@ -8,9 +8,17 @@ from typing import Any
 import pandas as pd
 import torch
 
-from kvlib import checks
+from kvlib.core import checks
 from kvlib.models.decode import generate
 from kvlib.models.decoders import Decoder
+from kvlib.models.hf_quantized import (
+    HF_BACKENDS,
+    hf_backend_status,
+    hf_cache_bytes,
+    hf_greedy_loop,
+    hf_quantized_tokens,
+    make_hf_quantized_cache,
+)
 from kvlib.models.prompts import prompts_for
 from kvlib.study.strategies.common import (
     Variant,
@@ -24,14 +32,6 @@ from kvlib.study.strategies.common import (
     lossy_tokens,
     teacher_forced_logits,
     timing_summary,
-)
-from kvlib.study.strategies.hf_quantized import (
-    HF_BACKENDS,
-    hf_backend_status,
-    hf_cache_bytes,
-    hf_greedy_loop,
-    hf_quantized_tokens,
-    make_hf_quantized_cache,
 )
 
 
@@ -73,7 +73,7 @@ def quantized_error(
     and run), stored_tokens and quantized_tokens (per sequence at the end of the run: how many of the stored tokens
     were actually quantized; 0 when a full-precision tail held them all, and then the row measures full-precision
     storage, not quantization), ttft/tpot (kvlib: generate; HF: a greedy loop of forward calls, see
-    kvlib.study.strategies.hf_quantized), and the error columns. HF's integer backends keep their last
+    kvlib.models.hf_quantized), and the error columns. HF's integer backends keep their last
     `hf_residual_len` tokens at full precision (transformers' default is 128) and quantize per channel in groups.
     Prompts: passages of the novel with `tokenizer` (a pretrained model's), else synthetic ids.
     """
@@ -142,7 +142,7 @@ def _hf_quantized_rows(
     warmup: int,
     stored: int,
 ) -> list[dict]:
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import DynamicCache  # heavy: seconds to import
 
     labels = {(b, n): f"HF {b} int{n}, {residual_len}-token fp tail" if n else f"HF {b}" for b, n in backends}
     status = {key: hf_backend_status(hf_model, *key) for key in backends}

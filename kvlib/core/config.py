@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kvlib.errors import KvlibError
+from kvlib.core.errors import KvlibError
 
 ARCHITECTURES = ("gpt2", "llama", "gemma3")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names (config.layer_types)
@@ -65,7 +65,7 @@ class ModelConfig:
     hidden_act: str = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (Gemma's GeGLU)
 
     def __post_init__(self) -> None:
-        # (kvlib.checks imports this module, so its rules are spelled out here: bools are not sizes)
+        # (kvlib.core.checks imports this module, so its rules are spelled out here: bools are not sizes)
         if self.arch not in ARCHITECTURES:
             raise KvlibError(
                 f"config {self.name}: unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}"
@@ -338,7 +338,7 @@ def _int_if_whole(x: float) -> float | int:
 def hf_config_from(cfg: ModelConfig) -> Any:
     """The Hugging Face GPT2Config, LlamaConfig or Gemma3TextConfig with this config's shapes."""
     if cfg.arch == "gemma3":
-        from transformers import Gemma3TextConfig
+        from transformers import Gemma3TextConfig  # heavy: seconds to import
 
         layer_types = list(cfg.layer_types or ["full_attention"] * cfg.n_layer)
         return Gemma3TextConfig(
@@ -369,7 +369,7 @@ def hf_config_from(cfg: ModelConfig) -> Any:
             attn_implementation="sdpa",
         )
     if cfg.arch == "llama":
-        from transformers import LlamaConfig
+        from transformers import LlamaConfig  # heavy: seconds to import
 
         return LlamaConfig(
             vocab_size=cfg.vocab_size,
@@ -391,7 +391,7 @@ def hf_config_from(cfg: ModelConfig) -> Any:
             pad_token_id=None,
             attn_implementation="sdpa",
         )
-    from transformers import GPT2Config
+    from transformers import GPT2Config  # heavy: seconds to import
 
     if cfg.is_gqa:
         raise KvlibError(f"{cfg.name}: Hugging Face GPT-2 has no grouped-query attention (n_kv_head={cfg.n_kv_head})")

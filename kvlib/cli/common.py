@@ -1,31 +1,22 @@
-"""`python -m kvlib <command>`: one entry point; each command lives in its own module.
-
-A command module provides `add_parser(subparsers)`, which registers its arguments and sets `func`, the function
-that runs it and returns the exit code. User errors (KvlibError) become one line on stderr and exit 2.
-"""
+"""What every command shares: argparse types checked by kvlib.core.checks, the one-line parser, the model arguments,
+flags with both spellings, and warnings shown as one line each."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator
+from typing import Any
 
-from kvlib import checks
-from kvlib.errors import KvlibError
-from kvlib.models.config import PRESETS
-
-COMMAND_MODULES = (
-    "kvlib.measure.verify",
-    "kvlib.measure.run_cli",
-    "kvlib.measure.bench",
-    "kvlib.models.generate_cli",
-    "kvlib.measure.perplexity",
-    "kvlib.measure.passkey",
-)
+from kvlib.core import checks
+from kvlib.core.config import PRESETS
+from kvlib.core.errors import KvlibError
 
 
 def whole_arg(text: str, minimum: int, allowed: str) -> int:
-    """argparse type: a whole number >= minimum, checked by kvlib.checks.whole (argparse names the flag)."""
+    """argparse type: a whole number >= minimum, checked by kvlib.core.checks.whole (argparse names the flag)."""
     try:
         value = int(text)
     except ValueError:
@@ -73,26 +64,16 @@ def flag(p: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
     p.add_argument(*sorted(spellings), dest=name, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Warnings (RANDOM WEIGHTS, ...) as one `warning: ...` line on stderr, not Python's two-line format."""
+    shown = warnings.showwarning
 
-    parser = Parser(prog="python -m kvlib", description="A study of KV caching in transformer inference.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
-    return parser
+    def show(message: Any, *args: Any, **kwargs: Any) -> None:
+        print(f"warning: {message}", file=sys.stderr)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
+    warnings.showwarning = show
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse has printed its one-line error (or --help)
-        return int(e.code or 0)
-    try:
-        return args.func(args)
-    except KvlibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rows already written are kept", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        warnings.showwarning = shown

@@ -24,7 +24,7 @@ def make_hf_quantized_cache(
     hf_model: Any, backend: str, nbits: int | None = None, residual_len: int | None = None
 ) -> Any:
     """A transformers QuantizedCache; raises ImportError / ValueError when the backend cannot be built."""
-    from transformers.cache_utils import QuantizedCache
+    from transformers.cache_utils import QuantizedCache  # heavy: seconds to import
 
     options = {} if backend == "fp8" else {"nbits": nbits, "residual_length": residual_len}
     return QuantizedCache(

@@ -23,8 +23,10 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from kvlib.errors import KvlibError
-from kvlib.models.config import ModelConfig
+import torch
+
+from kvlib.core.config import ModelConfig
+from kvlib.core.errors import KvlibError
 
 SEED_MAX = 2**64 - 1  # torch's generators take seeds up to 2^64 - 1
 WHOLE_MAX = 2**63 - 1  # the largest size torch takes (int64); beyond it torch fails with a TypeError
@@ -38,8 +40,6 @@ def fail(name: str, value: Any, allowed: str, where: str = "") -> KvlibError:
 
 def torch_device(name: str, value: Any, where: str = "") -> Any:
     """A torch.device from a device or its name ("cpu", "cuda:0", ...)."""
-    import torch
-
     if isinstance(value, torch.device):
         return value
     try:
@@ -51,9 +51,9 @@ def torch_device(name: str, value: Any, where: str = "") -> Any:
 
 
 def config(name: str, value: Any, where: str = "") -> ModelConfig:
-    """A model configuration (kvlib.models.config.ModelConfig: a preset, LoadedModel.cfg, ...)."""
+    """A model configuration (kvlib.core.config.ModelConfig: a preset, LoadedModel.cfg, ...)."""
     if not isinstance(value, ModelConfig):
-        raise fail(name, value, "a kvlib.models.config.ModelConfig (a preset, or LoadedModel.cfg)", where)
+        raise fail(name, value, "a kvlib.core.config.ModelConfig (a preset, or LoadedModel.cfg)", where)
     return value
 
 

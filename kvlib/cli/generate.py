@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from kvlib.caches.base import CACHE_LAYOUTS
-from kvlib.errors import KvlibError
+from kvlib.cli.common import add_model_args, flag, one_line_warnings, positive_int
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import NAIVE, check_lengths, generate
 from kvlib.models.loading import LoadedModel, load
 
@@ -27,8 +28,6 @@ DEFAULT_PROMPT = "It is a truth universally acknowledged, that a single man in p
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kvlib.cli import add_model_args, flag, positive_int
-
     p = sub.add_parser("generate", help="greedy continuation of a prompt, with TTFT and per-token latency")
     add_model_args(p, model="smollm2-135m")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue [the novel's first sentence]")
@@ -90,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise KvlibError("the prompt is empty")
     if args.chat and args.weights == "random":
         raise KvlibError("--chat needs the model's tokenizer and chat template; random weights have neither")
-    from kvlib.measure.run_cli import _one_line_warnings
-
-    with _one_line_warnings():
+    with one_line_warnings():
         lm = load(args.model, args.weights, args.device, args.dtype, args.seed, with_hf=False)
     if args.chat and lm.tokenizer is None:
         raise KvlibError(f"{lm.cfg.name} has no tokenizer here ({lm.weights} weights), so no chat template")

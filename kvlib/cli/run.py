@@ -10,26 +10,29 @@ CSV is checked to be appendable, before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 
-from kvlib.errors import KvlibError
-from kvlib.measure.harness import ENGINES, RUN_COLUMNS, STEP_COLUMNS, Measurement, ModelPool, RunSpec, measure_grid
+from kvlib.cli.common import add_model_args, flag, non_negative_int, one_line_warnings, positive_int
+from kvlib.core.stats import Spread, caveat
+from kvlib.measure.harness import (
+    ENGINES,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    Measurement,
+    ModelPool,
+    RunSpec,
+    default_cache,
+    measure_grid,
+    resolve_cache,
+)
 from kvlib.measure.machine_load import LoadMonitor, LoadReading
 from kvlib.measure.results import append_rows, check_outputs
-from kvlib.stats import Spread, caveat
 
 CSV_COLUMNS = (*RUN_COLUMNS, "experiment")  # `experiment` is "run" for rows of the run command
 STEPS_CSV_COLUMNS = (*STEP_COLUMNS, "experiment")
-DEFAULT_CACHE = {"hf": "dynamic", "kvlib": "static"}  # what --use_cache 1 means for each engine
-# ... except kvlib on a model trained with sliding-window layers (Gemma 3): its own exact cache, "hybrid"
-HYBRID_CACHE = "hybrid"
-
 # The assignment's experiments: (name, what it asks, [(use_cache, batch_size, prompt_len), ...]); 128 new tokens.
 EXPERIMENTS: list[tuple[str, str, list[tuple[int, int, int]]]] = [
     ("exp1_cache", "KV cache on vs off (prompt 256, batch 1)", [(0, 1, 256), (1, 1, 256)]),
@@ -45,36 +48,7 @@ def zero_or_one(text: str) -> int:
     return int(text)
 
 
-def default_cache(engine: str, model: str | None = None) -> str:
-    """What --use_cache 1 means: HF's DynamicCache; kvlib's static cache, or on a model with sliding-window
-    layers (a preset or saved folder whose config has them: Gemma 3) kvlib's hybrid cache, which keeps only the
-    window there. A model that cannot be read here gets the plain default (its error comes from validation)."""
-    if engine == "kvlib" and model is not None:
-        from kvlib.study import model_config
-
-        try:
-            if model_config(model).is_hybrid:
-                return HYBRID_CACHE
-        except KvlibError:
-            pass
-    return DEFAULT_CACHE[engine]
-
-
-def resolve_cache(engine: str, use_cache: int | None, cache: str | None, model: str | None = None) -> str:
-    """The cache mode from --use_cache and --cache (and the model, for kvlib's default: `default_cache`); an error
-    when they contradict each other."""
-    if cache is None:
-        return "none" if use_cache == 0 else default_cache(engine, model)
-    if use_cache == 0 and cache != "none":
-        raise KvlibError(f"--use_cache 0 contradicts --cache {cache}")
-    if use_cache == 1 and cache == "none":
-        raise KvlibError("--use_cache 1 contradicts --cache none")
-    return cache
-
-
 def _common_args(p: argparse.ArgumentParser, engine_help: str) -> None:
-    from kvlib.cli import add_model_args, flag, non_negative_int, positive_int
-
     add_model_args(p)
     p.add_argument("--engine", choices=ENGINES, default="hf", help=engine_help)
     p.add_argument("--repeats", type=positive_int, default=3, help="measured repeats of each configuration [3]")
@@ -85,8 +59,6 @@ def _common_args(p: argparse.ArgumentParser, engine_help: str) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kvlib.cli import flag, positive_int
-
     p = sub.add_parser("run", help="measure one configuration (the assignment's run_model.py)")
     _common_args(p, "hf: transformers generate; kvlib: this project's decoder [hf]")
     flag(p, "use_cache", type=zero_or_one, default=None, help="1: with a KV cache, 0: without [1]")
@@ -104,21 +76,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("experiments", help="the assignment's three experiments, one row per repeat")
     _common_args(e, "[hf, as the assignment]")
     e.set_defaults(func=experiments)
-
-
-@contextlib.contextmanager
-def _one_line_warnings() -> Iterator[None]:
-    """Warnings (RANDOM WEIGHTS, ...) as one `warning: ...` line on stderr, not Python's two-line format."""
-    shown = warnings.showwarning
-
-    def show(message: Any, *args: Any, **kwargs: Any) -> None:
-        print(f"warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -182,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     )
     spec.validate()
     _check_outputs(args)
-    with _one_line_warnings(), LoadMonitor() as load:
+    with one_line_warnings(), LoadMonitor() as load:
         m = measure_grid(
             [spec], args.repeats, args.warmup, progress=True, roofline=not args.no_roofline, on_run=_writer(args, "run")
         )
@@ -229,7 +186,7 @@ def _ratio(a: float, b: float, better: str, worse: str) -> str:
 
 def _judged(rows: pd.DataFrame, column: str, better: str, worse: str, higher_is_better: bool) -> str:
     """The cached runs' median `column` against the uncached ones' ('3.10x faster'), worded as a difference only
-    when kvlib.stats' rule says the two sets of repeats are apart; else the ratio with why it may be noise."""
+    when kvlib.core.stats' rule says the two sets of repeats are apart; else the ratio with why it may be noise."""
     with_cache = Spread.of(rows.loc[rows["use_cache"] == 1, column])
     without = Spread.of(rows.loc[rows["use_cache"] == 0, column])
     a, b = (with_cache.median, without.median) if higher_is_better else (without.median, with_cache.median)
@@ -325,7 +282,7 @@ def experiments(args: argparse.Namespace) -> int:
     _check_outputs(args)
     pool = ModelPool()
     results: dict[str, pd.DataFrame] = {}
-    with _one_line_warnings(), LoadMonitor() as load:
+    with one_line_warnings(), LoadMonitor() as load:
         for n, (name, title, specs) in enumerate(plan, start=1):
             print(f"Experiment {n}/{len(plan)}: {title}, {EXPERIMENT_NEW_TOKENS} new tokens", flush=True)
             m = measure_grid(

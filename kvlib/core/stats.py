@@ -27,7 +27,7 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from kvlib import checks
+from kvlib.core import checks
 
 MIN_REPEATS = 3  # values per side below which no difference is claimed
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% interval

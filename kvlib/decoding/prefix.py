@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from kvlib import checks
 from kvlib.caches.paged import BlockPool, PagedCache
-from kvlib.errors import KvlibError
+from kvlib.core import checks
+from kvlib.core.errors import KvlibError
 from kvlib.models.decode import Clock, Generation, check_lengths, decode_loop, greedy
 from kvlib.models.decoders import Decoder
 
