@@ -21,6 +21,7 @@ lines, and the arrows between layers with how many imports each carries.
 from __future__ import annotations
 
 import ast
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -93,6 +94,21 @@ def test_no_function_local_import_of_kvlib_and_every_other_says_why():
     assert not hidden, (
         "function-local imports (kvlib ones move to the top; others say why in a comment):\n" + "\n".join(hidden)
     )
+
+
+ISSUE_NUMBER = re.compile(r"\b[Ii]ssues? #?\d+|\(#\d+\)")
+
+
+def test_no_issue_numbers_in_code_or_data():
+    """Code and data say what a rule is, not which ticket asked for it (the project's history is in git and docs/)."""
+    found = []
+    paths = [*kvlib_files(), *(ROOT / "kvlib" / "data").glob("*.yaml"), *(ROOT / "params").rglob("*.yaml")]
+    paths += sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for path in paths:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if ISSUE_NUMBER.search(line) and "SnapKV's repository" not in line:
+                found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)
 
 
 def test_the_layer_test_can_fail(tmp_path):

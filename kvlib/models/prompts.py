@@ -176,7 +176,7 @@ def prompt_source(tokenizer: Any | None) -> str:
 
 
 # ---- pass-key retrieval prompts ----------------------------------------------------------------------------------
-# The probe of Mohtashami & Jaggi 2023 ("Landmark Attention", the pass-key task) as issue 16 words it: an instruction
+# The probe of Mohtashami & Jaggi 2023 ("Landmark Attention", the pass-key task) in the form kvpress and LongLoRA use: an instruction
 # line, filler text, the key sentence hidden at a depth of the filler, and the question at the end.
 
 PASSKEY_INSTRUCTION = (

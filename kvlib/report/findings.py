@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvlib.caches.base import REFERENCE, evicts
-from kvlib.study import Spread, fmt
+from kvlib.study import Spread, fmt, published
 from kvlib.study.passkey import leader_text, metric_suffix, verdict
 from kvlib.study.quality import SINK_EFFECT
 
@@ -247,15 +247,14 @@ def paged_waste(out: Path) -> Finding | None:
         return None  # no mix of lengths: nothing to waste memory on
     w = waste[waste["spread"] == top].groupby("layout")["waste_pct"].median()
     static, paged = float(w["static"]), float(w["paged"])
-    vllm = static >= 60 and paged < 4
+    theirs = published.paged_waste()
+    lo, hi, below = theirs["contiguous_low_pct"], theirs["contiguous_high_pct"], theirs["paged_below_pct"]
+    vllm = static >= lo and paged < below
+    reported = f"vLLM's reported {lo}–{hi}% and under {below}%"
     return Finding(
         f"On a batch of mixed lengths, a contiguous cache left <b>{static:.0f}%</b> of its memory holding no token, "
         f"the paged cache <b>{paged:.1f}%</b> "
-        + (
-            "(in line with vLLM's reported 60–80% and under 4%)."
-            if vllm
-            else "(<b>unlike</b> vLLM's reported 60–80% and under 4%)."
-        ),
+        + (f"(in line with {reported})." if vllm else f"(<b>unlike</b> {reported})."),
         "07_cache_strategies",
         not vllm,
     )

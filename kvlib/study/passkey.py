@@ -38,58 +38,18 @@ from kvlib.measure.perplexity import fast_applies, perplexity, read_text, text_t
 from kvlib.models.attention import outputs_unused
 from kvlib.models.fastpath import prepare_for_inference
 from kvlib.models.prompts import PasskeyPrompts, WordTokenizer, passkey_keys, synthetic_prompts
-from kvlib.study import plotting
+from kvlib.study import plotting, published
 
 FULL = "full (static)"
-# The published figures the study compares with, as issue 16 states them; none is measured here. `model`: the
-# preset they belong beside (a figure shows only its own model's).
-THEIRS = pd.DataFrame(
-    [
-        # kvpress 0.5.5 (NVIDIA), SmolLM2-135M on CPU, 1024 tokens, question-agnostic (the context is compressed
-        # before the question), compression ratio 0.25 (a quarter of the context removed: 75% kept), 9 prompts.
-        ("smollm2-135m", "kvpress", "full cache", "question-after", 1.0, 7, 9),
-        ("smollm2-135m", "kvpress", "knorm", "question-after", 0.75, 6, 9),
-        ("smollm2-135m", "kvpress", "expected attention", "question-after", 0.75, 3, 9),
-        ("smollm2-135m", "kvpress", "streaming", "question-after", 0.75, 0, 9),
-        ("smollm2-135m", "kvpress", "snapkv", "question-after", 0.75, 0, 9),
-        # Issue 16's Hugging Face runs, full cache, 3 keys x 3 depths: Gemma 3 270M with a neutral filler
-        # (ours is the novel) at 2048 tokens (and 1024, 4096: 9/9 too).
-        ("gemma3-270m", "issue 16 (HF, neutral filler)", "full cache", NO_SETTING, 1.0, 9, 9),
-    ],
-    columns=["model", "source", "policy", "setting", "kept_fraction", "retrieved", "n"],
-)
-THEIRS_NOTES = {  # per model: what the grey crosses are, first; then what was published without a plotted figure
-    "smollm2-135m": (
-        "kvpress's question-agnostic results on SmolLM2 at 1024 tokens (compression ratio 0.25 = 75% kept; right "
-        "panel) and issue 16's perplexities at 4096 tokens (Hugging Face; left panel).",
-        "kvpress 0.5.5 (issue 16's run: SmolLM2-135M, 1024 tokens, 3 keys x 3 depths, question-agnostic): at "
-        "compression ratios 0.5 and 0.75 nearly every policy scored 0/9 (no exact counts given).",
-        "SnapKV (Li et al. 2024), on large models with the question inside its observation window: little loss at "
-        "strong compression (a claim without a number comparable here).",
-        "H2O (Zhang et al. 2023): issue 16 states no figure for it.",
-    ),
-    "gemma3-270m": (
-        "issue 16's Hugging Face full-cache run of Gemma 3 270M at 2048 tokens (right panel, at 100%).",
-        "Issue 16's Hugging Face runs of Gemma 3 270M (full cache, neutral filler): 9/9 at 1024, 2048 and 4096 "
-        "tokens; no published figure for Gemma 3 under eviction.",
-    ),
-}
-# Issue 16's perplexity of 4096 tokens of the novel with SmolLM2 (Hugging Face): full 17.2, window only 256 tokens
-# 35.7, 4 sinks + 252 recent 20.0 (a budget of 256 / 4096 = 6.25%).
-THEIRS_PPL = pd.DataFrame(
-    [("smollm2-135m", "issue 16 (HF, 4096 tokens)", "window only", 256 / 4096, 35.7 / 17.2 * 100 - 100),
-     ("smollm2-135m", "issue 16 (HF, 4096 tokens)", "streaming", 256 / 4096, 20.0 / 17.2 * 100 - 100)],
-    columns=["model", "source", "policy", "kept_fraction", "ppl_change_pct"],
-)  # fmt: skip
 
 
 def theirs_for(model: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
     """The published figures beside `model` (a preset name): (retrieval, perplexity, notes); empty for a model
     none was published for (the tiny test models among them)."""
     return (
-        THEIRS[THEIRS["model"] == model].reset_index(drop=True),
-        THEIRS_PPL[THEIRS_PPL["model"] == model].reset_index(drop=True),
-        THEIRS_NOTES.get(model, ()),
+        (theirs := published.passkey_retrieval())[theirs["model"] == model].reset_index(drop=True),
+        (ppl := published.passkey_perplexity())[ppl["model"] == model].reset_index(drop=True),
+        published.passkey_notes(model),
     )
 
 

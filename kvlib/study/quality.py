@@ -4,7 +4,8 @@ Every perplexity here comes from kvlib.measure.perplexity (the "fast" one-pass m
 teacher forcing through the cache itself by tests/test_perplexity.py; sliding window with re-computation batches its
 windows, proven equal to one pass per window). Decode latency is timed as notebook 7 times it
 (kvlib.study.strategies.common). Tidy frames: one row per variant.
-The papers' numbers are in REFERENCES, each with where it comes from; they are theirs, never ours.
+The papers' numbers are in REFERENCES and QUANT_REFERENCES (kvlib/data/published.yaml, each with where it comes
+from); they are theirs, never ours.
 """
 
 from __future__ import annotations
@@ -30,43 +31,15 @@ from kvlib.measure.perplexity import (
 from kvlib.models.decode import generate
 from kvlib.models.hf_quantized import hf_backend_status, hf_greedy_loop, make_hf_quantized_cache
 from kvlib.models.prompts import prompts_for
+from kvlib.study import published
 from kvlib.study.strategies.common import generate_fn, interleaved_runs, timing_summary
 
-# The published figures put beside ours (marked as theirs wherever shown).
-REFERENCES = pd.DataFrame(
-    [
-        {
-            "source": "StreamingLLM (Xiao et al. 2023), Llama-2-13B, 65K tokens of PG-19, cache 1024",
-            "variant": "window only (0 sinks)",
-            "sink": 0,
-            "perplexity": 5158.0,
-        },
-        {
-            "source": "StreamingLLM (Xiao et al. 2023), Llama-2-13B, 65K tokens of PG-19, cache 1024",
-            "variant": "4 sinks + 1020 recent",
-            "sink": 4,
-            "perplexity": 5.40,
-        },
-    ]
-)
+# The published figures put beside ours (marked as theirs wherever shown), from kvlib/data/published.yaml
+REFERENCES = published.streaming_llm()
 # StreamingLLM's effect counts as reproduced (in direction) when window only is at least this many times the
 # perplexity of the best sink count at the same budget (the notebook's sentence and the report's finding).
 SINK_EFFECT = 1.1
-# Quantization claims: (label, effective bits per stored element, perplexity change in %, how the number was had)
-QUANT_REFERENCES = pd.DataFrame(
-    [
-        {
-            "reference": "llama.cpp q8_0 K/V cache: about +0.005 perplexity (taken on a base of about 6: +0.08%)",
-            "bits_per_element": 8.5,
-            "ppl_change_pct": 0.08,
-        },
-        {
-            "reference": "KIVI / HF quantized-cache blog: int4 close to full precision (claim, placed at 0%)",
-            "bits_per_element": 4.5,
-            "ppl_change_pct": 0.0,
-        },
-    ]
-)
+QUANT_REFERENCES = published.quantization()  # (reference, effective bits per stored element, perplexity change %)
 
 
 def variant_label(cache: str, options: dict[str, Any]) -> str:
