@@ -176,8 +176,8 @@ def prompt_source(tokenizer: Any | None) -> str:
 
 
 # ---- pass-key retrieval prompts ----------------------------------------------------------------------------------
-# The probe of Mohtashami & Jaggi 2023 ("Landmark Attention", the pass-key task) in the form kvpress and LongLoRA use: an instruction
-# line, filler text, the key sentence hidden at a depth of the filler, and the question at the end.
+# The probe of Mohtashami & Jaggi 2023 ("Landmark Attention", the pass-key task) in the form kvpress and LongLoRA
+# use: an instruction line, filler text, the key sentence hidden at a depth of the filler, and the question at the end.
 
 PASSKEY_INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
