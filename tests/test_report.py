@@ -23,7 +23,21 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = pipeline.discover(ROOT / "notebooks")
-HEADLINE_COLUMNS = ["notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note"]
+HEADLINE_COLUMNS = [
+    "notebook",
+    "metric",
+    "label",
+    "value",
+    "unit",
+    "q25",
+    "q75",
+    "n",
+    "headline",
+    "note",
+    "layout",
+    "condition",
+    "baseline",
+]  # typed fields the findings read (never the label)
 EXPECTED_COLUMNS = {
     "01_work.csv": ["mode", "step", "position", "kv_projections", "attention_flops", "total_flops"],
     "01_model_tokens.csv": ["step", "naive token", "cached token"],

@@ -18,7 +18,21 @@ from kvlib.report import findings as fnd
 from kvlib.report import index, pipeline
 from kvlib.study import plotting
 
-HEAD = ["notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note"]
+HEAD = [
+    "notebook",
+    "metric",
+    "label",
+    "value",
+    "unit",
+    "q25",
+    "q75",
+    "n",
+    "headline",
+    "note",
+    "layout",
+    "condition",
+    "baseline",
+]
 
 
 def _headline(out: Path, prefix: str, rows: list[dict]) -> None:
@@ -26,14 +40,18 @@ def _headline(out: Path, prefix: str, rows: list[dict]) -> None:
     pd.DataFrame(rows, columns=HEAD).to_csv(out / "data" / f"{prefix}_headline.csv", index=False)
 
 
-def _row(nb: str, metric: str, value: float, q25: float, q75: float, n: int, label: str = "x", note: str = "") -> dict:
+def _row(
+    nb: str, metric: str, value: float, q25: float, q75: float, n: int, label: str = "x", note: str = "", **typed: str
+) -> dict:
     return dict(notebook=nb, metric=metric, label=label, value=value, unit="x", q25=q25, q75=q75, n=n,
-                headline=True, note=note)  # fmt: skip
+                headline=True, note=note, **typed)  # fmt: skip
 
 
 def _speedup(out: Path, value: float, q25: float, q75: float, n: int) -> list[fnd.Finding]:
-    label, note = "Speedup of cached (static) over naive decoding", "tiny float32 cpu; naive / cached"
-    _headline(out, "02", [_row("02_naive_vs_cached", "speedup", value, q25, q75, n, label, note)])
+    label, note = "Speedup of cached decoding (a label for readers)", "tiny float32 cpu; naive / cached"
+    row = _row("02_naive_vs_cached", "speedup", value, q25, q75, n, label, note, layout="static",
+               condition="tiny float32 cpu", baseline="none")  # fmt: skip
+    _headline(out, "02", [row])
     return fnd.findings(out, ["02_naive_vs_cached"])
 
 
@@ -56,6 +74,24 @@ def test_a_slower_cache_says_so(tmp_path):
 
 def test_a_comparison_on_one_repeat_is_left_out(tmp_path):
     assert _speedup(tmp_path, 6.8, 6.8, 6.8, 1) == []
+
+
+def test_findings_read_typed_fields_not_display_labels(tmp_path):
+    """Regression: the speedup finding recovered its cache from the label's parentheses (label.split("("))."""
+    (f,) = _speedup(tmp_path, 6.8, 4.2, 9.4, 3)
+    assert "static cache" in f.html and "tiny float32 cpu" in f.html and "a label for readers" not in f.html
+
+
+def test_a_missing_input_is_left_out_and_any_other_error_fails_the_index_with_one_line(tmp_path):
+    """Regression: a broad except turned a bug in a finding into a silently missing sentence."""
+    from kvlib.core.errors import KvlibError
+
+    assert fnd.findings(tmp_path, ["02_naive_vs_cached", "05_batch_sweep"]) == []  # nothing ran: nothing said
+    (tmp_path / "data").mkdir()
+    pd.DataFrame({"cache": ["static"] * 2, "batch_size": [1, 2]}).to_csv(tmp_path / "data" / "05_runs.csv", index=False)
+    with pytest.raises(KvlibError, match="finding batching of 05_batch_sweep: KeyError") as e:
+        fnd.findings(tmp_path, ["05_batch_sweep"])  # a file without its column: a bug or a damaged file, said
+    assert "\n" not in str(e.value)
 
 
 def test_batching_and_prompt_findings_use_the_spread_of_repeats(tmp_path):

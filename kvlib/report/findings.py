@@ -5,7 +5,10 @@ Every finding first checks that its data can carry it, by the study's one rule f
 comparison that rests on fewer than three repeats a side is left out (n too small); one whose intervals of measured
 values overlap is reported as no measurable difference; counts are compared by their 95% Wilson intervals; a lossy
 layout that quantized or evicted nothing is left out. When the data contradict the textbook, the sentence says so.
-A finding whose files are missing (a notebook not run, a profile without naive runs) is left out, never guessed.
+A finding whose input is missing (a notebook not run, a profile without naive runs, a headline row the run did not
+write) is left out, never guessed; any other error in a finding fails the index build with one line naming it, so
+a bug never passes for a missing sentence. Findings read typed fields of the headline rows (layout, condition,
+baseline), never parse a display label.
 
 Notebooks the module does not know (a new 09_...) contribute their headline rows (headline=True) as findings; so
 does a known one none of whose data files is there.
@@ -13,7 +16,6 @@ does a known one none of whose data files is there.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvlib.caches.base import REFERENCE, evicts
+from kvlib.core.errors import KvlibError
 from kvlib.study import Spread, fmt, published
 from kvlib.study.passkey import leader_text, metric_suffix, verdict
 from kvlib.study.quality import SINK_EFFECT
@@ -35,8 +38,27 @@ class Finding:
     contradicts: bool = False  # the data disagree with the textbook
 
 
+class MissingInput(Exception):
+    """An input a finding needs was not produced by this run: a data file, or a headline row."""
+
+
+def _read(out: Path, name: str, **kwargs: object) -> pd.DataFrame:
+    """A CSV of the report's data folder; MissingInput when the run did not write it."""
+    path = out / "data" / name
+    if not path.exists():
+        raise MissingInput(name)
+    return pd.read_csv(path, **kwargs)
+
+
 def _headline(out: Path, prefix: str) -> pd.DataFrame:
-    return pd.read_csv(out / "data" / f"{prefix}_headline.csv").set_index("metric")
+    return _read(out, f"{prefix}_headline.csv", keep_default_na=False, na_values=[""]).set_index("metric")
+
+
+def _metric(h: pd.DataFrame, metric: str) -> pd.Series:
+    """One headline row; MissingInput when the run wrote none of this name."""
+    if metric not in h.index:
+        raise MissingInput(metric)
+    return h.loc[metric]
 
 
 def _spread(row: pd.Series) -> Spread:
@@ -56,13 +78,12 @@ def _iqr(s: Spread, what: str = "paired repeats") -> str:
 
 def speedup(out: Path) -> Finding | None:
     """02: cached vs naive total time, paired by repeat."""
-    row = _headline(out, "02").loc["speedup"]
+    row = _metric(_headline(out, "02"), "speedup")
     s = _spread(row)
     beyond = s.excludes(1)
     if beyond is None:
         return None  # n too small (fewer than 3 paired repeats) to tell the difference from noise
-    cache = row["label"].split("(", 1)[1].split(")", 1)[0] if "(" in row["label"] else "cached"
-    cond = str(row["note"]).split(";", 1)[0]
+    cache, cond = row["layout"], row["condition"]
     if beyond and s.median > 1:
         return Finding(
             f"Decoding with the {cache} cache was <b>{_x(s.median)} faster</b> than naive decoding, which recomputes "
@@ -116,11 +137,11 @@ def hf_speedup(out: Path) -> Finding | None:
 def kv_per_token(out: Path) -> Finding | None:
     """04: bytes of cache per token, measured, against the formula."""
     h = _headline(out, "04")
-    row = h.loc["kv_mib_per_token"]
+    row = _metric(h, "kv_mib_per_token")
     kib = float(row["value"]) * 1024
-    measured = pd.read_csv(out / "data" / "04_cache_bytes.csv")
+    measured = _read(out, "04_cache_bytes.csv")
     exact = int((measured["held_bytes"] == measured["formula_bytes"]).sum())
-    what = row["label"].split("(", 1)[1].rstrip(")") if "(" in row["label"] else ""
+    what = row["condition"]
     agree = (
         f"exactly the formula 2 × layers × key/value heads × head size × bytes in all {len(measured)} configurations"
         if exact == len(measured)
@@ -139,8 +160,8 @@ def kv_per_token(out: Path) -> Finding | None:
 def hybrid_saving(out: Path) -> Finding | None:
     """04: what a model trained with sliding windows saves with the hybrid cache: measured bytes against the
     per-layer formula, and the computed share of a full cache at the longest length."""
-    measured = pd.read_csv(out / "data" / "04_hybrid_measured.csv")
-    computed = pd.read_csv(out / "data" / "04_hybrid_computed.csv")
+    measured = _read(out, "04_hybrid_measured.csv")
+    computed = _read(out, "04_hybrid_computed.csv")
     hyb = computed[computed["layout"] != REFERENCE].sort_values("tokens")  # the layout set against the full cache
     if hyb.empty:
         return None
@@ -163,7 +184,7 @@ def hybrid_saving(out: Path) -> Finding | None:
 
 def batching(out: Path) -> Finding | None:
     """05: decode throughput from the smallest to the largest batch, cached path."""
-    runs = pd.read_csv(out / "data" / "05_runs.csv")
+    runs = _read(out, "05_runs.csv")
     cached = runs[runs["cache"] != "none"]
     if cached.empty or cached["batch_size"].nunique() < 2:
         return None
@@ -207,10 +228,7 @@ def batching(out: Path) -> Finding | None:
 
 def prompt_advantage(out: Path) -> Finding | None:
     """06: naive / cached per-token latency at the shortest and the longest prompt, paired by repeat."""
-    path = out / "data" / "06_advantage.csv"
-    if not path.exists():
-        return None  # no naive runs in this profile
-    adv = pd.read_csv(path)
+    adv = _read(out, "06_advantage.csv")  # missing: no naive runs in this profile
     p0, p1 = int(adv["prompt_len"].min()), int(adv["prompt_len"].max())
     if p0 == p1:
         return None
@@ -241,11 +259,13 @@ def prompt_advantage(out: Path) -> Finding | None:
 
 def paged_waste(out: Path) -> Finding | None:
     """07: reserved but unused memory on the most mixed batch, contiguous vs paged (byte counts: deterministic)."""
-    waste = pd.read_csv(out / "data" / "07_paged_waste.csv")
+    waste = _read(out, "07_paged_waste.csv")
     top = float(waste["spread"].max())
     if top <= 0:
         return None  # no mix of lengths: nothing to waste memory on
     w = waste[waste["spread"] == top].groupby("layout")["waste_pct"].median()
+    if not {"static", "paged"} <= set(w.index):
+        return None  # the run compared other arms
     static, paged = float(w["static"]), float(w["paged"])
     theirs = published.paged_waste()
     lo, hi, below = theirs["contiguous_low_pct"], theirs["contiguous_high_pct"], theirs["paged_below_pct"]
@@ -262,7 +282,7 @@ def paged_waste(out: Path) -> Finding | None:
 
 def quantized(out: Path) -> Finding | None:
     """07: kvlib's int8 and int4 caches that quantized tokens: saving and token agreement."""
-    q = pd.read_csv(out / "data" / "07_quantized.csv")
+    q = _read(out, "07_quantized.csv")
     q = q[(q["status"] == "ok") & (q["engine"] == "kvlib") & (q["quantized_tokens"] > 0)]
     parts = []
     for bits in (8, 4):
@@ -283,7 +303,7 @@ def quantized(out: Path) -> Finding | None:
 
 def window(out: Path) -> Finding | None:
     """07: the sliding window once it evicted tokens."""
-    win = pd.read_csv(out / "data" / "07_window.csv")
+    win = _read(out, "07_window.csv")
     w = win[win["cache"].map(evicts) & ~win["fits"].astype(bool)]
     if w.empty:
         return None  # nothing evicted: the window was exact
@@ -310,9 +330,8 @@ def passkey_retrieval(out: Path) -> Finding | None:
     settings, against the full cache; whether perplexity's ranking of the policies predicted it. Left out for
     random weights (not a headline)."""
     h = _headline(out, "09")
-    acc_all = pd.read_csv(out / "data" / "09_accuracy.csv", keep_default_na=False)
-    ppl_all = pd.read_csv(out / "data" / "09_perplexity.csv")
-    # CSVs written before the model column raise KeyError here: `findings` then shows the page's headline rows.
+    acc_all = _read(out, "09_accuracy.csv", keep_default_na=False)
+    ppl_all = _read(out, "09_perplexity.csv")
     sentences = []
     for i, (model, acc) in enumerate(acc_all.groupby("model", sort=False)):
         metric = f"full_cache_retrieval{metric_suffix(i, model)}"
@@ -320,6 +339,8 @@ def passkey_retrieval(out: Path) -> Finding | None:
             continue  # random weights (or no tokenizer): this model's numbers are meaningless, no finding
         ppl = ppl_all[ppl_all["model"] == model]
         tokens = int(acc["tokens"].iloc[0])
+        if not (acc["setting"] == "no eviction").any():
+            continue  # no full-cache run of this model: nothing to compare with
         full = acc[acc["setting"] == "no eviction"].iloc[0]
         ev = acc[acc["setting"] != "no eviction"]
         b = ev["budget_fraction"].min()
@@ -351,7 +372,10 @@ def passkey_retrieval(out: Path) -> Finding | None:
 
 def _quality_meta(out: Path) -> dict | None:
     """08's facts about its run; None when its weights were random (every perplexity meaningless: no finding)."""
-    meta = json.loads((out / "data" / "08_meta.json").read_text())
+    path = out / "data" / "08_meta.json"
+    if not path.exists():
+        raise MissingInput(path.name)
+    meta = json.loads(path.read_text())
     return None if "random" in meta.get("weights", ["random"]) else meta
 
 
@@ -360,9 +384,11 @@ def sinks(out: Path) -> Finding | None:
     meta = _quality_meta(out)
     if meta is None:
         return None
-    s = pd.read_csv(out / "data" / "08_streaming.csv")
+    s = _read(out, "08_streaming.csv")
     full = float(s.loc[s["cache"] == REFERENCE, "perplexity"].iloc[0])
     win = s[s["cache"].map(evicts) & (s["positions"] != "cache")]
+    if win.empty:
+        return None  # no window in this run
     W = int(win["budget"].max())
     at = win[win["budget"] == W].set_index("sink")["perplexity"]
     if 0 not in at.index or len(at) < 2:
@@ -394,8 +420,10 @@ def quality_saving(out: Path) -> Finding | None:
     meta = _quality_meta(out)
     if meta is None:
         return None
-    q = pd.read_csv(out / "data" / "08_quantized.csv")
+    q = _read(out, "08_quantized.csv")
     lossy = q.iloc[1:]
+    if lossy.empty:
+        return None  # only the full-precision cache in this run
     ok = lossy[(lossy["ppl_change_pct"] <= 1.0) & (lossy["saving_pct"] > 0)]
     worst = lossy.sort_values("ppl_change_pct").iloc[-1]
     where = f"{meta.get('text', 'the text')}, {meta.get('quant_tokens', meta.get('tokens', '?'))} tokens"
@@ -425,15 +453,14 @@ KNOWN: dict[str, tuple[Callable[[Path], Finding | None], ...]] = {
     "08": (sinks, quality_saving),
     "09": (passkey_retrieval,),
 }
-_MISSING = (FileNotFoundError, KeyError, ValueError, IndexError, ZeroDivisionError, TypeError)
 
 
 def _generic(out: Path, notebook: str) -> list[Finding]:
     """A notebook the index does not know: its headline rows, as sentences."""
-    path = out / "data" / f"{notebook.split('_', 1)[0]}_headline.csv"
-    if not path.exists():
+    try:
+        rows = _headline(out, notebook.split("_", 1)[0]).reset_index()
+    except MissingInput:
         return []
-    rows = pd.read_csv(path)
     rows = rows[rows["headline"].astype(str).str.lower().isin(("true", "1"))]
     found = []
     for _, r in rows.iterrows():
@@ -443,24 +470,25 @@ def _generic(out: Path, notebook: str) -> list[Finding]:
 
 
 def findings(out: str | Path, notebooks: list[str]) -> list[Finding]:
-    """The findings of the report in `out`, in the notebooks' order; what the data cannot carry is left out."""
+    """The findings of the report in `out`, in the notebooks' order; what the run did not produce is left out.
+    Raises KvlibError (one line, naming the finding) for any other error in a finding."""
     out = Path(out)
     found: list[Finding] = []
     for nb in notebooks:
         prefix = nb.split("_", 1)[0]
         if prefix not in KNOWN:
-            with contextlib.suppress(*_MISSING):
-                found += _generic(out, nb)
+            found += _generic(out, nb)
             continue
         missing = 0
         for compute in KNOWN[prefix]:
             try:
                 f = compute(out)
-            except _MISSING:
+            except MissingInput:
                 f, missing = None, missing + 1
+            except Exception as e:  # a bug in a finding, or data it cannot read: never a silently missing sentence
+                raise KvlibError(f"finding {compute.__name__} of {nb}: {type(e).__name__}: {e}") from e
             if f is not None:
                 found.append(replace(f, notebook=nb))
         if missing == len(KNOWN[prefix]):  # none of its data files: its headline rows, as for an unknown notebook
-            with contextlib.suppress(*_MISSING):
-                found += _generic(out, nb)
+            found += _generic(out, nb)
     return found

@@ -284,8 +284,13 @@ class Outputs:
         spread: Spread | None = None,
         headline: bool = False,
         note: str = "",
+        layout: str = "",
+        condition: str = "",
+        baseline: str = "",
     ) -> None:
-        """One number for the report; `headline` puts it in the index's headline table."""
+        """One number for the report; `headline` puts it in the index's headline table. `label` and `note` are for
+        reading; the report's findings read the typed fields instead: `layout` (the cache layout measured),
+        `condition` (model, dtype, sizes: what the number holds for) and `baseline` (what it is compared with)."""
         self.headline_rows = [r for r in self.headline_rows if r["metric"] != metric]
         self.headline_rows.append(
             {
@@ -299,6 +304,9 @@ class Outputs:
                 "n": spread.n if spread else 1,
                 "headline": headline,
                 "note": note,
+                "layout": layout,
+                "condition": condition,
+                "baseline": baseline,
             }
         )
         self.save()
@@ -327,7 +335,8 @@ class Outputs:
         self.save()
 
     def save(self) -> None:
-        columns = ["notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note"]
+        columns = ["notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note", "layout",
+                   "condition", "baseline"]  # fmt: skip
         headline = pd.DataFrame(self.headline_rows, columns=columns)
         self._replace(self.data_dir / f"{self.prefix}_headline.csv", lambda tmp: headline.to_csv(tmp, index=False))
         meta = {"notebook": self.notebook, **self.meta, "figures": self.figures}
