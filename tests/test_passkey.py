@@ -14,6 +14,7 @@ import torch
 from kvlib.cli import main
 from kvlib.core.errors import KvlibError
 from kvlib.decoding.questions import answer
+from kvlib.decoding.replay import record_prefill, replayed_answer
 from kvlib.measure.passkey import CSV_COLUMNS, budget_options, retrieved, wilson
 from kvlib.models.loading import load
 from kvlib.models.prompts import (
@@ -23,7 +24,6 @@ from kvlib.models.prompts import (
     filler_sentences,
     passkey_keys,
 )
-from kvlib.study.passkey import record_prefill, replayed_answer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -353,7 +353,7 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
 
 def test_the_notebooks_grid_answers_as_the_command_does(decoder):
     llama = decoder
-    from kvlib.study.passkey import accuracy, retrieval_grid
+    from kvlib.measure.passkey import accuracy, retrieval_grid
 
     tok = WordTokenizer(llama.cfg.vocab_size)
     builder = PasskeyPrompts(tok, 96, "neutral")
@@ -375,7 +375,7 @@ def test_the_notebooks_grid_answers_as_the_command_does(decoder):
 
 
 def test_read_token_by_token_streaming_and_snapkv_keep_the_window_layouts_tokens(llama):
-    """What kvlib.study.passkey.perplexity_rows relies on to give them the one-pass method (SAME_AS_WINDOW)."""
+    """What kvlib.measure.passkey.perplexity_rows relies on to give them the one-pass method (KVCache.one_pass)."""
     from kvlib.measure.perplexity import perplexity
 
     ids = torch.randint(0, llama.cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(2))
@@ -393,8 +393,8 @@ def test_question_after_replay_on_gemma_cuts_its_per_call_masks(gemma):
     """Regression: replaying a recorded Gemma 3 prefill up to the end of the context (question-after) passed the
     whole prompt's masks to the attention of a shorter call (a size mismatch in scaled_dot_product_attention:
     2038 against 2048 on Gemma 3 270M). The masks are now cut with the positions."""
+    from kvlib.decoding.replay import replayed_answer
     from kvlib.models.gemma3 import Masks
-    from kvlib.study.passkey import replayed_answer
 
     m = Masks(40, 0, None, torch.device("cpu"), "tiny-gemma")
     cut = m.first(30)
@@ -416,8 +416,8 @@ def test_question_after_replay_on_gemma_cuts_its_per_call_masks(gemma):
 def test_replay_cuts_every_input_that_runs_along_the_positions():
     """The kind of the Gemma regression above: whatever a recorded call received along its n positions is cut to
     the replayed prefix, whatever carries it (a tensor along the sequence, a query x key mask, a masks object)."""
+    from kvlib.decoding.replay import _swap
     from kvlib.models.gemma3 import Masks
-    from kvlib.study.passkey import _swap
 
     old, new, n, upto = object(), object(), 12, 7
     x = torch.randn(2, n, 5)  # hidden states (B, n, C)
@@ -435,8 +435,8 @@ def test_replay_cuts_every_input_that_runs_along_the_positions():
 def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_layouts(gemma):
     """Regression: notebook 09's perplexity gave StreamingLLM and SnapKV the window layout's one-pass method, which a
     model with sliding layers of its own refuses (the smoke page with tiny-gemma stopped with a KvlibError)."""
+    from kvlib.measure.passkey import perplexity_rows
     from kvlib.measure.perplexity import perplexity
-    from kvlib.study.passkey import perplexity_rows
 
     ids = torch.randint(0, gemma.cfg.vocab_size, (1, 80), generator=torch.Generator().manual_seed(4))
     rows = perplexity_rows(gemma, ids, [("static", {}), ("streaming", {}), ("snapkv", {})], [0.5])
@@ -535,7 +535,7 @@ def test_a_replay_skips_every_attention_output_projection(decoder):
     """Within outputs_unused the attention modules return before their output projection (o_proj / c_proj):
     nothing of it reaches a replayed cache. The replay tests above prove the answers unchanged."""
     from kvlib.caches.base import make_cache
-    from kvlib.study.passkey import replay
+    from kvlib.decoding.replay import replay
 
     builder = PasskeyPrompts(WordTokenizer(decoder.cfg.vocab_size), 80, "novel")
     ids = torch.tensor([builder.prompt(0.5, k).ids for k in passkey_keys(2, 3)])

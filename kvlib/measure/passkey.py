@@ -22,12 +22,18 @@ evict (static, dynamic, paged, quantized) ignore the setting (one prefill; recor
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from kvlib.caches.base import evicts, layout_class
+import pandas as pd
+import torch
+
+from kvlib.caches.base import REFERENCE, evicts, layout_class, make_cache
 from kvlib.core import checks
 from kvlib.core.stats import wilson
-from kvlib.measure.perplexity import FLAG_OPTIONS, PROVENANCE
+from kvlib.decoding.questions import Answers, decode_answer
+from kvlib.decoding.replay import record_prefill, replayed_answer
+from kvlib.measure.perplexity import FLAG_OPTIONS, PROVENANCE, fast_applies, perplexity
 
 SETTINGS = ("question-after", "question-aware")
 NO_SETTING = "no eviction"  # layouts that do not evict: one prefill, the setting changes nothing
@@ -102,3 +108,157 @@ def accuracy_table(rows: list[dict[str, Any]], by: str = "depth") -> list[tuple[
         lo, hi = wilson(sum(hits), len(hits))
         table.append((g, sum(hits), len(hits), lo, hi))
     return table
+
+
+# ---- the grid: every policy and budget on the same prompts, one shared prefill ----------------------------------
+
+FULL = "full (static)"  # how rows and figures name the full (reference) cache
+
+
+def policy_label(cache: str, options: dict[str, Any] | None = None) -> str:
+    """How figures name a policy; the names keep the study's colours (kvlib.study.plotting): the full cache is the
+    reference layout's colour, a layout with sinks says how many."""
+    cls = layout_class(cache)
+    if not cls.evicts:
+        return FULL if cache == REFERENCE else f"full ({cache})"
+    sinks = cls.protected_sinks(options)
+    return f"{cache} ({sinks} sinks + window)" if sinks else cache
+
+
+@torch.inference_mode()
+def retrieval_grid(
+    model: Any,
+    tokenizer: Any,
+    builder: Any,
+    depths: list[float],
+    keys: list[int],
+    policies: list[tuple[str, dict[str, Any]]],
+    budget_fractions: list[float],
+    settings: list[str] = SETTINGS,
+    new_tokens: int = 8,
+    batch: int = 3,
+    progress: Any = None,
+) -> pd.DataFrame:
+    """One row per (depth, key, policy, budget, setting): the continuation and whether the key was retrieved.
+
+    `policies`: (layout, options without the budget); a layout that does not evict is a full-cache reference
+    (one row per prompt, setting "no eviction", budget = the prompt's length). Budgets are fractions of the prompt's
+    tokens. Prompts (of every depth and key: they all have the same length and question) go `batch` at a time;
+    each batch is prefilled once (`record_prefill`) and replayed into every layout, the static cache's own answers
+    decoded from the recording cache itself. time_s is the replay, question and decoding per prompt (the shared
+    prefill: prefill_s)."""
+    n_tokens = builder.n_tokens
+    rows = []
+    prompts = [builder.prompt(depth, k) for depth in depths for k in keys]
+    for b in range(0, len(prompts), batch):
+        chunk = prompts[b : b + batch]  # every prompt has n_tokens tokens and the same question: one batch
+        ids = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=next(model.parameters()).device)
+        rec = record_prefill(model, ids, new_tokens)
+        runs = []
+        for cache, opts in policies:
+            if not evicts(cache):
+                runs.append((cache, opts, 1.0, NO_SETTING))
+                continue
+            runs += [(cache, opts, f, s) for f in budget_fractions for s in settings]
+        for cache, opts, frac, setting in runs:
+            if evicts(cache):
+                options = budget_options(cache, dict(opts), max(1, round(frac * n_tokens)))
+                ans = replayed_answer(
+                    model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
+                )
+            elif cache == REFERENCE:  # the recording cache is the full cache: decode from it
+                options, t0 = dict(opts), time.perf_counter()
+                out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
+                ans = Answers(out, rec.cache.used_bytes(), time.perf_counter() - t0, rec.cache)
+            else:
+                options = dict(opts)
+                ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
+            budget = held_budget(cache, options)
+            for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
+                text = tokenizer.decode(t, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "depth": p.depth,
+                        "actual_depth": round(p.actual_depth, 4),
+                        "key": p.key,
+                        "cache": cache,
+                        "policy": policy_label(cache, options),
+                        "options": " ".join(f"{k}={v}" for k, v in options.items()),
+                        "budget": budget if budget is not None else n_tokens,
+                        "budget_fraction": frac,
+                        "setting": setting,
+                        "continuation": text,
+                        "retrieved": int(retrieved(text, p.key)),
+                        "kv_bytes_held": ans.kv_bytes_held // len(chunk),
+                        "time_s": ans.time_s / len(chunk),
+                        "prefill_s": rec.time_s / len(chunk),
+                    }
+                )
+        if progress is not None:
+            progress(f"prompts {b + 1}-{b + len(chunk)} of {len(prompts)}: prefilled once, {len(runs)} layouts")
+        del rec
+    return pd.DataFrame(rows)
+
+
+def accuracy(
+    grid: pd.DataFrame, by: tuple[str, ...] = ("policy", "cache", "budget_fraction", "setting")
+) -> pd.DataFrame:
+    """Retrieval accuracy per group with its 95% Wilson interval: retrieved, n, accuracy_pct, low_pct, high_pct."""
+    g = grid.groupby(list(by), sort=False, dropna=False)["retrieved"].agg(retrieved="sum", n="count").reset_index()
+    lo_hi = [wilson(int(k), int(n)) for k, n in zip(g["retrieved"], g["n"], strict=True)]
+    g["accuracy_pct"] = 100 * g["retrieved"] / g["n"]
+    g["low_pct"] = [100 * lo for lo, _ in lo_hi]
+    g["high_pct"] = [100 * hi for _, hi in lo_hi]
+    return g
+
+
+# ---- perplexity of the same policies -------------------------------------------------------------------------------
+
+
+def perplexity_rows(
+    model: Any, ids: torch.Tensor, policies: list[tuple[str, dict[str, Any]]], budget_fractions: list[float]
+) -> pd.DataFrame:
+    """Perplexity of `ids` (1, N) through the same policies at the same budget fractions of N, with
+    kvlib.measure.perplexity, every policy on the same text so that their changes compare.
+
+    Each policy goes through the one-pass method ("fast", proven equal to the token method) where it applies
+    (`kvlib.measure.perplexity.fast_applies`: the full cache on any model; on a Llama-architecture model every
+    layout with a one-pass pattern, KVCache.one_pass: the window, and StreamingLLM and SnapKV, which read token by
+    token keep the window layout's tokens, so SnapKV's perplexity is its decode rule's, not its prompt selection's),
+    else token by token through the layout itself (H2O, TOVA and K-norm, whose kept tokens depend on the attention
+    or the keys; every lossy layout on another architecture). Returns one row per (policy, budget fraction): method,
+    tokens, budget, perplexity, change against the full cache (%)."""
+    n = ids.shape[1]
+    full = perplexity(model, ids, REFERENCE, {}, "fast").perplexity  # an exact layout: one pass on any model
+    rows = [
+        {"policy": FULL, "cache": REFERENCE, "budget_fraction": 1.0, "method": "fast", "tokens": n, "budget": n,
+         "perplexity": full, "ppl_change_pct": 0.0},
+    ]  # fmt: skip
+    for cache, opts in policies:
+        if not evicts(cache):
+            continue
+        for frac in budget_fractions:
+            options = budget_options(cache, dict(opts), max(1, round(frac * n)))
+            method = "fast" if fast_applies(model.cfg, cache, options) else "token"
+            ppl = perplexity(model, ids, cache, options, method).perplexity
+            rows.append(
+                {"policy": policy_label(cache, options), "cache": cache, "budget_fraction": frac, "method": method,
+                 "tokens": n, "budget": held_budget(cache, options), "perplexity": ppl,
+                 "ppl_change_pct": 100 * (ppl / full - 1)}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def check_grid(
+    cfg: Any, policies: list[tuple[str, dict[str, Any]]], fractions: list[float], lengths: list[int]
+) -> None:
+    """Refuse, before any work, a policy and budget a layout cannot serve at one of the prompt `lengths`
+    (SnapKV's observation window above the budget, sinks filling it): the layout's own one-line KvlibError."""
+    for cache, opts in policies:
+        for n in lengths:
+            for frac in fractions if evicts(cache) else [1.0]:
+                options = budget_options(cache, dict(opts), max(1, round(frac * n))) if evicts(cache) else dict(opts)
+                try:
+                    make_cache(cache, cfg, 1, 2, "cpu", torch.float32, **options)
+                except Exception as e:
+                    raise type(e)(f"{e} (policy {cache}, budget {frac:g} of {n} tokens)") from None

@@ -264,8 +264,6 @@ def paged_waste(out: Path) -> Finding | None:
     if top <= 0:
         return None  # no mix of lengths: nothing to waste memory on
     w = waste[waste["spread"] == top].groupby("layout")["waste_pct"].median()
-    if not {"static", "paged"} <= set(w.index):
-        return None  # the run compared other arms
     static, paged = float(w["static"]), float(w["paged"])
     theirs = published.paged_waste()
     lo, hi, below = theirs["contiguous_low_pct"], theirs["contiguous_high_pct"], theirs["paged_below_pct"]

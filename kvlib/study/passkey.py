@@ -1,19 +1,7 @@
-"""Notebook 09's grid: pass-key retrieval under every eviction policy and budget, in both question settings, beside
-the perplexity of the same policies at the same budget, and the published figures (marked as theirs).
-
-Sharing the prefill. Every layout prefills a prompt attending to all of it (the layouts' contract: the prompt's own
-keys at full length, compression after), so the prefill's computation is the same for every layout and budget;
-only what the cache keeps differs. `record_prefill` therefore runs each batch of prompts once through a static
-cache, recording the inputs of every module that wrote to the cache (the attention modules), and `replay` calls
-those modules again, in order, with the same inputs and a fresh cache of another layout: the layout sees exactly
-the writes (and, for the policies that score by attention, exactly the attention) of a real prefill, at a fraction
-of its cost (no MLPs, no norms, no LM head, and no attention output: `outputs_unused`). For question-after, the
-replay stops at the end of the context (attention is causal, so the context's part of the prompt's prefill is the
-context's own prefill; everything a recorded call received along its positions is cut with them, `_swap`), and
-the question runs through the model as a second chunk. tests/test_passkey.py checks that replayed answers equal
-`kvlib.measure.passkey.answer`'s, token for token, with the same keys and values kept: bit for bit for a whole
-prompt; for question-after up to float rounding (the context's rows of a longer prefill sum in another order than
-the context's own prefill), so a near-tie between two tokens or two kept keys could, rarely, go the other way.
+"""Notebook 09's page: pass-key retrieval under every eviction policy and budget, in both question settings, beside
+the perplexity of the same policies at the same budget, and the published figures (marked as theirs): which policies
+a page runs, one model's part of it, the leaders, the verdict and the figure. The grid itself is measured by
+kvlib.measure.passkey, which shares one prefill across layouts (kvlib.decoding.replay).
 """
 
 from __future__ import annotations
@@ -23,24 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import torch
 from matplotlib.lines import Line2D
 
 from kvlib import study
-from kvlib.caches.base import REFERENCE, KVCache, evicting_layouts, evicts, layout_class, make_cache
+from kvlib.caches.base import evicting_layouts
 from kvlib.caches.eviction import policies as eviction_policies
 from kvlib.core import stats
 from kvlib.core.errors import KvlibError
-from kvlib.core.stats import wilson
-from kvlib.decoding.questions import Answers, decode_answer, model_dtype, question_chunk
-from kvlib.measure.passkey import NO_SETTING, SETTINGS, budget_options, held_budget, retrieved
-from kvlib.measure.perplexity import fast_applies, perplexity, read_text, text_token_ids
-from kvlib.models.attention import outputs_unused
-from kvlib.models.fastpath import prepare_for_inference
+from kvlib.measure.passkey import FULL, NO_SETTING, SETTINGS, accuracy, perplexity_rows, retrieval_grid
+from kvlib.measure.perplexity import read_text, text_token_ids
 from kvlib.models.prompts import PasskeyPrompts, WordTokenizer, passkey_keys, synthetic_prompts
 from kvlib.study import plotting, published
-
-FULL = "full (static)"
 
 
 def theirs_for(model: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
@@ -71,209 +52,6 @@ def policy_names(policies: str | list[str]) -> list[str]:
             f"choose from {', '.join(known)}"
         )
     return list(policies)
-
-
-def policy_label(cache: str, options: dict[str, Any] | None = None) -> str:
-    """How figures name a policy; the names keep the study's colours (kvlib.study.plotting): the full cache is the
-    reference layout's colour, a layout with sinks says how many."""
-    cls = layout_class(cache)
-    if not cls.evicts:
-        return FULL if cache == REFERENCE else f"full ({cache})"
-    sinks = cls.protected_sinks(options)
-    return f"{cache} ({sinks} sinks + window)" if sinks else cache
-
-
-# ---- one prefill, replayed into every layout -----------------------------------------------------------------------
-
-
-@dataclass
-class Recorded:
-    """One prefill of `ids` (B, N) through a static cache: each cache-writing module's inputs, in call order."""
-
-    ids: torch.Tensor  # (B, N)
-    calls: list[tuple[torch.nn.Module, tuple, dict]]
-    logits: torch.Tensor  # (B, V): the prefill's last-position logits (identical for every layout)
-    cache: KVCache  # the static cache it filled (room for N + new_tokens)
-    time_s: float
-
-
-def _innermost(calls: list[tuple[torch.nn.Module, tuple, dict]]) -> list[tuple[torch.nn.Module, tuple, dict]]:
-    """The calls of modules none of whose submodules also wrote to the cache (the attention modules, not the blocks
-    or the model around them)."""
-    mods = {id(m) for m, _, _ in calls}
-    return [c for c in calls if not any(id(s) in mods for s in c[0].modules() if s is not c[0])]
-
-
-@torch.inference_mode()
-def record_prefill(model: Any, ids: torch.Tensor, new_tokens: int) -> Recorded:
-    """Prefill `ids` (B, N) through a static cache, recording the inputs of every module called with the cache."""
-    B, N = ids.shape
-    prepare_for_inference(model, B)
-    t0 = time.perf_counter()
-    kv = make_cache(REFERENCE, model.cfg, B, N + new_tokens, ids.device, model_dtype(model))
-    calls: list[tuple[torch.nn.Module, tuple, dict]] = []
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if any(a is kv for a in (*args, *kwargs.values())):
-            calls.append((module, args, kwargs))
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
-    try:
-        positions = torch.arange(N, device=ids.device).expand(B, N)
-        logits = model(ids, positions, kv, 0)[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    return Recorded(ids, _innermost(calls), logits, kv, time.perf_counter() - t0)
-
-
-def _swap(value: Any, old: KVCache, new: KVCache, n: int, upto: int) -> Any:
-    """A recorded input for the replay, for the first `upto` of its n positions: the cache swapped; everything
-    that runs along the positions cut with them: a tensor along the sequence (dim 1 of length n), an attention
-    mask over queries x keys (B or 1, 1, n, n), a model's per-call masks (Gemma 3's `Masks`, cut by `first`)."""
-    if value is old:
-        return new
-    if upto >= n:
-        return value
-    if hasattr(value, "first") and getattr(value, "T", None) == n:
-        return value.first(upto)
-    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] == 1 and value.shape[-2:] == (n, n):
-        return value[..., :upto, :upto]
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n:
-        return value[:, :upto]
-    return value
-
-
-@torch.inference_mode()
-def replay(rec: Recorded, cache: KVCache, upto: int | None = None) -> None:
-    """Write the recorded prefill of the first `upto` positions (all: None) into `cache`, as a real prefill would.
-
-    A layout that scores by attention (`needs_attention`) gets the attention modules called again with their
-    recorded inputs, so that `attend` hands it the same attention weights; any other layout only ever sees
-    `update` during a prefill, so it is given the keys and values the static cache received, layer by layer."""
-    n = rec.ids.shape[1]
-    upto = n if upto is None else upto
-    if not cache.needs_attention:
-        for layer in range(rec.cache.cfg.n_layer):
-            k, v = rec.cache.layer_kv(layer)  # (B, nkv, >= n, hd): what the prefill wrote
-            cache.update(layer, k[:, :, :upto], v[:, :, :upto], 0)
-        return
-    with outputs_unused():  # only the cache's writes and observations count: no attention output is computed
-        for module, args, kwargs in rec.calls:
-            module(
-                *(_swap(a, rec.cache, cache, n, upto) for a in args),
-                **{k: _swap(v, rec.cache, cache, n, upto) for k, v in kwargs.items()},
-            )
-
-
-@torch.inference_mode()
-def replayed_answer(
-    model: Any, rec: Recorded, context_len: int, cache: str, options: dict[str, Any], question_aware: bool,
-    new_tokens: int,
-) -> Answers:  # fmt: skip
-    """The greedy continuations of the recorded prompts through a fresh cache of the named layout:
-    `kvlib.measure.passkey.answer` without running the prefill again (its time excludes the prefill)."""
-    B, N = rec.ids.shape
-    t0 = time.perf_counter()
-    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, model_dtype(model), **options)
-    if question_aware or not evicts(cache):
-        replay(rec, kv)
-        logits = rec.logits
-    else:
-        replay(rec, kv, context_len)
-        logits = question_chunk(model, kv, rec.ids, context_len)
-    out = decode_answer(model, kv, logits, N, new_tokens)
-    return Answers(out, kv.used_bytes(), time.perf_counter() - t0, kv)
-
-
-# ---- the grid ------------------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def retrieval_grid(
-    model: Any,
-    tokenizer: Any,
-    builder: Any,
-    depths: list[float],
-    keys: list[int],
-    policies: list[tuple[str, dict[str, Any]]],
-    budget_fractions: list[float],
-    settings: list[str] = SETTINGS,
-    new_tokens: int = 8,
-    batch: int = 3,
-    progress: Any = None,
-) -> pd.DataFrame:
-    """One row per (depth, key, policy, budget, setting): the continuation and whether the key was retrieved.
-
-    `policies`: (layout, options without the budget); a layout that does not evict is a full-cache reference
-    (one row per prompt, setting "no eviction", budget = the prompt's length). Budgets are fractions of the prompt's
-    tokens. Prompts (of every depth and key: they all have the same length and question) go `batch` at a time;
-    each batch is prefilled once (`record_prefill`) and replayed into every layout, the static cache's own answers
-    decoded from the recording cache itself. time_s is the replay, question and decoding per prompt (the shared
-    prefill: prefill_s)."""
-    n_tokens = builder.n_tokens
-    rows = []
-    prompts = [builder.prompt(depth, k) for depth in depths for k in keys]
-    for b in range(0, len(prompts), batch):
-        chunk = prompts[b : b + batch]  # every prompt has n_tokens tokens and the same question: one batch
-        ids = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=next(model.parameters()).device)
-        rec = record_prefill(model, ids, new_tokens)
-        runs = []
-        for cache, opts in policies:
-            if not evicts(cache):
-                runs.append((cache, opts, 1.0, NO_SETTING))
-                continue
-            runs += [(cache, opts, f, s) for f in budget_fractions for s in settings]
-        for cache, opts, frac, setting in runs:
-            if evicts(cache):
-                options = budget_options(cache, dict(opts), max(1, round(frac * n_tokens)))
-                ans = replayed_answer(
-                    model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
-                )
-            elif cache == REFERENCE:  # the recording cache is the full cache: decode from it
-                options, t0 = dict(opts), time.perf_counter()
-                out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
-                ans = Answers(out, rec.cache.used_bytes(), time.perf_counter() - t0, rec.cache)
-            else:
-                options = dict(opts)
-                ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
-            budget = held_budget(cache, options)
-            for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
-                text = tokenizer.decode(t, skip_special_tokens=True)
-                rows.append(
-                    {
-                        "depth": p.depth,
-                        "actual_depth": round(p.actual_depth, 4),
-                        "key": p.key,
-                        "cache": cache,
-                        "policy": policy_label(cache, options),
-                        "options": " ".join(f"{k}={v}" for k, v in options.items()),
-                        "budget": budget if budget is not None else n_tokens,
-                        "budget_fraction": frac,
-                        "setting": setting,
-                        "continuation": text,
-                        "retrieved": int(retrieved(text, p.key)),
-                        "kv_bytes_held": ans.kv_bytes_held // len(chunk),
-                        "time_s": ans.time_s / len(chunk),
-                        "prefill_s": rec.time_s / len(chunk),
-                    }
-                )
-        if progress is not None:
-            progress(f"prompts {b + 1}-{b + len(chunk)} of {len(prompts)}: prefilled once, {len(runs)} layouts")
-        del rec
-    return pd.DataFrame(rows)
-
-
-def accuracy(
-    grid: pd.DataFrame, by: tuple[str, ...] = ("policy", "cache", "budget_fraction", "setting")
-) -> pd.DataFrame:
-    """Retrieval accuracy per group with its 95% Wilson interval: retrieved, n, accuracy_pct, low_pct, high_pct."""
-    g = grid.groupby(list(by), sort=False, dropna=False)["retrieved"].agg(retrieved="sum", n="count").reset_index()
-    lo_hi = [wilson(int(k), int(n)) for k, n in zip(g["retrieved"], g["n"], strict=True)]
-    g["accuracy_pct"] = 100 * g["retrieved"] / g["n"]
-    g["low_pct"] = [100 * lo for lo, _ in lo_hi]
-    g["high_pct"] = [100 * hi for _, hi in lo_hi]
-    return g
 
 
 # ---- one model's part of the page ---------------------------------------------------------------------------------
@@ -387,58 +165,6 @@ def measure_model(
         cfg.name, tokens, keys, meaningful, tagged(grid), tagged(accuracy(grid)), tagged(by_depth), tagged(ppl),
         text_name, grid_s, ppl_s,
     )  # fmt: skip
-
-
-# ---- perplexity of the same policies -------------------------------------------------------------------------------
-
-
-def perplexity_rows(
-    model: Any, ids: torch.Tensor, policies: list[tuple[str, dict[str, Any]]], budget_fractions: list[float]
-) -> pd.DataFrame:
-    """Perplexity of `ids` (1, N) through the same policies at the same budget fractions of N, with
-    kvlib.measure.perplexity, every policy on the same text so that their changes compare.
-
-    Each policy goes through the one-pass method ("fast", proven equal to the token method) where it applies
-    (`kvlib.measure.perplexity.fast_applies`: the full cache on any model; on a Llama-architecture model every
-    layout with a one-pass pattern, KVCache.one_pass: the window, and StreamingLLM and SnapKV, which read token by
-    token keep the window layout's tokens, so SnapKV's perplexity is its decode rule's, not its prompt selection's),
-    else token by token through the layout itself (H2O, TOVA and K-norm, whose kept tokens depend on the attention
-    or the keys; every lossy layout on another architecture). Returns one row per (policy, budget fraction): method,
-    tokens, budget, perplexity, change against the full cache (%)."""
-    n = ids.shape[1]
-    full = perplexity(model, ids, REFERENCE, {}, "fast").perplexity  # an exact layout: one pass on any model
-    rows = [
-        {"policy": FULL, "cache": REFERENCE, "budget_fraction": 1.0, "method": "fast", "tokens": n, "budget": n,
-         "perplexity": full, "ppl_change_pct": 0.0},
-    ]  # fmt: skip
-    for cache, opts in policies:
-        if not evicts(cache):
-            continue
-        for frac in budget_fractions:
-            options = budget_options(cache, dict(opts), max(1, round(frac * n)))
-            method = "fast" if fast_applies(model.cfg, cache, options) else "token"
-            ppl = perplexity(model, ids, cache, options, method).perplexity
-            rows.append(
-                {"policy": policy_label(cache, options), "cache": cache, "budget_fraction": frac, "method": method,
-                 "tokens": n, "budget": held_budget(cache, options), "perplexity": ppl,
-                 "ppl_change_pct": 100 * (ppl / full - 1)}
-            )  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def check_grid(
-    cfg: Any, policies: list[tuple[str, dict[str, Any]]], fractions: list[float], lengths: list[int]
-) -> None:
-    """Refuse, before any work, a policy and budget a layout cannot serve at one of the prompt `lengths`
-    (SnapKV's observation window above the budget, sinks filling it): the layout's own one-line KvlibError."""
-    for cache, opts in policies:
-        for n in lengths:
-            for frac in fractions if evicts(cache) else [1.0]:
-                options = budget_options(cache, dict(opts), max(1, round(frac * n))) if evicts(cache) else dict(opts)
-                try:
-                    make_cache(cache, cfg, 1, 2, "cpu", torch.float32, **options)
-                except Exception as e:
-                    raise type(e)(f"{e} (policy {cache}, budget {frac:g} of {n} tokens)") from None
 
 
 # ---- what the figure and the sentence say ------------------------------------------------------------------------
