@@ -11,6 +11,9 @@ the next free slot, or past the capacity, raises instead of silently attending t
 Layouts register themselves by name, so callers (decoding, the harness, the notebooks) choose one with a string.
 Each layout also says what it holds: `used_bytes()` on a cache, and `used_bytes_after(cfg, n_tokens, ...)`, the same
 rule without a cache; callers ask, they never work bytes out from a layout's name.
+
+One concept in one file (over 400 lines): the KVCache interface, the facts a layout declares, the registry, and the
+two basic layouts.
 """
 
 from __future__ import annotations

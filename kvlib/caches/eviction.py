@@ -31,6 +31,8 @@ Also:
   kvlib.decoding.questions (`prefill_then`, `answer_greedily`).
 
 Shapes: B batch, nkv key-value heads, n kept tokens, T new tokens of a write, S = n + T keys attended, hd head_dim.
+
+One concept in one file (over 400 lines): eviction under a token budget, its one mechanism and its policies.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ head_dim, vocabulary, context length.
   `intermediate_size`, no biases, grouped-query attention, tied or untied embeddings: the shape of current
   decoders. `smollm2-135m` is SmolLM2-135M-Instruct (its pretrained weights come from a GGUF file installed as a
   Python package, `kvlib.models.loading`); `tiny-llama` is for tests.
+
+One concept in one file (over 400 lines): a model's architecture, its presets and its conversions to and from
+Hugging Face's configs.
 """
 
 from __future__ import annotations

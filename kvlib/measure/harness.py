@@ -25,6 +25,9 @@ Definitions (per run, one row of `Measurement.runs`):
     mbu                 decode_step_bytes / (tpot_p50_s x measured bandwidth), kvlib.measure.roofline
 `Measurement.steps` has one row per decode step: position = tokens already in the sequence (prompt_len + step),
 whose keys the step attends to along with its own, and latency_s.
+
+One concept in one file (over 400 lines): the measurement harness (a run's specification, its timed repeats, its
+rows).
 """
 
 from __future__ import annotations

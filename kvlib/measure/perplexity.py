@@ -26,6 +26,8 @@ window with the window alone as its context, so a window's first token sees only
 a fresh sink), and each window needs its own forward pass.
 
 Hugging Face's QuantizedCache ("hf-quantized", backend quanto by default) runs token by token through HF's model.
+
+One concept in one file (over 400 lines): perplexity through a cache, by its three methods, proven equal by tests.
 """
 
 from __future__ import annotations

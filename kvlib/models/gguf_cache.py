@@ -34,6 +34,9 @@ Gemma 3 270M (preset gemma3-270m) comes as five packages, `gemma3-270m-q4-k-m-gg
 assembles it once into `$KVLIB_CACHE/gguf/gemma-3-270m-q4_k_m.gguf`, checks that sha256 itself on every load
 (0.3-0.4 s; a damaged copy is assembled again), and converts it like SmolLM2's (folder keyed by the sha256).
 Gemma's terms of use apply to these weights (the package ships them: data/GEMMA_TERMS.html).
+
+One concept in one file (over 400 lines): converting a GGUF file once into cached weights that are checked on every
+load.
 """
 
 from __future__ import annotations

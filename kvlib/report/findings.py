@@ -12,6 +12,8 @@ baseline), never parse a display label.
 
 Notebooks the module does not know (a new 09_...) contribute their headline rows (headline=True) as findings; so
 does a known one none of whose data files is there.
+
+One concept in one file (over 400 lines): the report's findings, one function per sentence.
 """
 
 from __future__ import annotations

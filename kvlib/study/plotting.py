@@ -9,6 +9,8 @@
 - `tidy`, called by kvlib.study.Outputs.figure before a figure is saved, puts legends outside the data (one for
   the figure when the panels agree), gives a y axis whose values span decades a log scale, and wraps a title or
   label longer than its axis, so that no text runs into another.
+
+One concept in one file (over 400 lines): how every figure of the study looks (colours, order, axes, legends).
 """
 
 from __future__ import annotations
