@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from kvlib.caches.base import layout_options
 from kvlib.core import checks
 from kvlib.core.config import PRESETS
 from kvlib.core.errors import KvlibError
@@ -77,3 +78,9 @@ def one_line_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = shown
+
+
+def default_of(layout: str, option: str) -> str:
+    """ "[value]": a layout option's default as the help texts show it, read from the layout (its constructor is the one
+    place a default is written)."""
+    return f"[{layout_options(layout)[option]}]"

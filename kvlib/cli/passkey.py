@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from kvlib.caches.base import CACHE_LAYOUTS, make_cache
-from kvlib.cli.common import add_model_args, flag, non_negative_int, positive_int
+from kvlib.cli.common import add_model_args, default_of, flag, non_negative_int, positive_int
 from kvlib.core.config import PRESETS, get_preset
 from kvlib.core.errors import KvlibError
 from kvlib.decoding.questions import NEW_TOKENS, answer
@@ -58,17 +58,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     setting.add_argument("--question-after", dest="question_aware", action="store_false", help="[default]")
     setting.add_argument("--question-aware", dest="question_aware", action="store_true")
     p.set_defaults(question_aware=False)  # (store_false alone would default to True)
-    p.add_argument("--sink", type=non_negative_int, default=None, help="window / streaming: sink tokens [4]")
+    p.add_argument(
+        "--sink",
+        type=non_negative_int,
+        default=None,
+        help=f"window / streaming: sink tokens {default_of('window', 'sink')}",
+    )
     p.add_argument("--window", type=positive_int, default=None, help="window: recent tokens kept (or --budget)")
     p.add_argument("--bits", type=positive_int, default=None, help="quantized: 8, 4 or 2")
     p.add_argument("--group", type=non_negative_int, default=None, help="quantized: channels per scale")
     p.add_argument("--residual", type=non_negative_int, default=None, help="quantized: full-precision tail tokens")
-    flag(p, "key_axis", default=None, help="quantized: token or channel (KIVI) [token]")
-    p.add_argument("--positions", default=None, help="window: original or cache (StreamingLLM's) [original]")
+    flag(p, "key_axis", default=None, help=f"quantized: token or channel (KIVI) {default_of('quantized', 'key_axis')}")
+    p.add_argument(
+        "--positions",
+        default=None,
+        help=f"window: original or cache (StreamingLLM's) {default_of('window', 'positions')}",
+    )
     p.add_argument("--recent", type=non_negative_int, default=None, help="h2o: recent tokens kept [budget / 2]")
-    p.add_argument("--observation", type=positive_int, default=None, help="snapkv: observation window [32]")
-    p.add_argument("--kernel", type=positive_int, default=None, help="snapkv: pooling kernel, odd [5]")
-    p.add_argument("--pooling", default=None, help="snapkv: avg or max [avg]")
+    p.add_argument(
+        "--observation",
+        type=positive_int,
+        default=None,
+        help=f"snapkv: observation window {default_of('snapkv', 'observation')}",
+    )
+    p.add_argument(
+        "--kernel",
+        type=positive_int,
+        default=None,
+        help=f"snapkv: pooling kernel, odd {default_of('snapkv', 'kernel')}",
+    )
+    p.add_argument("--pooling", default=None, help=f"snapkv: avg or max {default_of('snapkv', 'pooling')}")
     flag(p, "new_tokens", type=positive_int, default=NEW_TOKENS, help=f"greedy tokens per answer [{NEW_TOKENS}]")
     flag(p, "batch", type=positive_int, default=1, help="prompts per forward pass (same depth) [1]")
     p.add_argument("--csv", default=None, help="append one row per (depth, key) with provenance to this CSV [none]")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kvlib.caches.base import CACHE_LAYOUTS, make_cache
-from kvlib.cli.common import add_model_args, flag, non_negative_int, positive_int
+from kvlib.cli.common import add_model_args, default_of, flag, non_negative_int, positive_int
 from kvlib.core.config import PRESETS, get_preset
 from kvlib.core.errors import KvlibError
 from kvlib.measure.perplexity import (
@@ -48,13 +48,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"none, any layout ({', '.join(CACHE_LAYOUTS)}), {RECOMPUTE} or {HF_QUANTIZED} [static]",
     )
     p.add_argument("--method", choices=METHODS, default="token", help="token by token, or one masked pass [token]")
-    p.add_argument("--sink", type=non_negative_int, default=None, help="window: sink tokens kept [4]")
-    p.add_argument("--window", type=positive_int, default=None, help="window, recompute: recent tokens kept [64]")
-    p.add_argument("--positions", default=None, help="window: original or cache (StreamingLLM's) [original]")
+    p.add_argument(
+        "--sink", type=non_negative_int, default=None, help=f"window: sink tokens kept {default_of('window', 'sink')}"
+    )
+    p.add_argument(
+        "--window",
+        type=positive_int,
+        default=None,
+        help=f"window, recompute: recent tokens kept {default_of('window', 'window')}",
+    )
+    p.add_argument(
+        "--positions",
+        default=None,
+        help=f"window: original or cache (StreamingLLM's) {default_of('window', 'positions')}",
+    )
     p.add_argument("--bits", type=positive_int, default=None, help="quantized: 8, 4 or 2; hf-quantized: 4 or 2")
     p.add_argument("--group", type=non_negative_int, default=None, help="quantized: channels per scale [head_dim]")
     p.add_argument("--residual", type=non_negative_int, default=None, help="quantized: full-precision tail tokens")
-    flag(p, "key_axis", default=None, help="quantized: token or channel (KIVI) [token]")
+    flag(p, "key_axis", default=None, help=f"quantized: token or channel (KIVI) {default_of('quantized', 'key_axis')}")
     p.add_argument("--backend", default=None, help="hf-quantized: quanto, hqq or fp8 [quanto]")
     p.add_argument("--csv", default=None, help="append one row with provenance to this CSV [none]")
     p.set_defaults(func=run)
