@@ -64,7 +64,7 @@ def label(ax: Any, title: str, x: str, y: str) -> None:
 # A name is matched by what it says ("kvlib static cache", "static", "hf static cache" are the static layout; "paged
 # (block 16)" is the paged one); kvlib's paths take the full colour, Hugging Face's the light shade of the same
 # layout. Listed in the order figures show them: the baseline first, then the exact layouts, the lossy ones last.
-_STYLES: tuple[tuple[str, str, str], ...] = (
+_STYLES: tuple[tuple[str, str | None, str], ...] = (  # colour None: the layout's own (KVCache.colour)
     # (key, colour, what it is)
     ("naive", "#4d4d4d", "no cache: every step recomputes the whole sequence"),
     ("hf naive", "#a6a6a6", "Hugging Face generate, use_cache=False"),
