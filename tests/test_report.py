@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kvlib import study
 from kvlib.measure.harness import RUN_COLUMNS, STEP_COLUMNS
 from kvlib.report import pipeline
 
@@ -23,21 +24,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = pipeline.discover(ROOT / "notebooks")
-HEADLINE_COLUMNS = [
-    "notebook",
-    "metric",
-    "label",
-    "value",
-    "unit",
-    "q25",
-    "q75",
-    "n",
-    "headline",
-    "note",
-    "layout",
-    "condition",
-    "baseline",
-]  # typed fields the findings read (never the label)
+HEADLINE_COLUMNS = list(study.HEADLINE_COLUMNS)
 EXPECTED_COLUMNS = {
     "01_work.csv": ["mode", "step", "position", "kv_projections", "attention_flops", "total_flops"],
     "01_model_tokens.csv": ["step", "naive token", "cached token"],

@@ -14,25 +14,12 @@ import pytest
 
 matplotlib.use("Agg")
 
+from kvlib import study
 from kvlib.report import findings as fnd
 from kvlib.report import index, pipeline
 from kvlib.study import plotting
 
-HEAD = [
-    "notebook",
-    "metric",
-    "label",
-    "value",
-    "unit",
-    "q25",
-    "q75",
-    "n",
-    "headline",
-    "note",
-    "layout",
-    "condition",
-    "baseline",
-]
+HEAD = list(study.HEADLINE_COLUMNS)
 
 
 def _headline(out: Path, prefix: str, rows: list[dict]) -> None:

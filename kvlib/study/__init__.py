@@ -131,6 +131,10 @@ def fmt(value: float) -> str:
     return f"{float(f'{value:.3g}'):g}" if value else "0"
 
 
+# The columns of every <NN>_headline.csv: for reading (label, note) and typed fields the findings read (layout,
+# condition, baseline), never parsing a label
+HEADLINE_COLUMNS = ("notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note", "layout",
+                    "condition", "baseline")  # fmt: skip
 Spread = stats.Spread  # median and nearest-rank quartiles; the study's one rule for "different" is kvlib.core.stats
 MIN_REPEATS = stats.MIN_REPEATS  # repeats a side below which no difference is claimed
 
@@ -335,9 +339,7 @@ class Outputs:
         self.save()
 
     def save(self) -> None:
-        columns = ["notebook", "metric", "label", "value", "unit", "q25", "q75", "n", "headline", "note", "layout",
-                   "condition", "baseline"]  # fmt: skip
-        headline = pd.DataFrame(self.headline_rows, columns=columns)
+        headline = pd.DataFrame(self.headline_rows, columns=list(HEADLINE_COLUMNS))
         self._replace(self.data_dir / f"{self.prefix}_headline.csv", lambda tmp: headline.to_csv(tmp, index=False))
         meta = {"notebook": self.notebook, **self.meta, "figures": self.figures}
         text = json.dumps(meta, indent=1, default=str) + "\n"
