@@ -11,18 +11,18 @@ Swept here, guard by guard:
 - the memory panel of notebook 05 does not plot a "peak increase" that cannot mean what its label says;
 - `experiments` answers compare nothing with itself and never print "nan".
 
-Notebook cells are run in-process on small synthetic inputs (their own code, not a copy), so the guards are
-tested in seconds; two single-value sweeps go through papermill end to end.
+The notebooks' page functions (kvlib.study's page modules, which the notebooks call) are run in-process on small
+synthetic inputs, so the guards are tested in seconds; two single-value sweeps go through papermill end to end.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import nbformat
 import pandas as pd
@@ -34,43 +34,22 @@ from kvlib.caches.base import KVCache
 from kvlib.cli.run import answers
 from kvlib.core.errors import KvlibError
 from kvlib.models.hf_quantized import hf_greedy_loop, hf_quantized_tokens, make_hf_quantized_cache
+from kvlib.report import pipeline
+from kvlib.study import batch_sweep, prompt_sweep
 from kvlib.study.strategies import (
     best_saving_at_equal_tokens,
     comparison_table,
     default_quantized_variants,
     lossy_tokens,
+    page_savings,
     quantized_error,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # Every sweep whose sentences describe a trend ("from batch b0 to batch b1", "from length a to b"): notebook, parameter.
-SWEEPS = [("05_batch_sweep", "batch_sizes"), ("06_prompt_sweep", "prompt_lens"), ("07_cache_strategies", "lengths")]
-
-
-def cell_source(notebook: str, index: int) -> str:
-    return nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4).cells[index].source
-
-
-def run_cell(notebook: str, index: int, **namespace) -> tuple[dict, list[str]]:
-    """Execute one code cell of a notebook in-process with `namespace`; returns (namespace, Markdown texts shown)."""
-    shown: list[str] = []
-    ns = {"study": study, "Markdown": str, "display": lambda x: shown.append(x) if isinstance(x, str) else None}
-    ns.update(namespace)
-    exec(compile(cell_source(notebook, index), f"{notebook}[{index}]", "exec"), ns)
-    return ns, shown
-
-
-def smoke_parameters(notebook: str, **overrides) -> dict:
-    """The notebook's parameters cell, then the smoke profile's values, then `overrides` (as papermill does)."""
-    import yaml
-
-    ns: dict = {}
-    exec(cell_source(notebook, 1), ns)
-    for f in (ROOT / "params" / "smoke.yaml", ROOT / "params" / "smoke" / f"{notebook}.yaml"):
-        ns.update(yaml.safe_load(f.read_text()))
-    ns.update(overrides)
-    return {k: v for k, v in ns.items() if not k.startswith("__")}
+SWEEPS = [("05_batch_sweep", "batch_sizes"), ("06_prompt_sweep", "prompt_lens")]  # 07 lengths: tests/test_page_07.py
+SWEEP_PAGES = {"05_batch_sweep": batch_sweep, "06_prompt_sweep": prompt_sweep}  # each sweep's page module
 
 
 # ---- a trend needs two points ----------------------------------------------------------------------------------
@@ -89,13 +68,17 @@ def test_require_sweep_passes_two_points_unchanged():
 
 
 @pytest.mark.parametrize(("notebook", "parameter"), SWEEPS)
-def test_every_sweep_is_refused_before_anything_runs(notebook, parameter, tmp_path):
-    """The notebook's own checking cell, given one value: a KvlibError naming the parameter, before any output."""
-    one = {"batch_sizes": 2, "prompt_lens": "16", "lengths": "[32]"}[parameter]  # as papermill's -p passes them
-    params = smoke_parameters(notebook, **{parameter: one}, out_dir=str(tmp_path / "out"))
+def test_every_sweep_is_refused_before_anything_runs(notebook, parameter):
+    """The notebook's page's check_parameters, given one value on the smoke profile: a KvlibError naming the
+    parameter; and the notebook checks before it makes its Outputs folder or loads a model."""
+    one = {"batch_sizes": 2, "prompt_lens": "16"}[parameter]  # as papermill's -p passes them
+    check = SWEEP_PAGES[notebook].check_parameters
+    params = {**pipeline.profile_params(ROOT / "params", "smoke", notebook), parameter: one}
     with pytest.raises(KvlibError, match=rf"parameter {parameter} must hold at least two different values"):
-        run_cell(notebook, 2, **params)
-    assert not (tmp_path / "out").exists()  # refused before Outputs made a folder or loaded a model
+        check(**{k: v for k, v in params.items() if k in inspect.signature(check).parameters})
+    nb = nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert code.index("page.check_parameters(") < code.index("study.Outputs(") < code.index("pool.get(")
 
 
 @pytest.mark.parametrize(("notebook", "parameter", "value"), [SWEEPS[0] + ("2",), SWEEPS[1] + ("16",)])
@@ -133,12 +116,11 @@ def _batch_runs(tput: dict[int, list[float]]) -> pd.DataFrame:
 
 
 def _batch_sentence(tput: dict[int, list[float]], tmp_path: Path) -> str:
-    lm = SimpleNamespace(cfg=SimpleNamespace(name="tiny"), dtype_name="float32", device="cpu")
-    _, shown = run_cell(
-        "05_batch_sweep", 5, runs=_batch_runs(tput), cache="static", batch_sizes=sorted(tput), lm=lm, prompt_len=16,
-        out=study.Outputs("05_batch_sweep", tmp_path),
-    )  # fmt: skip
-    return shown[-1]
+    """Notebook 05's sentence on these throughputs, its headline rows written through Outputs as the page does."""
+    runs, out = _batch_runs(tput), study.Outputs("05_batch_sweep", tmp_path)
+    for row in batch_sweep.headline_rows(runs, "static", sorted(tput), "tiny float32 cpu", 16):
+        out.headline(**row)
+    return batch_sweep.sentence(runs, "static", sorted(tput))
 
 
 def test_batch_sentence_says_when_a_difference_is_noise(tmp_path):
@@ -159,42 +141,38 @@ def test_prompt_sentence_never_says_grew_when_it_fell(tmp_path):
         return [{"path": "kvlib static cache", "cache": "static", "prompt_len": p, "repeat": r, "ttft_ms": t,
                  "tpot_p50_ms": 1.0 + r / 100, "kv_cache_mib": p / 1000} for r, t in enumerate(ttft)]  # fmt: skip
 
-    lm = SimpleNamespace(
-        cfg=SimpleNamespace(name="tiny"),
-        dtype_name="float32",
-        device="cpu",
-        model=SimpleNamespace(weight_bytes=lambda: 2**20),
-    )
-    common = dict(cache="static", prompt_lens=[16, 64], batch_size=1, lm=lm)
-    noisy = pd.DataFrame(rows(16, [20.0, 25.0, 30.0]) + rows(64, [2.0, 2.1, 2.2]))
-    _, shown = run_cell("06_prompt_sweep", 5, runs=noisy, out=study.Outputs("06_prompt_sweep", tmp_path), **common)
-    assert "TTFT did not grow with the prompt (0.08x" in shown[-1] and "grew much less" not in shown[-1]
-    overlap = pd.DataFrame(rows(16, [2.0, 3.0, 4.0]) + rows(64, [1.9, 2.8, 3.9]))
-    _, shown = run_cell("06_prompt_sweep", 5, runs=overlap, out=study.Outputs("06_prompt_sweep", tmp_path), **common)
-    assert "within the spread" in shown[-1]
+    def shown(runs: pd.DataFrame) -> str:  # notebook 06's headline written as the page does, then its sentence
+        out = study.Outputs("06_prompt_sweep", tmp_path)
+        out.headline(**prompt_sweep.ttft_headline(runs, "static", [16, 64], "tiny float32 cpu", 1))
+        return prompt_sweep.sentence(runs, "static", [16, 64], weight_bytes=2**20)
+
+    noisy = shown(pd.DataFrame(rows(16, [20.0, 25.0, 30.0]) + rows(64, [2.0, 2.1, 2.2])))
+    assert "TTFT did not grow with the prompt (0.08x" in noisy and "grew much less" not in noisy
+    overlap = shown(pd.DataFrame(rows(16, [2.0, 3.0, 4.0]) + rows(64, [1.9, 2.8, 3.9])))
+    assert "within the spread" in overlap
 
 
 def test_batch_memory_panel_leaves_out_a_peak_that_cannot_mean_an_increase(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from kvlib.study import plotting
 
     runs = _batch_runs({1: [100, 110], 2: [200, 210]}).assign(kv_cache_bytes=2**20, kv_cache_mib=1.0)
-    lm = SimpleNamespace(cfg=SimpleNamespace(name="tiny"), dtype_name="float32", device="cpu")
-    common = dict(plotting=plotting, lm=lm, prompt_len=16, batch_sizes=[1, 2], repeats=2, max_new_tokens=8,
-                  naive_new_tokens=4)  # fmt: skip
+    out = study.Outputs("05_batch_sweep", tmp_path)
+
+    def panel(runs: pd.DataFrame) -> pd.DataFrame:  # notebook 05's figure, saved as the page does: its memory rows
+        fig = batch_sweep.batch_figure(runs, [1, 2], "tiny float32 cpu", 16)
+        out.figure(fig, "batch", batch_sweep.batch_caption(runs, 2, 8, 4), key=True)
+        return batch_sweep.memory_rows(runs)
+
     # CPU: the resident high-water mark; here it rose less than the cache the run holds (the issue's batch 8)
     cpu = runs.assign(peak_mem_kind="rss", peak_mem_delta_bytes=2**19, peak_mem_delta_mib=0.5)
-    out = study.Outputs("05_batch_sweep", tmp_path)
-    ns, _ = run_cell("05_batch_sweep", 4, runs=cpu, out=out, **common)
-    assert set(ns["mem"]["memory"]) == {"KV cache"}
+    assert set(panel(cpu)["memory"]) == {"KV cache"}
     caption = out.figures[-1]["caption"]
     assert "peak memory increase is not plotted" in caption and "high-water mark" in caption
     # CUDA: torch's peak allocation, reset before the run, covers the cache: plotted, and labelled as such
     cuda = runs.assign(peak_mem_kind="cuda_allocated", peak_mem_delta_bytes=2**21, peak_mem_delta_mib=2.0)
-    ns, _ = run_cell("05_batch_sweep", 4, runs=cuda, out=out, **common)
-    assert set(ns["mem"]["memory"]) == {"KV cache", "peak increase in the run"}
+    assert set(panel(cuda)["memory"]) == {"KV cache", "peak increase in the run"}
     assert "peak increase: torch's peak CUDA allocation" in out.figures[-1]["caption"]
 
 
@@ -270,30 +248,24 @@ def test_best_saving_never_picks_a_lossy_layout_that_lost_nothing():
     assert best_saving_at_equal_tokens(table.assign(lossy_tokens=0))["variant"].tolist() == ["dynamic"]
 
 
-def test_notebook_07_sentence_leaves_out_what_quantized_nothing(tmp_path, quant_smoke):
-    """The issue's smoke report: "int4 KIVI ...: -18.8% saving, 100.0% agreement" listed as a result."""
-    strategies = SimpleNamespace(quantized_error=lambda *a, **k: quant_smoke)
-    lm = SimpleNamespace(model=None, hf=None, tokenizer=None)
-    _, shown = run_cell(
-        "07_cache_strategies", 8, strategies=strategies, lm=lm, batch_size=2, prompt_len=24, new_tokens=8,
-        repeats=1, warmup=0, seed=0, out=study.Outputs("07_cache_strategies", tmp_path),
-    )  # fmt: skip
-    text = shown[-1]
+def test_notebook_07_quantized_sentence_leaves_out_what_quantized_nothing(tmp_path, quant_smoke):
+    """The issue's smoke report: "int4 KIVI ...: -18.8% saving, 100.0% agreement" listed as a result. The page's
+    sentence and headline row (kvlib.study.strategies.page_savings), on the smoke sizes' rows."""
+    text = page_savings.quantized_sentence(quant_smoke, batch_size=2, new_tokens=8)
     results, _, untested = text.partition("**Not quantization results:**")
     assert "int4 KIVI" not in results and "-18.8%" not in results
     assert "int4 KIVI" in untested and "int8 per-token, 32-token fp tail" in untested and "none of the 31" in untested
     assert "quantized 31 of the 31 tokens" in results  # the int8 headline says how many
     assert "16 of 16 teacher-forced token choices" in results  # agreement names its denominator
     assert "full-precision static cache of the same run" in results  # so does the saving
+    out = study.Outputs("07_cache_strategies", tmp_path)
+    out.headline(**page_savings.int8_headline(quant_smoke))
     head = pd.read_csv(tmp_path / "data" / "07_headline.csv").set_index("metric").loc["int8_saving_pct"]
     assert "31 of 31 tokens per sequence quantized" in head["note"]
     only_tail = quant_smoke[quant_smoke["variant"].str.contains("fp tail|full precision|KIVI")]
-    strategies.quantized_error = lambda *a, **k: only_tail
-    _, shown = run_cell(
-        "07_cache_strategies", 8, strategies=strategies, lm=lm, batch_size=2, prompt_len=24, new_tokens=8,
-        repeats=1, warmup=0, seed=0, out=study.Outputs("07_cache_strategies", tmp_path / "b"),
-    )  # fmt: skip
-    assert shown[-1].startswith("No kvlib int8 variant quantized any token")
+    assert page_savings.int8_headline(only_tail) is None
+    only_tail_text = page_savings.quantized_sentence(only_tail, batch_size=2, new_tokens=8)
+    assert only_tail_text.startswith("No kvlib int8 variant quantized any token")
 
 
 # ---- experiments answers ---------------------------------------------------------------------------------------

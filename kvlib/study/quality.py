@@ -1,11 +1,13 @@
-"""What each lossy cache costs in quality, on real text (notebook 08_quality): StreamingLLM and KIVI in miniature.
+"""What each lossy cache costs in quality, on real text, measured: StreamingLLM and KIVI in miniature.
 
-Every perplexity here comes from kvlib.measure.perplexity (the "fast" one-pass method by default, proven equal to
-teacher forcing through the cache itself by tests/test_perplexity.py; sliding window with re-computation batches its
-windows, proven equal to one pass per window). Decode latency is timed as notebook 7 times it
-(kvlib.study.strategies.common). Tidy frames: one row per variant.
-The papers' numbers are in REFERENCES and QUANT_REFERENCES (kvlib/data/published.yaml, each with where it comes
-from); they are theirs, never ours.
+Notebook 08's measurements (its page, which turns these frames into tables, figures, sentences and headline rows, is
+kvlib.study.quality_page): the text every perplexity reads, the variants (cache, options) of each comparison, and
+their perplexity, bytes, decode latency and greedy text. Every perplexity here comes from kvlib.measure.perplexity
+(the "fast" one-pass method by default, proven equal to teacher forcing through the cache itself by
+tests/test_perplexity.py; sliding window with re-computation batches its windows, proven equal to one pass per
+window). Decode latency is timed as notebook 7 times it (kvlib.study.strategies.common). Tidy frames: one row per
+variant. The papers' numbers are in REFERENCES and QUANT_REFERENCES (kvlib/data/published.yaml, each with where it
+comes from); they are theirs, never ours.
 """
 
 from __future__ import annotations
@@ -13,24 +15,27 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
-from kvlib.caches.base import CACHE_LAYOUTS, layout_class
+from kvlib.caches.base import CACHE_LAYOUTS, evicts, layout_class
 from kvlib.measure.perplexity import (
     HF_QUANTIZED,
     HF_QUANTIZED_DEFAULTS,
     perplexity,
     perplexity_hf,
     perplexity_hf_quantized,
+    read_text,
     recompute_nll,
     recompute_targets,
+    text_token_ids,
 )
 from kvlib.models.decode import generate
 from kvlib.models.hf_quantized import hf_backend_status, hf_greedy_loop, make_hf_quantized_cache
-from kvlib.models.prompts import prompts_for
+from kvlib.models.prompts import prompts_for, synthetic_prompts, text_prompts
 from kvlib.study import published
 from kvlib.study.strategies.common import generate_fn, interleaved_runs, timing_summary
 
@@ -40,6 +45,30 @@ REFERENCES = published.streaming_llm()
 # perplexity of the best sink count at the same budget (the notebook's sentence and the report's finding).
 SINK_EFFECT = 1.1
 QUANT_REFERENCES = published.quantization()  # (reference, effective bits per stored element, perplexity change %)
+FULL = "full (static)"  # the full cache's label (variant_label of the static layout): every comparison's baseline
+RECOMPUTE = "re-computation"  # the sliding window with re-computation's row (recompute_comparison)
+HF_FULL = "hf full (dynamic)"  # Hugging Face's full-precision cache in the latency table (decode_latency)
+Variant = tuple[str, dict[str, Any]]  # (cache layout, its options), or (HF_QUANTIZED, options)
+
+
+@dataclass(frozen=True)
+class Text:
+    """The token ids every perplexity of the page reads, (1, tokens) on the model's device; what they are; and
+    whether a perplexity of them means anything (pretrained weights with a tokenizer: the study's novel)."""
+
+    ids: torch.Tensor
+    name: str
+    meaningful: bool
+
+
+def load_text(lm: Any, vocab_size: int, tokens: int, seed: int) -> Text:
+    """The first `tokens` tokens of the study's text for a pretrained model with a tokenizer; seeded synthetic ids
+    (named as meaningless) otherwise."""
+    if lm.tokenizer is not None and lm.weights == "pretrained":
+        text, text_name = read_text(None)
+        return Text(text_token_ids(lm.tokenizer, text, tokens, text_name).to(lm.device), text_name, True)
+    text_name = "synthetic token ids (random weights: every perplexity below is MEANINGLESS)"
+    return Text(synthetic_prompts(vocab_size, 1, tokens, seed, lm.device), text_name, False)
 
 
 def variant_label(cache: str, options: dict[str, Any]) -> str:
@@ -52,6 +81,7 @@ def variant_label(cache: str, options: dict[str, Any]) -> str:
 
 
 def full_bytes_per_token(cfg: Any, dtype: torch.dtype) -> int:
+    """Bytes a full-precision cache holds per token (keys and values of every layer) for elements of `dtype`."""
     return cfg.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
 
 
@@ -93,10 +123,10 @@ def run_variants(
     return df, nlls
 
 
-def streaming_variants(budgets: list[int], sinks: list[int], cache_positions_sink: int | None = 4) -> list:
+def streaming_variants(budgets: list[int], sinks: list[int], cache_positions_sink: int | None = 4) -> list[Variant]:
     """Full cache first, then for each budget: window only and each sink count (sink + window = budget); and, at the
     largest budget, `cache_positions_sink` sinks with StreamingLLM's positions counted within the cache."""
-    out: list[tuple[str, dict[str, Any]]] = [("static", {})]
+    out: list[Variant] = [("static", {})]
     for b in budgets:
         for s in sinks:
             out.append(("window", {"sink": s, "window": b - s}))
@@ -107,10 +137,26 @@ def streaming_variants(budgets: list[int], sinks: list[int], cache_positions_sin
     return out
 
 
-def quantized_variants(kivi_group: int, residuals: list[int]) -> list:
+def streaming(
+    model: Any, ids: torch.Tensor, budgets: list[int], sinks: list[int], method: str = "fast"
+) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """run_variants over streaming_variants: the full cache, then every (budget, sinks) window; the table gains
+    `budget` (tokens kept: sink + window; blank for the full cache)."""
+    stream, nll = run_variants(model, ids, streaming_variants(budgets, sinks), method)
+    stream["budget"] = (stream["sink"].fillna(0) + stream["window"]).where(stream["cache"].map(evicts))
+    return stream, nll
+
+
+def same_budget(budget: int, sinks: list[int]) -> list[str]:
+    """Labels of the full cache and of every sink count's window at `budget` (sink + window = budget): the rows
+    compared at one budget (rolling perplexity, re-computation)."""
+    return [FULL] + [variant_label("window", {"sink": s, "window": budget - s}) for s in sinks]
+
+
+def quantized_variants(kivi_group: int, residuals: list[int]) -> list[Variant]:
     """Full cache first; int8 and int4 per token; KIVI int4 and int2 (keys per channel, values per token in groups
     of `kivi_group` channels) with each full-precision residual."""
-    out: list[tuple[str, dict[str, Any]]] = [("static", {}), ("quantized", {"bits": 8}), ("quantized", {"bits": 4})]
+    out: list[Variant] = [("static", {}), ("quantized", {"bits": 8}), ("quantized", {"bits": 4})]
     for bits in (4, 2):
         for r in residuals:
             out.append(("quantized", {"bits": bits, "key_axis": "channel", "residual_len": r, "group": kivi_group}))
@@ -152,7 +198,7 @@ def recompute_comparison(
         nll = recompute_nll(model, ids, W, targets, method)
         took = time.perf_counter() - t0
         common = {"budget": W, "tokens_scored": len(targets), "every": every, "first_token": int(targets[0])}
-        rows.append({**common, "variant": "re-computation", "perplexity": math.exp(float(nll.mean())),
+        rows.append({**common, "variant": RECOMPUTE, "perplexity": math.exp(float(nll.mean())),
                      "time_s": took})  # fmt: skip
         for name in compare(W):
             if name in nlls:
@@ -186,7 +232,7 @@ def decode_latency(
     if lm.hf is not None:
         from transformers.cache_utils import DynamicCache  # heavy: seconds to import
 
-        makers = {"hf full (dynamic)": lambda: DynamicCache(config=lm.hf.config)}
+        makers = {HF_FULL: lambda: DynamicCache(config=lm.hf.config)}
         for bits in hf_bits:
             label = variant_label(HF_QUANTIZED, {"bits": bits, "residual_len": hf_residual})
             status[label] = hf_backend_status(lm.hf, "quanto", bits)
@@ -198,7 +244,7 @@ def decode_latency(
     timing = timing_summary(interleaved_runs(runs, repeats, warmup)[0])
     timing["engine"] = timing["variant"].map(engine)
     timing["status"] = "ok"
-    full = {"kvlib": variant_label(*variants[0]), "hf": "hf full (dynamic)"}
+    full = {"kvlib": variant_label(*variants[0]), "hf": HF_FULL}
     base = timing.set_index("variant")["tpot_ms"]
     timing["tpot_vs_full"] = [r.tpot_ms / base.get(full[r.engine], math.nan) for r in timing.itertuples()]
     missing = [{"variant": k, "engine": "hf", "status": v} for k, v in status.items() if v != "ok"]
@@ -240,6 +286,22 @@ def hf_quantized_rows(hf_model: Any, ids: torch.Tensor, bits_list: list[int], re
     df = pd.DataFrame(rows)
     df["tokens"] = ids.shape[1]
     return df
+
+
+def greedy_variants(sink: int, window: int, kivi_group: int, residuals: list[int]) -> list[Variant]:
+    """The layouts of the greedy comparison: `sink` sinks + `window` recent, the window alone of the same size, and
+    every quantized variant of quantized_variants (the first residual only)."""
+    return [("window", {"sink": sink, "window": window}), ("window", {"sink": 0, "window": sink + window})] + [
+        v for v in quantized_variants(kivi_group, residuals[:1])[1:]
+    ]
+
+
+def greedy_prompts(lm: Any, vocab_size: int, prompts: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """(prompts, prompt_len) ids on the model's device: passages of the novel with a tokenizer, seeded synthetic ids
+    otherwise."""
+    if lm.tokenizer is not None:
+        return torch.stack(text_prompts(lm.tokenizer, [prompt_len] * prompts, seed, lm.device))
+    return synthetic_prompts(vocab_size, prompts, prompt_len, seed, lm.device)
 
 
 def greedy_divergence(
