@@ -41,7 +41,7 @@ PARAMS ?= params
 OUT := $(REPORTS)/$(PROFILE)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb))))
 KVLIB_SRC := $(wildcard kvlib/*.py kvlib/*/*.py kvlib/*/*/*.py)
-REPORT_PY = $(PY) -m kvlib.report --reports $(REPORTS) --params $(PARAMS)
+REPORT_PY = $(PY) -m kvlib report --reports $(REPORTS) --params $(PARAMS)
 # nbconvert's lab template without its CDN scripts (require.js, MathJax, mermaid): every page opens offline
 PAGE_TEMPLATE := kvlib/report/templates/offline.html.j2
 # the reading view: the same page without code (--no-input), linked from the index as each notebook's first page
@@ -71,7 +71,7 @@ $(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS
 	@$(REPORT_PY) run $* --profile $(PROFILE)
 
 check-report: $(STAMP) ## Open every page of reports/$(PROFILE) (index, reading views, full notebooks) in headless Chromium; fail on broken images/links; screenshots
-	@$(PY) -m kvlib.report.browser $(OUT)
+	@$(PY) -m kvlib check-report $(OUT)
 
 lab: $(STAMP) ## JupyterLab on the project's environment (notebooks run top to bottom with their defaults)
 	cd notebooks && ../$(VENV)/bin/jupyter lab

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from kvlib.cli import main
 from kvlib.report import browser as browser_check
 
 pytestmark = pytest.mark.skipif(
@@ -47,7 +48,7 @@ def test_every_kind_of_fault_is_found(tmp_path, capsys):
         )
     )
     (tmp_path / "a.html").write_text(_page("<script>throw new Error('boom')</script>"))
-    assert browser_check.main([str(tmp_path), "--no-screenshots"]) == 1
+    assert main(["check-report", str(tmp_path), "--no-screenshots"]) == 1
     out = capsys.readouterr().out
     for expected in (
         "broken link 'missing.html'",
@@ -63,7 +64,7 @@ def test_every_kind_of_fault_is_found(tmp_path, capsys):
 
 
 def test_no_report_is_one_line_and_exit_2(tmp_path, capsys):
-    assert browser_check.main([str(tmp_path / "nothing")]) == 2
+    assert main(["check-report", str(tmp_path / "nothing")]) == 2
     assert "index.html is missing" in capsys.readouterr().err
 
 

@@ -163,7 +163,7 @@ def test_the_report_refuses_a_missing_reports_folder_before_running(tmp_path):
 
     missing = tmp_path / "mistyped" / "reports"
     proc = subprocess.run(
-        [sys.executable, "-m", "kvlib.report", "--reports", str(missing), "run", "01_concept", "--profile", "smoke"],
+        [sys.executable, "-m", "kvlib", "report", "--reports", str(missing), "run", "01_concept", "--profile", "smoke"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

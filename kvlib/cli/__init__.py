@@ -2,8 +2,8 @@
 
 A command module provides `add_parser(subparsers)`, which registers its arguments and sets `func`, the function
 that runs it and returns the exit code (its work lives in the layers below: kvlib.measure, kvlib.models, ...).
-User errors (KvlibError) become one line on stderr and exit 2. The report's commands are `python -m kvlib.report`
-(kvlib.report.index).
+User errors (KvlibError) become one line on stderr and exit 2. The report's commands too: `python -m kvlib report
+run|index|check` and `python -m kvlib check-report` (kvlib.cli.report).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvlib.cli import bench, generate, passkey, perplexity, run, verify
+from kvlib.cli import bench, generate, passkey, perplexity, report, run, verify
 from kvlib.cli.common import Parser
 from kvlib.core.errors import KvlibError
 
-COMMANDS = (verify, run, bench, generate, perplexity, passkey)
+COMMANDS = (verify, run, bench, generate, perplexity, passkey, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,7 @@ Chromium (the message names the install command).
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -131,28 +128,3 @@ def _check_page(chromium, path: Path, shots: Path | None) -> PageResult:
         )
     context.close()
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvlib.report.browser", description=__doc__.splitlines()[0])
-    p.add_argument("report", help="a report folder, e.g. reports/smoke")
-    p.add_argument("--browser", default=None, help="path of the Chromium binary [the first of chromium, ... on PATH]")
-    p.add_argument("--no-screenshots", action="store_true", help="check only; write no screenshots")
-    args = p.parse_args(argv)
-    try:
-        results = check_report(args.report, args.browser, screenshots=not args.no_screenshots)
-    except KvlibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    bad = 0
-    for r in results:
-        for problem in r.problems:
-            print(f"{r.page}: {problem}")
-        bad += bool(r.problems)
-    shots = f"; screenshots in {Path(args.report) / 'screenshots'}" if not args.no_screenshots else ""
-    print(f"check-report: {len(results) - bad} of {len(results)} pages passed{shots}")
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,19 +5,17 @@ and a banner when any run used random weights.
 It reads what the notebooks wrote (data/NN_headline.csv, data/NN_meta.json, figures/NN_*.png; see kvlib.study)
 and the papermill metadata of the executed notebooks; it never re-runs or re-parses a notebook's outputs.
 
-    python -m kvlib.report run 02_naive_vs_cached --profile smoke   # one notebook (kvlib.report.pipeline)
-    python -m kvlib.report index --profile smoke                    # the index page
-    python -m kvlib.report check                                    # every profile's keys vs every notebook
+    python -m kvlib report run 02_naive_vs_cached --profile smoke   # one notebook (kvlib.report.pipeline)
+    python -m kvlib report index --profile smoke                    # the index page
+    python -m kvlib report check                                    # every profile's keys vs every notebook
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import math
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,11 +23,9 @@ from typing import Any
 
 import pandas as pd
 
-from kvlib.core.errors import KvlibError
 from kvlib.core.stats import MIN_REPEATS
 from kvlib.measure.results import write_whole
 from kvlib.report.findings import findings
-from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
@@ -280,44 +276,3 @@ def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path
     target = out / "index.html"
     write_whole(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))  # two builds at once: the last wins
     return target
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m kvlib.report", description="Run the study's notebooks; build the report."
-    )
-    p.add_argument("--notebooks", default="notebooks", help="folder of the study's notebooks [notebooks]")
-    p.add_argument("--params", default="params", help="folder of the parameter profiles [params]")
-    p.add_argument("--reports", default="reports", help="reports go to REPORTS/<profile>/ [reports]")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="execute one notebook with papermill into REPORTS/<profile>/")
-    r.add_argument("notebook")
-    r.add_argument("--profile", default="default")
-    i = sub.add_parser("index", help="write REPORTS/<profile>/index.html")
-    i.add_argument("--profile", default="default")
-    sub.add_parser("check", help="check every profile's keys against every notebook's parameters")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "run":
-            run_notebook(args.notebook, args.profile, args.reports, args.params, args.notebooks)
-        elif args.command == "index":
-            build_index(Path(args.reports) / args.profile, args.profile, discover(args.notebooks))
-        else:
-            problems = check_profiles(args.params, args.notebooks)
-            for line in problems:
-                print(f"error: {line}", file=sys.stderr)
-            return 2 if problems else 0
-    except NotebookFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the report keeps its previous notebooks and pages", file=sys.stderr)
-        return 130
-    except KvlibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
