@@ -142,7 +142,7 @@ def test_prompt_page_on_measurements(measured, tmp_path):
     out.figure(fig, "prompt", prompt_sweep.prompt_caption(sweep.repeats, 3, 2), key=True)
     out.headline(**prompt_sweep.ttft_headline(runs, sweep.cache, sweep.prompt_lens, WHERE, sweep.batch_size))
     lm = pool.get(sweep.specs[0].model_key(), need_kvlib=True, need_hf=False)
-    assert prompt_sweep.condition(lm) == WHERE
+    assert study.condition(lm) == WHERE
     text = prompt_sweep.sentence(runs, sweep.cache, sweep.prompt_lens, lm.model.weight_bytes())
     assert text.startswith("From a 8- to a 16-token prompt (2x), time to first token went from")
     adv = prompt_sweep.advantage(runs, sweep.cache, sweep.prompt_lens)

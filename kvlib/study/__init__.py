@@ -179,6 +179,11 @@ def paired_ratio(
     return ratio
 
 
+def condition(lm: Any) -> str:
+    """'<model> <dtype> <device>': what every number of a page measured on `lm` (a LoadedModel) holds for."""
+    return f"{lm.cfg.name} {lm.dtype_name} {lm.device}"
+
+
 def path_label(engine: str, cache: str) -> str:
     """'kvlib naive (no cache)', 'hf static cache', ...: how figures and tables name a decoding path."""
     return f"{engine} naive (no cache)" if cache == "none" else f"{engine} {cache} cache"

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from kvlib import study
 from kvlib.measure.harness import ModelPool, RunSpec, measure_grid
 from kvlib.models.decode import NAIVE
-from kvlib.models.loading import LoadedModel
 from kvlib.study import plotting
 
 # ---- parameters -----------------------------------------------------------------------------------------------
@@ -80,11 +79,6 @@ def check_parameters(
     return Sweep(
         batch_sizes, prompt_len, max_new_tokens, cache, naive_max_batch_size, naive_new_tokens, repeats, warmup, specs
     )
-
-
-def condition(lm: LoadedModel) -> str:
-    """'<model> <dtype> <device>': what every number of the page holds for."""
-    return f"{lm.cfg.name} {lm.dtype_name} {lm.device}"
 
 
 # ---- measurements ---------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def speedups(runs: pd.DataFrame, cached: list[str]) -> dict[str, study.Spread]:
 
 def condition(lm: Any, batch_size: int, prompt_len: int, max_new_tokens: int) -> str:
     """What the headline numbers hold for: model, dtype, device and sizes (the rows' `condition` field)."""
-    return f"{lm.cfg.name} {lm.dtype_name} {lm.device}, batch {batch_size}, prompt {prompt_len}, {max_new_tokens} new"
+    return f"{study.condition(lm)}, batch {batch_size}, prompt {prompt_len}, {max_new_tokens} new"
 
 
 def token_check(

@@ -21,7 +21,6 @@ from kvlib import study
 from kvlib.core.errors import KvlibError
 from kvlib.measure.harness import ModelPool, RunSpec, measure_grid
 from kvlib.models.decode import NAIVE
-from kvlib.models.loading import LoadedModel
 from kvlib.study import plotting
 
 NO_NAIVE_TEXT = "No naive runs in this profile (naive_new_tokens is 0)."  # shown in place of the advantage
@@ -83,11 +82,6 @@ def check_parameters(
     for spec in specs:
         spec.validate()
     return Sweep(prompt_lens, max_new_tokens, batch_size, cache, naive_new_tokens, repeats, warmup, specs)
-
-
-def condition(lm: LoadedModel) -> str:
-    """'<model> <dtype> <device>': what every number of the page holds for."""
-    return f"{lm.cfg.name} {lm.dtype_name} {lm.device}"
 
 
 # ---- measurements ---------------------------------------------------------------------------------------------
