@@ -46,6 +46,9 @@ REPORT_PY = $(PY) -m kvlib report --reports $(REPORTS) --params $(PARAMS)
 PAGE_TEMPLATE := kvlib/report/templates/offline.html.j2
 # the reading view: the same page without code (--no-input), linked from the index as each notebook's first page
 READING_TEMPLATE := kvlib/report/templates/reading.html.j2
+# one machine probe per report (read bandwidth, matmul), measured before any notebook; every notebook divides its
+# MBU by it. Measured again (and every notebook re-run) when the probe's code or the profile's shared keys change.
+PROBE := $(OUT)/data/machine.json
 NBCONVERT = $(VENV)/bin/jupyter nbconvert --to html --log-level ERROR --output-dir $(OUT)
 
 ifneq ($(filter report,$(MAKECMDGOALS)),)
@@ -66,8 +69,11 @@ $(OUT)/%.reading.html: $(OUT)/%.ipynb $(READING_TEMPLATE) $(PAGE_TEMPLATE) | $(S
 $(OUT)/%.html: $(OUT)/%.ipynb $(PAGE_TEMPLATE) | $(STAMP)
 	@$(NBCONVERT) --template-file $(PAGE_TEMPLATE) $<
 
+$(PROBE): kvlib/measure/roofline.py $(PARAMS)/$(PROFILE).yaml | $(STAMP)
+	@$(REPORT_PY) probe --profile $(PROFILE)
+
 .SECONDEXPANSION:
-$(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $(KVLIB_SRC) | $(STAMP)
+$(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $(KVLIB_SRC) $(PROBE) | $(STAMP)
 	@$(REPORT_PY) run $* --profile $(PROFILE)
 
 check-report: $(STAMP) ## Open every page of reports/$(PROFILE) (index, reading views, full notebooks) in headless Chromium; fail on broken images/links; screenshots

@@ -372,3 +372,42 @@ def test_bad_options_are_refused_with_one_line(policy, opts, match):
     with pytest.raises(KvlibError, match=match) as e:
         make_cache(policy, get_preset("tiny"), 1, 8, "cpu", torch.float32, **opts)
     assert "\n" not in str(e.value)
+
+
+# ---- SnapKV in the pass-key setting: the question in the window, each row of a batch on its own ---------------------
+
+
+@pytest.mark.parametrize("question_aware", [True, False])
+def test_snapkv_window_holds_the_question_and_rows_of_a_replayed_batch_select_as_alone(question_aware):
+    """Checked when SnapKV missed keys the full cache retrieved (notebook 09): question-aware, the observation window
+    is the prompt's last `observation` positions, the question's included, in every head; question-after, the
+    question is written after the context's compression and kept whole. And the pass-key grid's batch (prompts of one
+    length, prefilled once and replayed) keeps, in each row, exactly the positions that prompt keeps alone."""
+    from kvlib.decoding.questions import question_chunk
+    from kvlib.decoding.replay import record_prefill, replay
+
+    llama = load("tiny-llama", weights="random", seed=0, with_hf=False).model
+    C, Q, obs, budget = 40, 6, 8, 16
+    ids = synthetic_prompts(llama.cfg.vocab_size, 3, C + Q, seed=11)
+    opts = {"budget": budget, "observation": obs}
+
+    def kept(rows: torch.Tensor) -> list[torch.Tensor]:
+        rec = record_prefill(llama, rows, 4)
+        kv = make_cache("snapkv", llama.cfg, rows.shape[0], C + Q + 4, "cpu", torch.float32, **opts)
+        replay(rec, kv, None if question_aware else C)
+        if not question_aware:
+            question_chunk(llama, kv, rows, C)
+        return [kv.layer_positions(layer) for layer in range(llama.cfg.n_layer)]
+
+    batch = kept(ids)
+    for row in range(3):
+        alone = kept(ids[row : row + 1])
+        for layer, pos in enumerate(batch):
+            assert torch.equal(pos[row], alone[layer][0]), (row, layer)
+    window = torch.arange(C + Q - obs, C + Q)  # the question (C .. C + Q - 1) and the context's last obs - Q tokens
+    for pos in batch:
+        assert pos.shape[2] == budget
+        held = (pos[..., None] == torch.arange(C, C + Q)).any(dim=2)  # (B, nkv, Q): the question's positions
+        assert bool(held.all())
+        if question_aware:
+            assert bool((pos[..., None] == window).any(dim=2).all())

@@ -136,24 +136,41 @@ def test_a_rank_correlation_over_tied_or_overlapping_values_is_not_a_finding(ppl
 
 def _acc(policies, k, n, setting="question-after", budget=0.25):
     rows = [
-        dict(policy=p, cache="x", budget_fraction=budget, setting=setting, retrieved=a, n=b, accuracy_pct=100 * a / b)
+        dict(
+            policy=p,
+            cache="x",
+            budget=256,
+            budget_fraction=budget,
+            setting=setting,
+            retrieved=a,
+            n=b,
+            accuracy_pct=100 * a / b,
+            selected=0,
+            selectable=0,
+        )
         for p, a, b in zip(policies, k, n, strict=True)
     ]
-    rows.append(dict(policy="full (static)", cache="static", budget_fraction=1.0, setting="no eviction",
-                     retrieved=9, n=9, accuracy_pct=100.0))  # fmt: skip
+    rows.append(dict(policy="full (static)", cache="static", budget=1024, budget_fraction=1.0, setting="no eviction",
+                     retrieved=9, n=9, accuracy_pct=100.0, selected=0, selectable=0))  # fmt: skip
     return pd.DataFrame(rows)
 
 
 def test_passkey_verdict_field_case_is_not_a_prediction():
-    """Counts 4, 4, 3, 3, 2 of 9, whose Wilson intervals all overlap, were read as 'perplexity predicted'."""
+    """Counts 4, 4, 3, 3, 2 of 9, whose Wilson intervals all overlap, were read as 'perplexity predicted'. A ranking of
+    policies is now a finding only over 5 distinct counts without ties (stats.ranks_apart): 9, 9, 3, 0, 0 is not."""
     pol = ["a", "b", "c", "d", "e"]
-    acc = _acc(pol, [4, 4, 3, 3, 2], [9] * 5)
-    ppl = pd.DataFrame(dict(policy=pol, budget_fraction=0.25, ppl_change_pct=[1.0, 2.0, 3.0, 4.0, 5.0]))
-    sentence, rho, predicted = passkey.verdict(acc, ppl, "question-after")
-    assert predicted is None and "could not be tested" in sentence and "overlap" in sentence
-    assert rho is not None and rho < -0.5  # the number is shown, but not as a finding
-    clear = _acc(pol, [9, 9, 3, 0, 0], [9] * 5)
-    _, _, predicted = passkey.verdict(clear, ppl, "question-after")
+    kld = [1.0, 2.0, 3.0, 4.0, 5.0, 0.0]  # the last: the full cache's row
+    sentence, rho, predicted = passkey.quality_verdict(_acc(pol, [4, 4, 3, 3, 2], [9] * 5).assign(kld_mean=kld),
+                                                       "question-after")  # fmt: skip
+    assert predicted is None and "cannot rank" in sentence and "(ties)" in sentence
+    assert rho is not None and rho < -0.5  # computed, but no finding
+    _, _, predicted = passkey.quality_verdict(
+        _acc(pol, [9, 9, 3, 0, 0], [9] * 5).assign(kld_mean=kld), "question-after"
+    )
+    assert predicted is None
+    _, _, predicted = passkey.quality_verdict(
+        _acc(pol, [9, 7, 4, 1, 0], [9] * 5).assign(kld_mean=kld), "question-after"
+    )
     assert predicted is True
 
 
@@ -186,8 +203,8 @@ def test_the_passkey_finding_names_no_best_policy_within_overlapping_intervals(t
     rows.append(_acc(pol, [4, 3, 2], [9] * 3).query("setting == 'no eviction'"))
     acc = pd.concat(rows).assign(model="m", tokens=1024)
     acc.to_csv(data / "09_accuracy.csv", index=False)
-    pd.DataFrame(dict(model="m", policy=pol, budget_fraction=0.25, ppl_change_pct=[1.0, 2.0, 3.0])).to_csv(
-        data / "09_perplexity.csv", index=False
+    acc[acc["setting"] != "no eviction"].assign(kld_mean=[1.0, 2.0, 3.0] * 2).to_csv(
+        data / "09_quality.csv", index=False
     )
     head = pd.DataFrame([dict(notebook="09", metric="full_cache_retrieval", label="x", value=100, unit="%", q25=None,
                               q75=None, n=1, headline=True, note="")])  # fmt: skip
@@ -195,8 +212,8 @@ def test_the_passkey_finding_names_no_best_policy_within_overlapping_intervals(t
     f = fnd.passkey_retrieval(tmp_path)
     assert f is not None
     assert "not apart from tova, snapkv" in f.html
-    assert "predicted" not in f.html.replace("cannot tell whether perplexity predicts", "")
-    assert "cannot tell whether perplexity predicts retrieval question-after" in f.html
+    assert "predict" not in f.html
+    assert "question-after: the data cannot rank the policies (only 3 values of keys retrieved" in f.html
 
 
 # ---- the kind, swept through the code ------------------------------------------------------------------------------

@@ -136,12 +136,14 @@ def test_hf_only_runs_do_not_hold_kvlib_weights():
     assert (both.resident_weights_bytes == both.weights_bytes.sum()).all()
 
 
-def test_mbu_uses_the_measured_bandwidth(monkeypatch):
-    import kvlib.measure.roofline as roofline
+def test_mbu_uses_the_measured_bandwidth(monkeypatch, tmp_path):
+    from kvlib.measure.roofline import MachineProbe, Rates
 
     monkeypatch.delenv("KVLIB_NO_ROOFLINE")
-    monkeypatch.setattr(roofline, "measure_bandwidth_bytes_per_s", lambda device: 1e10)
-    monkeypatch.setattr(roofline, "measure_matmul_flops", lambda device, dtype: 1e11)
+    probe = MachineProbe("cpu", "cpu", Rates((1e10,)), Rates((2e10,)), {"float32": Rates((1e11,))}, {"float32": 64},
+                         1 << 20, 1, "test cpu", (), "2026-12-07T00:00:00+00:00", 0.1)  # fmt: skip
+    probe.save(tmp_path / "machine.json")
+    monkeypatch.setenv("KVLIB_MACHINE_PROBE", str(tmp_path / "machine.json"))  # the report's one probe
     r = measure(RunSpec("kvlib", "static", batch_size=2, prompt_len=6, max_new_tokens=5), 1, 0).runs.iloc[0]
     from kvlib.core.config import get_preset
     from kvlib.measure.roofline import decode_step_bytes

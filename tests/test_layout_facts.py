@@ -155,9 +155,9 @@ def test_a_sixth_policy_is_one_class(sixth_policy, tmp_path, capsys):
     names = page.policy_names("all")
     assert sixth_policy in names
     layouts = [(REFERENCE, {})] + [(p, {}) for p in names]
-    r = page.measure_model(lm, 80, [0.5], 1, "novel", layouts, [0.5], ["question-after"], 3, 1, 72, 0)
-    assert sixth_policy in set(r.acc["policy"]) and sixth_policy in set(r.ppl["policy"])
-    fig = page.two_panel_figure(r.acc, r.ppl, "t", r.model)
+    r = page.measure_model(lm, 80, [0.5], 1, "novel", layouts, [0.5], ["question-after"], 3, 1, 0)
+    assert sixth_policy in set(r.acc["policy"])
+    fig = page.retention_figure([(r.model, 80, r.acc)], ["question-after"], "t")
     assert sixth_policy in [t.get_text() for t in fig.legends[0].get_texts()]
     # its own colour, apart from every other layout's
     others = {plotting.color(n) for n in CACHE_LAYOUTS if n != sixth_policy and n != "streaming"}

@@ -196,11 +196,25 @@ def test_the_random_weights_banner_is_shown_once_per_page_and_never_for_pretrain
     out = study.Outputs("09_example", tmp_path)
     out.loaded(lm)
     out.loaded(lm)
-    assert len(shown) == 1 and "RANDOM WEIGHTS" in shown[0]
+    banners = [s for s in shown if "RANDOM WEIGHTS" in s]
+    assert len(banners) == 1 and all("Model: **tiny**" in s for s in shown if s not in banners)
     shown.clear()
     lm.weights = "pretrained"  # what a pretrained load records; the banner depends on nothing else
     study.Outputs("09_example", tmp_path).loaded(lm)
-    assert shown == []
+    assert not [s for s in shown if "RANDOM WEIGHTS" in s]
+
+
+def test_every_page_names_the_model_it_measured_with_its_weights_provenance(tmp_path, monkeypatch):
+    """A page's first lines say which model and weights it measured (the weights' source, dtype, device)."""
+    import IPython.display
+
+    from kvlib.models.loading import load
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(getattr(obj, "data", obj)))
+    lm = load("tiny", "random", "cpu", "float32", 0, with_hf=False)
+    study.Outputs("09_example", tmp_path).loaded(lm)
+    assert shown[-1] == f"Model: **tiny**; weights: random, {lm.source}; float32 on cpu."
 
 
 def test_the_default_profile_runs_smollm2_with_pretrained_weights_and_the_smoke_profile_tiny_models():

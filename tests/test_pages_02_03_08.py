@@ -216,9 +216,10 @@ def test_hf_agreement(tiny):
 
 # ---- 08: quality -------------------------------------------------------------------------------------------------
 
-QUALITY_PARAMS = dict(tokens=96, quant_tokens=64, budgets="[16, 32]", sinks="[0, 1, 4]", rolling_width=16,
+QUALITY_PARAMS = dict(tokens=96, passages=2, passage_tokens=64, budget_tokens=40, floor_tokens=16,
+                      budgets="[16, 32]", sinks="[0, 1, 4]", rolling_width=16,
                       recompute_every=4, kivi_group=8, residuals=[8], hf_tokens=24, hf_bits=[4], hf_residual=8,
-                      latency_prompt_len=16, latency_new_tokens=4, latency_repeats=1, greedy_prompts=2,
+                      latency_prompt_len=72, latency_new_tokens=4, latency_repeats=1, greedy_prompts=2,
                       greedy_prompt_len=24, greedy_new_tokens=8, greedy_sink=2, greedy_window=12,
                       method="fast")  # fmt: skip
 
@@ -228,7 +229,10 @@ def test_quality_parameters_are_checked_before_anything_runs():
     assert p.budgets == [16, 32] and p.budget == 32 and p.sinks == [0, 1, 4]
     for model, bad, match in [
         ("tiny", {}, "needs a Llama-architecture model"),
-        ("tiny-llama", {"quant_tokens": 97}, "must not exceed tokens"),
+        ("tiny-llama", {"budget_tokens": 64}, "must be below passage_tokens"),
+        ("tiny-llama", {"passages": 0}, "passages"),
+        ("tiny-llama", {"budget_tokens": 8}, "budget_tokens gives a budget of 8 tokens that snapkv refuses"),
+        ("tiny-llama", {"latency_prompt_len": 16}, r"latency_prompt_len \(timed at half of it\)"),
         ("tiny-llama", {"sinks": [16]}, "every sink count must be below every budget"),
         ("tiny-llama", {"budgets": [16, 96]}, "every budget must be below tokens"),
         ("tiny-llama", {"method": "slow"}, "method"),

@@ -296,6 +296,38 @@ def test_replayed_prefill_answers_exactly_as_a_real_prefill(decoder, cache, opti
                 assert a.shape == b.shape and (a - b).abs().max() < 1e-5, (cache, layer)
 
 
+@pytest.mark.parametrize("cache", ["streaming", "h2o", "tova", "snapkv", "knorm", "window"])
+@pytest.mark.parametrize("question_aware", [False, True])
+def test_budgets_sharing_one_replay_keep_and_answer_as_separate_replays(decoder, cache, question_aware):
+    """replayed_answers hands one attention pass to every budget of a policy (the writes of a replay into an empty
+    cache, and the attention they receive, do not depend on the budget): the same kept keys, bit for bit, and the
+    same answers as one replay per budget."""
+    from kvlib.decoding.replay import replay_all, replayed_answers
+
+    llama = decoder
+    if cache == "window" and llama.cfg.is_hybrid:
+        pytest.skip("the window layout refuses a model with sliding layers of its own")
+    builder = PasskeyPrompts(WordTokenizer(llama.cfg.vocab_size), 96, "novel")
+    prompts = [builder.prompt(0.3, k) for k in passkey_keys(2, 1)]
+    ids = torch.tensor([p.ids for p in prompts])
+    C = prompts[0].context_len
+    rec = record_prefill(llama, ids, new_tokens=4)
+    options = [budget_options(cache, {}, b) for b in (36, 48, 72)]
+    shared = replayed_answers(llama, rec, C, cache, options, question_aware, 4)
+    for opts, got in zip(options, shared, strict=True):
+        alone = replayed_answer(llama, rec, C, cache, opts, question_aware, 4)
+        assert torch.equal(got.tokens, alone.tokens) and got.kv_bytes_held == alone.kv_bytes_held, (cache, opts)
+        for layer in range(llama.cfg.n_layer):
+            for a, b in zip(got.cache.layer_kv(layer), alone.cache.layer_kv(layer), strict=True):
+                assert torch.equal(a, b), (cache, opts, layer)
+    assert len({a.kv_bytes_held for a in shared}) == 3  # three budgets, three sizes: each evicted to its own
+    with pytest.raises(ValueError, match="fresh caches"):
+        replay_all(rec, [shared[0].cache, shared[1].cache])
+    if cache == "snapkv":
+        with pytest.raises(ValueError, match="more than the budget"):
+            replayed_answers(llama, rec, C, cache, [{"budget": 48}, {"budget": 48, "observation": 8}], True, 4)
+
+
 def test_report_finding_from_the_notebooks_files(tmp_path):
 
     import pandas as pd
@@ -305,25 +337,20 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     acc = pd.DataFrame(
-        [("full (static)", "static", 1.0, "no eviction", 9, 9), ("h2o", "h2o", 0.25, "question-after", 0, 9),
-         ("knorm", "knorm", 0.25, "question-after", 9, 9), ("tova", "tova", 0.25, "question-after", 3, 9),
-         ("h2o", "h2o", 0.25, "question-aware", 7, 9), ("knorm", "knorm", 0.25, "question-aware", 2, 9)],
-        columns=["policy", "cache", "budget_fraction", "setting", "retrieved", "n"],
+        [("full (static)", "static", 1024, 1.0, "no eviction", 9, 9, 0, 0),
+         ("h2o", "h2o", 256, 0.25, "question-after", 0, 9, 0, 6),
+         ("knorm", "knorm", 256, 0.25, "question-after", 9, 9, 8, 8),
+         ("tova", "tova", 256, 0.25, "question-after", 3, 9, 1, 9),
+         ("h2o", "h2o", 256, 0.25, "question-aware", 7, 9, 4, 6),
+         ("knorm", "knorm", 256, 0.25, "question-aware", 2, 9, 2, 9)],
+        columns=["policy", "cache", "budget", "budget_fraction", "setting", "retrieved", "n", "selected", "selectable"],
     )  # fmt: skip
     acc["accuracy_pct"] = 100 * acc["retrieved"] / acc["n"]
-    ppl = pd.DataFrame(  # h2o best by perplexity, worst at retrieval: perplexity did not predict
-        [("full (static)", 1.0, 0.0), ("h2o", 0.25, 1.0), ("knorm", 0.25, 9.0), ("tova", 0.25, 4.0)],
-        columns=["policy", "budget_fraction", "ppl_change_pct"],
-    )
-    # Two models on the page: the second (Gemma at 2048 tokens) retrieves everything, so perplexity has no
-    # ordering to predict there.
+    # Two models on the page: the second (Gemma at 2048 tokens) retrieves everything
     gemma_acc = acc.assign(retrieved=9, accuracy_pct=100.0)
     pd.concat(
         [acc.assign(model="smollm2-135m", tokens=1024), gemma_acc.assign(model="gemma3-270m", tokens=2048)]
     ).to_csv(data / "09_accuracy.csv", index=False)
-    pd.concat([ppl.assign(model="smollm2-135m"), ppl.assign(model="gemma3-270m")]).to_csv(
-        data / "09_perplexity.csv", index=False
-    )
     head = pd.DataFrame(
         [{"metric": m, "value": 100.0, "headline": True, "n": 1}
          for m in ("full_cache_retrieval", "full_cache_retrieval_gemma3-270m")]
@@ -335,18 +362,26 @@ def test_report_finding_from_the_notebooks_files(tmp_path):
         "gemma3-270m: evicting down to 25% of a 2048-token prompt, the most pass keys retrieved were <b>every "
         "policy 9/9</b>" in found.html  # every policy 9/9: no best policy to name
     )
-    # SmolLM2 question-after is the one finding (0, 3, 9 of 9: extremes apart); question-aware has two pairs, and
-    # Gemma's retrieval did not vary: nothing to correlate
-    assert found.html.count("rank correlation") == 1
-    assert found.html.count("cannot tell whether perplexity predicts") == 3
+    # both settings and how many successes were selected, per model; without notebook 08's table, no ranking
+    after = "question-after: 12 of 27 keys retrieved over 3 policies × 1 budget (25%); of these 12 successes"
+    assert f"{after}, <b>9 were selected</b>" in found.html
+    assert "question-aware: 9 of 18 keys retrieved" in found.html and "rank" not in found.html
+    # with it (09_quality.csv, written by the page when 08 ran first): three policies cannot rank (5 needed)
+    quality = acc[acc["setting"] != "no eviction"].assign(
+        model="smollm2-135m", tokens=1024, kld_mean=[1.0, 9.0, 4.0, 1.0, 9.0]
+    )
+    quality.to_csv(data / "09_quality.csv", index=False)
+    (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
+    assert "question-after: the data cannot rank the policies (only 3 values of keys retrieved (at least 5 needed))" \
+        in found.html  # fmt: skip
+    assert "predict" not in found.html.replace("perfect predictor", "")
     head.loc[1, "headline"] = False  # the second model's weights were random: its numbers are no finding
     head.to_csv(data / "09_headline.csv", index=False)
     (found,) = findings(tmp_path, ["09_what_a_cache_forgets"])
     assert "smollm2-135m: evicting" in found.html and "gemma3-270m" not in found.html
     assert "<b>knorm 9/9, apart from every other policy (95% Wilson intervals)</b> when the question came" in found.html
     assert "<b>h2o 7/9, not apart from knorm (95% Wilson intervals overlap)</b> when the policy saw" in found.html
-    assert "<b>9/9</b> for the full cache" in found.html and "<b>did not predict</b>" in found.html
-    assert "+1.00" in found.html  # ranks: perplexity 1, 3, 2 against retrieval 1, 3, 2 (fewest keys first)
+    assert "<b>9/9</b> for the full cache" in found.html
     head.assign(headline=False).to_csv(data / "09_headline.csv", index=False)  # random weights: no finding
     assert findings(tmp_path, ["09_what_a_cache_forgets"]) == []
 
@@ -375,7 +410,7 @@ def test_the_notebooks_grid_answers_as_the_command_does(decoder):
 
 
 def test_read_token_by_token_streaming_and_snapkv_keep_the_window_layouts_tokens(llama):
-    """What kvlib.measure.passkey.perplexity_rows relies on to give them the one-pass method (KVCache.one_pass)."""
+    """What kvlib.measure.perplexity relies on to give them the one-pass method (KVCache.one_pass)."""
     from kvlib.measure.perplexity import perplexity
 
     ids = torch.randint(0, llama.cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(2))
@@ -432,22 +467,6 @@ def test_replay_cuts_every_input_that_runs_along_the_positions():
     assert _swap(3, old, new, n, upto) == 3 and _swap(x, old, new, n, n) is x  # a whole replay changes nothing
 
 
-def test_perplexity_rows_on_gemma_run_streaming_and_snapkv_through_their_own_layouts(gemma):
-    """Regression: notebook 09's perplexity gave StreamingLLM and SnapKV the window layout's one-pass method, which a
-    model with sliding layers of its own refuses (the smoke page with tiny-gemma stopped with a KvlibError)."""
-    from kvlib.measure.passkey import perplexity_rows
-    from kvlib.measure.perplexity import perplexity
-
-    ids = torch.randint(0, gemma.cfg.vocab_size, (1, 80), generator=torch.Generator().manual_seed(4))
-    rows = perplexity_rows(gemma, ids, [("static", {}), ("streaming", {}), ("snapkv", {})], [0.5])
-    assert list(rows["method"]) == ["fast", "token", "token"]  # the full cache in one pass, the policies not
-    got = rows.set_index("cache")["perplexity"]
-    assert (
-        got["streaming"] == perplexity(gemma, ids, "streaming", budget_options("streaming", {}, 40), "token").perplexity
-    )
-    assert got["snapkv"] == perplexity(gemma, ids, "snapkv", budget_options("snapkv", {}, 40), "token").perplexity
-
-
 @pytest.mark.parametrize(
     "more, message",
     [
@@ -482,23 +501,25 @@ def test_measure_model_tags_every_table_and_the_figure_shows_only_that_models_pu
     import matplotlib
 
     matplotlib.use("Agg")
-    from kvlib.study.passkey import measure_model, theirs_for, two_panel_figure
+    from kvlib.study.passkey import measure_model, retention_figure, theirs_for
 
     lm = load("tiny-gemma", weights="random", seed=0, with_hf=False)
     layouts = [("static", {}), ("streaming", {}), ("h2o", {})]
-    r = measure_model(lm, 80, [0.5], 2, "novel", layouts, [0.5], ["question-after"], 3, 2, 24, 0)
+    r = measure_model(lm, 80, [0.5], 2, "novel", layouts, [0.5], ["question-after"], 3, 2, 0)
     assert not r.meaningful and (r.model, r.tokens) == ("tiny-gemma", 80)
-    for table in (r.grid, r.acc, r.by_depth, r.ppl):
+    for table in (r.grid, r.acc, r.by_depth):
         assert list(table.columns[:2]) == ["model", "tokens"] and set(table["model"]) == {"tiny-gemma"}
-    assert set(r.ppl["ppl_tokens"]) == {24} and len(r.grid) == 2 * (1 + 2)
-    assert all(len(t) == 0 for t in theirs_for("tiny-gemma")[:2])
-    legend = [t.get_text() for t in two_panel_figure(r.acc, r.ppl, "t", r.model).legends[0].get_texts()]
+    assert {"selected", "selectable"} <= set(r.acc.columns) and "in_protected" in r.grid
+    assert len(r.grid) == 2 * (1 + 2)
+    assert len(theirs_for("tiny-gemma")[0]) == 0
+    legend = [
+        t.get_text() for t in retention_figure([(r.model, 80, r.acc)], ["question-after"], "t").legends[0].get_texts()
+    ]
     assert "theirs (published)" not in legend
-    theirs, theirs_ppl, notes = theirs_for("smollm2-135m")
-    assert set(theirs["source"]) == {"kvpress"} and len(theirs_ppl) == 2 and notes
-    fig = two_panel_figure(r.acc, r.ppl, "t", "smollm2-135m")
+    theirs, notes = theirs_for("smollm2-135m")
+    assert set(theirs["source"]) == {"kvpress"} and notes
+    fig = retention_figure([("smollm2-135m", 80, r.acc)], ["question-after"], "t")
     assert "theirs (published)" in [t.get_text() for t in fig.legends[0].get_texts()]
-    assert any("theirs: knorm 6/9" in t.get_text() for t in fig.axes[1].texts)
 
 
 def test_outputs_unused_returns_zeros_after_the_same_cache_writes_and_observations(llama):

@@ -281,7 +281,7 @@ def test_findings_of_notebook_8_are_computed_from_its_csvs(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    meta = {"weights": ["pretrained"], "text": "the novel", "tokens": 2048, "quant_tokens": 1024}
+    meta = {"weights": ["pretrained"], "text": "the novel", "tokens": 2048, "dtype": "float32"}
     (data / "08_meta.json").write_text(json.dumps(meta))
     stream = pd.DataFrame(
         {
@@ -299,19 +299,22 @@ def test_findings_of_notebook_8_are_computed_from_its_csvs(tmp_path):
             "ppl_change_pct": [0.0, -0.05, 0.23, 21.0],
             "saving_pct": [0.0, 71.9, 81.2, 87.5],
             "bits_per_element": [32.0, 9.0, 6.0, 4.0],
+            "vs_16bit_pct": [200.0, 56.2, 37.6, 25.0],
         }
     )
     quant.to_csv(data / "08_quantized.csv", index=False)
-    found = findings(tmp_path, ["08_quality"])
+    found = findings(tmp_path, ["08_quality"])  # no 08_agreement.csv: that finding is left out
     assert len(found) == 2 and not any(f.contradicts for f in found)
-    assert "<b>32.80</b>" in found[0].html and "4 sinks + 508 recent <b>19.50</b>" in found[0].html
-    assert "<b>81%</b>" in found[1].html and "int4 kivi r32 g32" in found[1].html and "+21.0%" in found[1].html
+    saving, sinks = found
+    assert "<b>32.80</b>" in sinks.html and "4 sinks + 508 recent <b>19.50</b>" in sinks.html
+    assert "<b>62%</b> against a 16-bit cache (81% against this run's float32 cache" in saving.html
+    assert "int4 kivi r32 g32" in saving.html and "+21.0%" in saving.html
     stream.loc[1, "perplexity"] = 19.0  # window only beats every sink count
     stream.to_csv(data / "08_streaming.csv", index=False)
     quant.loc[1:, "ppl_change_pct"] = [1.5, 2.0, 21.0]
     quant.to_csv(data / "08_quantized.csv", index=False)
     found = findings(tmp_path, ["08_quality"])
-    assert [f.contradicts for f in found] == [True, True] and "Contrary to StreamingLLM" in found[0].html
+    assert [f.contradicts for f in found] == [True, True] and "Contrary to StreamingLLM" in found[1].html
     (data / "08_meta.json").write_text(json.dumps({**meta, "weights": ["random"]}))
     assert findings(tmp_path, ["08_quality"]) == []
 

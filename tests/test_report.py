@@ -209,3 +209,58 @@ def test_readme_papermill_example_runs(tmp_path):
     assert "unknown parameter" not in proc.stderr.lower()
     runs = pd.read_csv(tmp_path / "data" / "05_runs.csv")
     assert sorted(set(runs["batch_size"])) == [1, 2] and (runs["model"] == "tiny").all()
+
+
+def _probe_notebook(prefix: str) -> dict:
+    """A notebook of two cells that records the probe its kernel was given and what machine_roofline returned."""
+    code = (
+        "import json, os, pathlib\n"
+        "from kvlib.measure.roofline import machine_roofline\n"
+        "roof = machine_roofline(device, dtype)\n"
+        "data = pathlib.Path(out_dir, 'data')\n"
+        "data.mkdir(parents=True, exist_ok=True)\n"
+        "seen = {'env': os.environ.get('KVLIB_MACHINE_PROBE'), **roof}\n"
+        f"(data / '{prefix}_seen.json').write_text(json.dumps(seen))\n"
+    )
+    cells = [
+        {"cell_type": "markdown", "id": "title", "metadata": {}, "source": [f"# {prefix}. A probe reader"]},
+        {"cell_type": "code", "id": "params", "metadata": {"tags": ["parameters"]}, "execution_count": None,
+         "outputs": [], "source": ["device = 'cpu'\n", "dtype = 'float32'\n", "out_dir = '.'\n"]},
+        {"cell_type": "code", "id": "read", "metadata": {}, "execution_count": None, "outputs": [],
+         "source": code.splitlines(keepends=True)},
+    ]  # fmt: skip
+    kernel = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return {"cells": cells, "metadata": {"kernelspec": kernel}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_every_notebook_of_a_report_divides_by_the_one_probe_measured_first(tmp_path, monkeypatch):
+    """`report run` measures data/machine.json when there is none, the next notebook reuses it, and each kernel's
+    machine_roofline returns the stored figures (KVLIB_MACHINE_PROBE), not a measurement of its own."""
+    from kvlib.measure.roofline import PROBE_ENV, MachineProbe, Rates
+
+    notebooks, params, reports = tmp_path / "notebooks", tmp_path / "params", tmp_path / "reports"
+    notebooks.mkdir()
+    params.mkdir()
+    (params / "t.yaml").write_text("device: cpu\ndtype: float32\n")
+    for name in ("01_first", "02_second"):
+        (notebooks / f"{name}.ipynb").write_text(json.dumps(_probe_notebook(name[:2]), indent=1) + "\n")
+    calls = []
+
+    def fake_measure(device, dtypes, *args, **kwargs):
+        calls.append((str(device), list(dtypes)))
+        return MachineProbe("cpu", "Test CPU", Rates((7.25e9, 7.5e9, 7.0e9)), Rates((6e9,)),
+                            {"float32": Rates((3.5e10,))}, {"float32": 512}, 2**28, 2, "Test CPU", ("avx2",),
+                            "2025-01-01T00:00:00+00:00", 1.0)  # fmt: skip
+
+    monkeypatch.setattr(pipeline, "measure_probe", fake_measure)
+    monkeypatch.delenv("KVLIB_NO_ROOFLINE", raising=False)
+    monkeypatch.delenv(PROBE_ENV, raising=False)
+    for name in ("01_first", "02_second"):
+        pipeline.run_notebook(name, "t", reports, params, notebooks)
+    out = reports / "t"
+    assert calls == [("cpu", ["float32"])]  # measured once, before the first notebook; the second reused it
+    probe_file = (out / "data" / "machine.json").resolve()
+    for prefix in ("01", "02"):
+        seen = json.loads((out / "data" / f"{prefix}_seen.json").read_text())
+        assert seen == {"env": str(probe_file), "bandwidth_bytes_per_s": 7.5e9, "matmul_flops_per_s": 3.5e10}
+    assert PROBE_ENV not in os.environ  # the pipeline's own process is left as it was

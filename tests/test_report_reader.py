@@ -101,21 +101,13 @@ def test_batching_and_prompt_findings_use_the_spread_of_repeats(tmp_path):
 
 def test_a_lossy_layout_that_lost_nothing_is_left_out(tmp_path):
     (tmp_path / "data").mkdir()
-    pd.DataFrame(
-        [
-            dict(
-                status="ok",
-                engine="kvlib",
-                bits=8,
-                quantized_tokens=0,
-                held_bytes=1,
-                variant="int8",
-                saving_vs_full_pct=50.0,
-                token_agreement_pct=100.0,
-            )
-        ]
-    ).to_csv(tmp_path / "data" / "07_quantized.csv", index=False)
-    assert fnd.quantized(tmp_path) is None
+    rows = [dict(cache="static", fits=True, total_tokens=32, held_bytes=4),
+            dict(cache="window", fits=True, total_tokens=32, held_bytes=2)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "07_window.csv", index=False)
+    assert fnd.window(tmp_path) is None
+    rows[1]["fits"] = False
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "07_window.csv", index=False)
+    assert "<b>2.0x</b> less memory" in fnd.window(tmp_path).html
 
 
 def test_missing_data_leaves_findings_out_and_unknown_notebooks_give_their_headline_rows(tmp_path):

@@ -314,7 +314,7 @@ class DynamicCache(KVCache):
 
     name = "dynamic"
     dense = True
-    colour = "#de8f05"
+    colour = "#e69f00"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -81,6 +81,13 @@ class EvictionCache(KVCache):
     def protected_sinks(cls, options: Mapping[str, Any] | None = None) -> int:
         return cls.option(options, "sink") or 0
 
+    @classmethod
+    def protected_recent(cls, options: Mapping[str, Any] | None = None) -> int:
+        """How many of the newest positions a write never evicts, whatever their score (the `recent` of
+        `_evict`): with `protected_sinks`, what the policy keeps unconditionally, so that a key kept outside
+        both was kept by the policy's selection. This default: the newest token (TOVA, K-norm)."""
+        return 1
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -242,11 +249,16 @@ class StreamingCache(EvictionCache):
     sink (4)."""
 
     name = "streaming"
-    colour = "#b59a00"  # the window layout's: the same tokens (tests)
+    colour = "#999933"  # the window layout's: the same tokens (tests)
 
     @classmethod
     def label(cls, options: Mapping[str, Any] | None = None) -> str:
         return f"streaming {cls.option(options, 'sink')}+{cls.option(options, 'budget') - cls.option(options, 'sink')}"
+
+    @classmethod
+    def protected_recent(cls, options: Mapping[str, Any] | None = None) -> int:
+        """Everything but the sinks: the budget - sink newest positions."""
+        return cls.option(options, "budget") - cls.protected_sinks(options)
 
     @classmethod
     def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
@@ -293,6 +305,12 @@ class H2OCache(EvictionCache):
     colour = "#332288"
     needs_attention = True
 
+    @classmethod
+    def protected_recent(cls, options: Mapping[str, Any] | None = None) -> int:
+        """`recent`, by default half the budget."""
+        recent = cls.option(options, "recent")
+        return cls.option(options, "budget") // 2 if recent is None else recent
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -329,7 +347,7 @@ class TOVACache(EvictionCache):
     token's attention chooses the kept prompt tokens, as in the authors' implementation. Option: budget (256)."""
 
     name = "tova"
-    colour = "#117733"
+    colour = "#aa1177"
     needs_attention = True
 
     def __init__(
@@ -372,7 +390,12 @@ class SnapKVCache(EvictionCache):
 
     name = "snapkv"
     needs_attention = True
-    colour = "#cc6677"
+    colour = "#56b4e9"
+
+    @classmethod
+    def protected_recent(cls, options: Mapping[str, Any] | None = None) -> int:
+        """The observation window (the last `observation` positions of a write)."""
+        return cls.option(options, "observation")
 
     @classmethod
     def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
@@ -445,7 +468,7 @@ class KnormCache(EvictionCache):
     and the newest token is always kept. Option: budget (256)."""
 
     name = "knorm"
-    colour = "#882255"
+    colour = "#01665e"
 
     def __init__(
         self,

@@ -49,7 +49,7 @@ class SinkWindowCache(KVCache):
     loses = "evicted"
     evicts = True
     chunked_writes = False  # a question after the prompt goes in one token per step
-    colour = "#b59a00"
+    colour = "#999933"
 
     @classmethod
     def label(cls, options: Mapping[str, Any] | None = None) -> str:

@@ -54,7 +54,6 @@ count; a row measured on a busy machine says so in the table and in its `other_c
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,7 @@ from kvlib.measure.harness import ModelPool
 from kvlib.measure.machine_load import LoadReading
 from kvlib.measure.provenance import device_name
 from kvlib.measure.results import append_rows, check_outputs
-from kvlib.measure.roofline import measure_bandwidth_bytes_per_s, roofline_enabled
+from kvlib.measure.roofline import bandwidth_source, machine_probe, roofline_enabled
 from kvlib.models.loading import DTYPES, dtype_name, resolve_device
 
 DEFAULT_CSV = "reports/bench.csv"
@@ -204,7 +203,13 @@ def run(args: argparse.Namespace) -> int:
     columns = csv_columns()
     check_outputs({"--csv": (csv_path, columns)})  # before anything is loaded or measured
 
-    bandwidth = measure_bandwidth_bytes_per_s(device) if roofline_enabled() else math.nan
+    # the probe every row's MBU divides by (the report's with KVLIB_MACHINE_PROBE set, else this process's own)
+    probe = machine_probe(device, dtypes[0]) if roofline_enabled() and dtypes else None
+    against = (
+        "read bandwidth not measured"
+        if probe is None
+        else f"MBU against {bandwidth_source([probe.bandwidth_bytes_per_s])}"
+    )
     first = planned[0].specs[0] if planned else None
     shaped = [f"{m}: batch {','.join(map(str, s.batch_sizes))}, prompt {s.prompt_len}, {'/'.join(s.dtypes)} ({s.why})"
               for m, s in MODEL_ROWS.items() if m in args.model]  # fmt: skip
@@ -213,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
         f"{' (' + '; '.join(shaped) + ')' if shaped else ''}, "
         f"{first.max_new_tokens if first else '-'} new tokens, {planned[0].repeats if planned else '-'} repeats after "
         f"{planned[0].warmup if planned else '-'} warm-up, interleaved; {device} ({device_name(device)}), "
-        f"{torch.get_num_threads()} torch threads, measured read bandwidth "
-        f"{'not measured' if math.isnan(bandwidth) else f'{bandwidth / 1e9:.1f} GB/s'}; kvlib: static "
+        f"{torch.get_num_threads()} torch threads, "
+        f"{against}; kvlib: static "
         f"cache (hybrid on Gemma 3), fast path"
         f"{', torch.compile for batch 1' if args.compile and device.type == 'cpu' else ''}; "
         f"time bound per row {min(limits_s, default=0):.0f}-{max(limits_s, default=0):.0f} s",

@@ -1,8 +1,9 @@
 """`python -m kvlib report run|index|check` and `python -m kvlib check-report`: the report's commands (`make report`,
 `make check-report`); the work is kvlib.report's (pipeline, index, browser).
 
+    python -m kvlib report probe --profile smoke                    # the machine probe, data/machine.json
     python -m kvlib report run 02_naive_vs_cached --profile smoke   # one notebook (kvlib.report.pipeline)
-    python -m kvlib report index --profile smoke                    # the index page (kvlib.report.index)
+    python -m kvlib report index --profile smoke                    # each page's verdict box, the index page
     python -m kvlib report check                                    # every profile's keys vs every notebook
     python -m kvlib check-report reports/smoke                      # every page in headless Chromium
 """
@@ -15,7 +16,14 @@ from pathlib import Path
 
 from kvlib.report.browser import check_report
 from kvlib.report.index import build_index
-from kvlib.report.pipeline import NotebookFailed, check_profiles, discover, run_notebook
+from kvlib.report.pipeline import (
+    NotebookFailed,
+    add_verdicts,
+    check_profiles,
+    discover,
+    ensure_machine_probe,
+    run_notebook,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +32,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default="params", help="folder of the parameter profiles [params]")
     p.add_argument("--reports", default="reports", help="reports go to REPORTS/<profile>/ [reports]")
     steps = p.add_subparsers(dest="step", required=True, parser_class=type(p))
-    r = steps.add_parser("run", help="execute one notebook with papermill into REPORTS/<profile>/")
+    m = steps.add_parser(
+        "probe",
+        help="measure the machine probe (read bandwidth, matmul) into REPORTS/<profile>/data/machine.json, replacing "
+        "it: every notebook of the report divides by it (make report runs this once, before any notebook)",
+    )
+    m.add_argument("--profile", default="default")
+    r = steps.add_parser(
+        "run",
+        help="execute one notebook with papermill into REPORTS/<profile>/ (with the report's machine probe: the one "
+        "in REPORTS/<profile>/data/machine.json, measured first when there is none)",
+    )
     r.add_argument("notebook")
     r.add_argument("--profile", default="default")
-    i = steps.add_parser("index", help="write REPORTS/<profile>/index.html")
+    i = steps.add_parser(
+        "index",
+        help="open each notebook's HTML page with its findings (What this page found), then write "
+        "REPORTS/<profile>/index.html",
+    )
     i.add_argument("--profile", default="default")
     steps.add_parser("check", help="check every profile's keys against every notebook's parameters")
     p.set_defaults(func=run)
@@ -42,10 +64,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """One step of the report; a failed notebook exits 1 (papermill's error already printed), bad input 2."""
     try:
-        if args.step == "run":
+        if args.step == "probe":
+            ensure_machine_probe(args.profile, args.reports, args.params, args.notebooks, fresh=True)
+        elif args.step == "run":
             run_notebook(args.notebook, args.profile, args.reports, args.params, args.notebooks)
         elif args.step == "index":
-            build_index(Path(args.reports) / args.profile, args.profile, discover(args.notebooks))
+            out, notebooks = Path(args.reports) / args.profile, discover(args.notebooks)
+            add_verdicts(out, notebooks)  # before the index: the pages stay older than index.html (make)
+            build_index(out, args.profile, notebooks)
         else:
             problems = check_profiles(args.params, args.notebooks)
             for line in problems:

@@ -16,6 +16,8 @@ bench's met/MISSED against its speed targets is a threshold on medians, not yet 
 - **Rank correlations.** Spearman's rho is a finding only over at least 3 pairs, with at least 3 distinct values on
   each side (ties do not make an ordering) and, where the values carry intervals, with the highest and the lowest
   value apart under the rules above (when every value overlaps every other, there is no ordering to predict).
+  A ranking of a few categories (policies) by it is a finding only where each side has at least `MIN_RANKED` (5)
+  values, all distinct (`ranks_apart`): one tie among five already lets the order of the tied pair go either way.
 
 Tri-state answers: True (apart), False (not apart: the difference may be noise), None (n too small to tell).
 """
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from kvlib.core import checks
 
 MIN_REPEATS = 3  # values per side below which no difference is claimed
+MIN_RANKED = 5  # distinct values, without ties, a side of a ranking of categories needs (ranks_apart)
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% interval
 
 
@@ -46,6 +49,23 @@ def quartiles(values: Iterable[float]) -> tuple[float, float]:
         return math.nan, math.nan
     n = len(v)
     return v[math.floor((n - 1) / 4)], v[math.ceil(3 * (n - 1) / 4)]
+
+
+def nearest_rank(values: Iterable[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) as a measured value: v[ceil(q (n-1))] of the n sorted values (rounded up, so
+    never interpolated); nan when empty."""
+    v = _finite(values)
+    return v[math.ceil(q * (len(v) - 1))] if v else math.nan
+
+
+def central_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float]:
+    """(low, high) holding at least `level` of the values, by nearest rank rounded outward: v[floor(a (n-1))] and
+    v[ceil((1-a)(n-1))] with a = (1 - level) / 2 (a bootstrap's percentile interval); (nan, nan) when empty."""
+    v = _finite(values)
+    if not v:
+        return math.nan, math.nan
+    a, n = (1 - level) / 2, len(v)
+    return v[math.floor(a * (n - 1))], v[math.ceil((1 - a) * (n - 1))]
 
 
 def quartile_interval(values: Iterable[float]) -> tuple[float, float]:
@@ -188,6 +208,18 @@ def rank_correlation(
         if not y_apart(hi, lo):
             why = f"the highest and the lowest {y_name} overlap within their intervals: no ordering to predict"
     return RankCorrelation(rho, n, not why and rho is not None, why)
+
+
+def ranks_apart(values: Sequence[float], name: str = "values", minimum: int = MIN_RANKED) -> str:
+    """Whether `values` (one side of a rank correlation over categories, e.g. the keys each policy retrieved)
+    can rank them: '' when there are at least `minimum` values and no two are equal; else why not, in words
+    ("3 distinct values of keys retrieved among 5 (ties)", "only 4 values of kld (at least 5 needed)")."""
+    distinct = len(set(values))
+    if len(values) < minimum:
+        return f"only {len(values)} value{'s' if len(values) != 1 else ''} of {name} (at least {minimum} needed)"
+    if distinct < len(values):
+        return f"{distinct} distinct value{'s' if distinct != 1 else ''} of {name} among {len(values)} (ties)"
+    return ""
 
 
 def caveat(apart: bool | None, what: str = "repeats", interval: str = "interquartile ranges") -> str:

@@ -13,6 +13,11 @@ the question runs through the model as a second chunk. tests/test_passkey.py che
 `kvlib.measure.passkey.answer`'s, token for token, with the same keys and values kept: bit for bit for a whole
 prompt; for question-after up to float rounding (the context's rows of a longer prefill sum in another order than
 the context's own prefill), so a near-tie between two tokens or two kept keys could, rarely, go the other way.
+
+Several budgets of one policy share one replay (`replayed_answers`): a replay writes into an empty cache, so each
+layer's write is the whole prompt (or context) and the attention its keys receive does not depend on how many the
+cache will keep; one attention pass is computed for the first cache and its writes and observations are handed to
+the others (`_Tee`), each of which then evicts to its own budget. Tests prove the kept keys equal separate replays'.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kvlib.caches.base import REFERENCE, KVCache, evicts, make_cache
+from kvlib.caches.base import REFERENCE, KVCache, evicts, layout_class, make_cache
 from kvlib.decoding.questions import Answers, decode_answer, model_dtype, question_chunk
 from kvlib.models.attention import outputs_unused
 from kvlib.models.fastpath import prepare_for_inference
@@ -109,6 +114,48 @@ def replay(rec: Recorded, cache: KVCache, upto: int | None = None) -> None:
             )
 
 
+class _Tee:
+    """A cache stand-in for one replay into several caches of one layout that differ only in budget: the model
+    sees `lead` (its kept keys, masks and the queries it observes), and every write (`update`) and observation
+    (`observe`) is also handed to each of `followers`, which evict to their own budgets. Valid only for a replay
+    into empty caches, whose writes and received attention do not depend on the budget (`replay_all` checks)."""
+
+    def __init__(self, lead: KVCache, followers: list[KVCache]) -> None:
+        self._lead, self._followers = lead, followers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lead, name)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in self._followers:
+            c.update(layer, k, v, start)
+        return self._lead.update(layer, k, v, start)
+
+    def observe(self, layer: int, received: torch.Tensor | None) -> None:
+        self._lead.observe(layer, received)
+        for c in self._followers:
+            c.observe(layer, received)
+
+
+@torch.inference_mode()
+def replay_all(rec: Recorded, caches: list[KVCache], upto: int | None = None) -> None:
+    """`replay` into each of `caches` (fresh caches of one layout whose options differ only in the budget: the
+    caller's promise, `replayed_answers` checks it): a layout that scores by attention gets one attention pass for
+    all of them (`_Tee`), any other is given the recorded writes one cache after another. Raises ValueError for
+    caches of different layouts or not empty (one already written to would receive attention over keys it does
+    not hold)."""
+    if not caches:
+        return
+    lead = caches[0]
+    if len({type(c) for c in caches}) > 1 or any(any(c.lengths) for c in caches):
+        raise ValueError("replay_all: fresh caches of one layout (only the budget may differ)")
+    if not lead.needs_attention or len(caches) == 1:
+        for c in caches:
+            replay(rec, c, upto)
+        return
+    replay(rec, _Tee(lead, caches[1:]), upto)  # type: ignore[arg-type]  # the model only uses the cache's interface
+
+
 @torch.inference_mode()
 def replayed_answer(
     model: Any, rec: Recorded, context_len: int, cache: str, options: dict[str, Any], question_aware: bool,
@@ -116,14 +163,31 @@ def replayed_answer(
 ) -> Answers:  # fmt: skip
     """The greedy continuations of the recorded prompts through a fresh cache of the named layout:
     `kvlib.measure.passkey.answer` without running the prefill again (its time excludes the prefill)."""
+    return replayed_answers(model, rec, context_len, cache, [options], question_aware, new_tokens)[0]
+
+
+@torch.inference_mode()
+def replayed_answers(
+    model: Any, rec: Recorded, context_len: int, cache: str, options: list[dict[str, Any]], question_aware: bool,
+    new_tokens: int,
+) -> list[Answers]:  # fmt: skip
+    """`replayed_answer` for each of `options` (one layout's options at several budgets), the replay shared
+    (`replay_all`: one attention pass for them all); each cache then takes the question (question-after) and
+    decodes on its own. Each answer's time_s is its share of the replay plus its own question and decoding."""
+    others = {tuple(sorted((k, repr(v)) for k, v in o.items() if k != "budget")) for o in options}
+    if layout_class(cache).needs_attention and len(others) > 1:  # one attention pass serves only budgets apart
+        raise ValueError(f"replayed_answers: options that differ in more than the budget: {options}")
     B, N = rec.ids.shape
     t0 = time.perf_counter()
-    kv = make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, model_dtype(model), **options)
-    if question_aware or not evicts(cache):
-        replay(rec, kv)
-        logits = rec.logits
-    else:
-        replay(rec, kv, context_len)
-        logits = question_chunk(model, kv, rec.ids, context_len)
-    out = decode_answer(model, kv, logits, N, new_tokens)
-    return Answers(out, kv.used_bytes(), time.perf_counter() - t0, kv)
+    dtype = model_dtype(model)
+    kvs = [make_cache(cache, model.cfg, B, N + new_tokens, rec.ids.device, dtype, **o) for o in options]
+    upto = None if question_aware or not evicts(cache) else context_len
+    replay_all(rec, kvs, upto)
+    shared = (time.perf_counter() - t0) / len(kvs)
+    answers = []
+    for kv in kvs:
+        t1 = time.perf_counter()
+        logits = rec.logits if upto is None else question_chunk(model, kv, rec.ids, context_len)
+        out = decode_answer(model, kv, logits, N, new_tokens)
+        answers.append(Answers(out, kv.used_bytes(), shared + time.perf_counter() - t1, kv))
+    return answers

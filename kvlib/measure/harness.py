@@ -4,7 +4,8 @@ One configuration is a `RunSpec` (engine, cache mode, model, weights, sizes, dev
 
 1. Every spec is checked before any model is loaded; each distinct model is loaded once. Prompts are passages of
    Pride and Prejudice for pretrained models and seeded synthetic token ids for random weights (kvlib.models.prompts).
-2. The machine's roofline (read bandwidth, matmul throughput) is measured once per process (kvlib.measure.roofline).
+2. The machine's roofline (read bandwidth, matmul throughput) comes from one machine probe: the report's when
+   KVLIB_MACHINE_PROBE names it, else measured once per process (kvlib.measure.roofline.machine_probe).
 3. Each spec runs `warmup` unrecorded times, then `repeats` measured times, interleaved: repeat r runs every spec
    in turn, in reverse order on odd repeats (A B, B A, ...), so drift and order effects hit all specs alike.
 4. A run is one `kvlib.models.decode.generate` or one Hugging Face `generate` call (`kvlib.models.hf.hf_generate`),

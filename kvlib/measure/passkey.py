@@ -29,11 +29,13 @@ import pandas as pd
 import torch
 
 from kvlib.caches.base import REFERENCE, evicts, layout_class, make_cache
+from kvlib.caches.eviction import EvictionCache
 from kvlib.core import checks
 from kvlib.core.stats import wilson
 from kvlib.decoding.questions import Answers, decode_answer
-from kvlib.decoding.replay import record_prefill, replayed_answer
-from kvlib.measure.perplexity import FLAG_OPTIONS, PROVENANCE, fast_applies, perplexity
+from kvlib.decoding.replay import record_prefill, replayed_answer, replayed_answers
+from kvlib.measure.perplexity import FLAG_OPTIONS, PROVENANCE
+from kvlib.models.prompts import PasskeyPrompt
 
 SETTINGS = ("question-after", "question-aware")
 NO_SETTING = "no eviction"  # layouts that do not evict: one prefill, the setting changes nothing
@@ -98,6 +100,35 @@ def setting_of(cache: str, question_aware: bool) -> str:
     return SETTINGS[question_aware] if evicts(cache) else NO_SETTING
 
 
+def protected_positions(cache: str, options: dict[str, Any], end: int) -> tuple[int, int]:
+    """(sinks, first recent): once `end` positions were written, the layout keeps every position < sinks and
+    every position >= first recent whatever it scores (its `protected_sinks` and `protected_recent`,
+    kvlib.caches.eviction); what lies between is kept only if the policy selects it. A layout that evicts but is
+    not an eviction policy (the window) holds nothing but its sinks and its newest tokens, so the whole of its
+    budget is protected there; a layout that does not evict protects every position: (end, 0)."""
+    cls = layout_class(cache)
+    budget = cls.held_budget(options)
+    if not cls.evicts or budget is None:
+        return end, 0
+    sinks = cls.protected_sinks(options)
+    recent = cls.protected_recent(options) if issubclass(cls, EvictionCache) else budget - sinks
+    return sinks, end - recent
+
+
+def key_in_protected(prompt: PasskeyPrompt, cache: str, options: dict[str, Any], question_aware: bool) -> bool:
+    """Whether any token of the key sentence (both copies of the key, `key_start`..`key_end`) lay in the positions
+    the layout keeps unconditionally (`protected_positions`) when the answer began: question-after, once the
+    context was written and compressed (end = the context's length: the question's queries see what was kept
+    then); question-aware, once the whole prompt was (end = its length: the first answer token attends to the
+    whole prompt, the later ones to what was kept). A key outside them that was retrieved was kept by the
+    policy's selection, not by recency; one inside them tells nothing about the policy's scores. The window
+    moves on during the answer, so this is the generous side of "protected" (a success is called selected only
+    if its key sentence lay wholly outside the protected positions at the start of the answer)."""
+    end = len(prompt.ids) if question_aware else prompt.context_len
+    sinks, first_recent = protected_positions(cache, options, end)
+    return prompt.key_start < sinks or prompt.key_end - 1 >= first_recent
+
+
 def accuracy_table(rows: list[dict[str, Any]], by: str = "depth") -> list[tuple[Any, int, int, float, float]]:
     """(group, retrieved, n, wilson low, wilson high) per value of `by`, then ("all", ...) over every row."""
     groups: dict[Any, list[int]] = {}
@@ -125,6 +156,37 @@ def policy_label(cache: str, options: dict[str, Any] | None = None) -> str:
     return f"{cache} ({sinks} sinks + window)" if sinks else cache
 
 
+def _rows(
+    chunk: list[PasskeyPrompt], tokenizer: Any, n_tokens: int, prefill_s: float, cache: str, options: dict[str, Any],
+    frac: float, setting: str, ans: Answers,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """retrieval_grid's rows for one batch of prompts through one layout, budget and setting."""
+    budget = held_budget(cache, options)
+    rows = []
+    for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
+        text = tokenizer.decode(t, skip_special_tokens=True)
+        rows.append(
+            {
+                "depth": p.depth,
+                "actual_depth": round(p.actual_depth, 4),
+                "key": p.key,
+                "cache": cache,
+                "policy": policy_label(cache, options),
+                "options": " ".join(f"{k}={v}" for k, v in options.items()),
+                "budget": budget if budget is not None else n_tokens,
+                "budget_fraction": frac,
+                "setting": setting,
+                "continuation": text,
+                "retrieved": int(retrieved(text, p.key)),
+                "in_protected": key_in_protected(p, cache, options, setting == SETTINGS[1]),
+                "kv_bytes_held": ans.kv_bytes_held // len(chunk),
+                "time_s": ans.time_s / len(chunk),
+                "prefill_s": prefill_s / len(chunk),
+            }
+        )
+    return rows
+
+
 @torch.inference_mode()
 def retrieval_grid(
     model: Any,
@@ -143,10 +205,12 @@ def retrieval_grid(
 
     `policies`: (layout, options without the budget); a layout that does not evict is a full-cache reference
     (one row per prompt, setting "no eviction", budget = the prompt's length). Budgets are fractions of the prompt's
-    tokens. Prompts (of every depth and key: they all have the same length and question) go `batch` at a time;
-    each batch is prefilled once (`record_prefill`) and replayed into every layout, the static cache's own answers
-    decoded from the recording cache itself. time_s is the replay, question and decoding per prompt (the shared
-    prefill: prefill_s)."""
+    tokens. `in_protected`: whether the key sentence lay in the positions the layout keeps whatever it scores
+    (`key_in_protected`; always True for a layout that does not evict). Prompts (of every depth and key: they all
+    have the same length and question) go `batch` at a time; each batch is prefilled once (`record_prefill`) and
+    replayed into every layout (every budget of one policy and setting sharing one replay:
+    kvlib.decoding.replay.replayed_answers), the static cache's own answers decoded from the recording cache
+    itself. time_s is the replay (its share), question and decoding per prompt (the shared prefill: prefill_s)."""
     n_tokens = builder.n_tokens
     rows = []
     prompts = [builder.prompt(depth, k) for depth in depths for k in keys]
@@ -154,99 +218,56 @@ def retrieval_grid(
         chunk = prompts[b : b + batch]  # every prompt has n_tokens tokens and the same question: one batch
         ids = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=next(model.parameters()).device)
         rec = record_prefill(model, ids, new_tokens)
-        runs = []
+        n_runs = 0
+        rows_of = (chunk, tokenizer, n_tokens, rec.time_s)  # what every row of this batch shares
         for cache, opts in policies:
-            if not evicts(cache):
-                runs.append((cache, opts, 1.0, NO_SETTING))
-                continue
-            runs += [(cache, opts, f, s) for f in budget_fractions for s in settings]
-        for cache, opts, frac, setting in runs:
-            if evicts(cache):
-                options = budget_options(cache, dict(opts), max(1, round(frac * n_tokens)))
-                ans = replayed_answer(
-                    model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
-                )
+            if evicts(cache):  # every budget of one setting shares one replay (one attention pass)
+                for setting in settings:
+                    options = [budget_options(cache, dict(opts), max(1, round(f * n_tokens))) for f in budget_fractions]
+                    answers = replayed_answers(
+                        model, rec, chunk[0].context_len, cache, options, setting == SETTINGS[1], new_tokens
+                    )
+                    for o, f, a in zip(options, budget_fractions, answers, strict=True):
+                        rows += _rows(*rows_of, cache, o, f, setting, a)
+                    n_runs += len(answers)
+                    del answers  # their caches: up to the whole budget of keys per layer each
             elif cache == REFERENCE:  # the recording cache is the full cache: decode from it
-                options, t0 = dict(opts), time.perf_counter()
+                t0 = time.perf_counter()
                 out = decode_answer(model, rec.cache, rec.logits, n_tokens, new_tokens)
-                ans = Answers(out, rec.cache.used_bytes(), time.perf_counter() - t0, rec.cache)
+                ans = Answers(out, rec.cache.used_bytes(), time.perf_counter() - t0)
+                rows += _rows(*rows_of, cache, dict(opts), 1.0, NO_SETTING, ans)
+                n_runs += 1
             else:
-                options = dict(opts)
-                ans = replayed_answer(model, rec, chunk[0].context_len, cache, options, True, new_tokens)
-            budget = held_budget(cache, options)
-            for p, t in zip(chunk, ans.tokens.tolist(), strict=True):
-                text = tokenizer.decode(t, skip_special_tokens=True)
-                rows.append(
-                    {
-                        "depth": p.depth,
-                        "actual_depth": round(p.actual_depth, 4),
-                        "key": p.key,
-                        "cache": cache,
-                        "policy": policy_label(cache, options),
-                        "options": " ".join(f"{k}={v}" for k, v in options.items()),
-                        "budget": budget if budget is not None else n_tokens,
-                        "budget_fraction": frac,
-                        "setting": setting,
-                        "continuation": text,
-                        "retrieved": int(retrieved(text, p.key)),
-                        "kv_bytes_held": ans.kv_bytes_held // len(chunk),
-                        "time_s": ans.time_s / len(chunk),
-                        "prefill_s": rec.time_s / len(chunk),
-                    }
-                )
+                ans = replayed_answer(model, rec, chunk[0].context_len, cache, dict(opts), True, new_tokens)
+                rows += _rows(*rows_of, cache, dict(opts), 1.0, NO_SETTING, ans)
+                n_runs += 1
         if progress is not None:
-            progress(f"prompts {b + 1}-{b + len(chunk)} of {len(prompts)}: prefilled once, {len(runs)} layouts")
+            progress(f"prompts {b + 1}-{b + len(chunk)} of {len(prompts)}: prefilled once, {n_runs} layouts")
         del rec
     return pd.DataFrame(rows)
 
 
 def accuracy(
-    grid: pd.DataFrame, by: tuple[str, ...] = ("policy", "cache", "budget_fraction", "setting")
+    grid: pd.DataFrame, by: tuple[str, ...] = ("policy", "cache", "budget", "budget_fraction", "setting")
 ) -> pd.DataFrame:
-    """Retrieval accuracy per group with its 95% Wilson interval: retrieved, n, accuracy_pct, low_pct, high_pct."""
-    g = grid.groupby(list(by), sort=False, dropna=False)["retrieved"].agg(retrieved="sum", n="count").reset_index()
+    """Retrieval accuracy per group of `grid` (retrieval_grid's rows) with its 95% Wilson interval: retrieved, n,
+    accuracy_pct, low_pct, high_pct; and `selectable`, the group's keys that lay outside the positions their
+    layout keeps unconditionally (not `in_protected`), `selected`, those of them retrieved: retrieved - selected
+    successes were keys the layout keeps whatever it scores (its sinks or its recent window)."""
+    outside = grid.assign(selectable=~grid["in_protected"].astype(bool))
+    outside["selected"] = outside["selectable"] & outside["retrieved"].astype(bool)
+    g = (
+        outside.groupby(list(by), sort=False, dropna=False)
+        .agg(retrieved=("retrieved", "sum"), n=("retrieved", "count"), selected=("selected", "sum"),
+             selectable=("selectable", "sum"))
+        .reset_index()
+    )  # fmt: skip
     lo_hi = [wilson(int(k), int(n)) for k, n in zip(g["retrieved"], g["n"], strict=True)]
     g["accuracy_pct"] = 100 * g["retrieved"] / g["n"]
     g["low_pct"] = [100 * lo for lo, _ in lo_hi]
     g["high_pct"] = [100 * hi for _, hi in lo_hi]
+    g[["selected", "selectable"]] = g[["selected", "selectable"]].astype(int)
     return g
-
-
-# ---- perplexity of the same policies -------------------------------------------------------------------------------
-
-
-def perplexity_rows(
-    model: Any, ids: torch.Tensor, policies: list[tuple[str, dict[str, Any]]], budget_fractions: list[float]
-) -> pd.DataFrame:
-    """Perplexity of `ids` (1, N) through the same policies at the same budget fractions of N, with
-    kvlib.measure.perplexity, every policy on the same text so that their changes compare.
-
-    Each policy goes through the one-pass method ("fast", proven equal to the token method) where it applies
-    (`kvlib.measure.perplexity.fast_applies`: the full cache on any model; on a Llama-architecture model every
-    layout with a one-pass pattern, KVCache.one_pass: the window, and StreamingLLM and SnapKV, which read token by
-    token keep the window layout's tokens, so SnapKV's perplexity is its decode rule's, not its prompt selection's),
-    else token by token through the layout itself (H2O, TOVA and K-norm, whose kept tokens depend on the attention
-    or the keys; every lossy layout on another architecture). Returns one row per (policy, budget fraction): method,
-    tokens, budget, perplexity, change against the full cache (%)."""
-    n = ids.shape[1]
-    full = perplexity(model, ids, REFERENCE, {}, "fast").perplexity  # an exact layout: one pass on any model
-    rows = [
-        {"policy": FULL, "cache": REFERENCE, "budget_fraction": 1.0, "method": "fast", "tokens": n, "budget": n,
-         "perplexity": full, "ppl_change_pct": 0.0},
-    ]  # fmt: skip
-    for cache, opts in policies:
-        if not evicts(cache):
-            continue
-        for frac in budget_fractions:
-            options = budget_options(cache, dict(opts), max(1, round(frac * n)))
-            method = "fast" if fast_applies(model.cfg, cache, options) else "token"
-            ppl = perplexity(model, ids, cache, options, method).perplexity
-            rows.append(
-                {"policy": policy_label(cache, options), "cache": cache, "budget_fraction": frac, "method": method,
-                 "tokens": n, "budget": held_budget(cache, options), "perplexity": ppl,
-                 "ppl_change_pct": 100 * (ppl / full - 1)}
-            )  # fmt: skip
-    return pd.DataFrame(rows)
 
 
 def check_grid(

@@ -47,6 +47,7 @@ from kvlib.caches.window import SinkWindowCache
 from kvlib.core import checks
 from kvlib.core.errors import KvlibError
 from kvlib.core.rope import rope_cos_sin, rotate
+from kvlib.measure.divergence import log_probs
 from kvlib.models.fastpath import prepare_for_inference
 from kvlib.models.hf_quantized import hf_cache_bytes, make_hf_quantized_cache
 from kvlib.models.prompts import CORPUS_NAME, bos_ids, corpus_text
@@ -91,6 +92,13 @@ CSV_COLUMNS = (
     "method",
     "nll_mean",
     "perplexity",
+    "baseline",
+    "kld_mean",
+    "kld_lo",
+    "kld_hi",
+    "kld_p99",
+    "top1_pct",
+    "ppl_ratio",
     "kv_bytes_held",
     "bytes_per_token",
     "time_s",
@@ -103,8 +111,11 @@ CSV_COLUMNS = (
 @dataclass
 class Perplexity:
     nll: torch.Tensor  # (N - 1,) float64: -log p(token i | tokens < i as the cache keeps them), i = 1 .. N-1
-    kv_bytes_held: int  # bytes the cache holds after the whole text (0 for "none")
+    kv_bytes_held: int  # bytes the cache holds after the whole text (0 for "none"); per passage for several
     time_s: float
+    # (N - 1, V) float32 on the host: log p(. | tokens < i) at every scored position, kept when asked for
+    # (keep_logprobs=True): what kvlib.measure.divergence compares with a baseline's
+    logprobs: torch.Tensor | None = None
 
     @property
     def nll_mean(self) -> float:
@@ -202,29 +213,45 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def perplexity_token_by_token(
-    model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None
+    model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None, keep_logprobs: bool = False
 ) -> Perplexity:
-    """Teacher forcing of `ids` (1, N) through the named layout, one token per step; "none": one causal pass."""
+    """Teacher forcing of `ids` (B, N) through the named layout, one token per step, the B passages side by side
+    (each row its own sequence in the batch); "none": one causal pass. NLL (and log probabilities) passage after
+    passage: (B * (N - 1),); bytes held per passage."""
     options = options or {}
-    N = ids.shape[1]
-    positions = torch.arange(N, device=ids.device)[None]  # (1, N)
+    B, N = ids.shape
+    positions = torch.arange(N, device=ids.device)[None].expand(B, N)  # (B, N)
     t0 = time.perf_counter()
+    lp = None
     if cache == NAIVE:
-        logits = model(ids, positions, None, 0, None, last_only=False)[0]  # (N, V)
-        return Perplexity(_nll(logits[:-1], ids[0, 1:]), 0, time.perf_counter() - t0)
-    prepare_for_inference(model, 1)
-    kv = make_cache(cache, model.cfg, 1, N, ids.device, model.wte.weight.dtype, **options)
-    nll = torch.empty(N - 1, dtype=torch.float64)
+        logits = model(ids, positions, None, 0, None, last_only=False)[:, :-1]  # (B, N - 1, V)
+        flat = logits.reshape(B * (N - 1), -1)
+        lp = log_probs(flat) if keep_logprobs else None
+        return Perplexity(_nll(flat, ids[:, 1:].reshape(-1)), 0, time.perf_counter() - t0, lp)
+    prepare_for_inference(model, B)
+    kv = make_cache(cache, model.cfg, B, N, ids.device, model.wte.weight.dtype, **options)
+    nll = torch.empty(B, N - 1, dtype=torch.float64)
+    if keep_logprobs:
+        lp = torch.empty(B, N - 1, model.cfg.vocab_size, dtype=torch.float32)
     for i in range(N):  # every token goes in, so that the bytes held are those of the whole text
-        logits = model(ids[:, i : i + 1], positions[:, i : i + 1], kv, i)[0, -1]  # (V,)
+        logits = model(ids[:, i : i + 1], positions[:, i : i + 1], kv, i)[:, -1]  # (B, V)
         if i < N - 1:
-            nll[i] = _nll(logits[None], ids[0, i + 1 : i + 2])[0]
-    return Perplexity(nll, kv.used_bytes(), time.perf_counter() - t0)
+            nll[:, i] = _nll(logits, ids[:, i + 1]).cpu()
+            if lp is not None:
+                lp[:, i] = log_probs(logits)
+    if lp is not None:
+        lp = lp.view(B * (N - 1), -1)
+    return Perplexity(nll.view(-1), kv.used_bytes() // B, time.perf_counter() - t0, lp)
 
 
 @torch.inference_mode()
 def perplexity_hf_quantized(
-    hf_model: Any, ids: torch.Tensor, bits: int = 4, residual_len: int = 128, backend: str = "quanto"
+    hf_model: Any,
+    ids: torch.Tensor,
+    bits: int = 4,
+    residual_len: int = 128,
+    backend: str = "quanto",
+    keep_logprobs: bool = False,
 ) -> Perplexity:
     """Teacher forcing through Hugging Face's model with its QuantizedCache, one token per call."""
     if hf_model is None:
@@ -235,12 +262,15 @@ def perplexity_hf_quantized(
         raise KvlibError(f"Hugging Face QuantizedCache ({backend}, {bits} bits) unavailable: {e}") from None
     N = ids.shape[1]
     nll = torch.empty(N - 1, dtype=torch.float64)
+    lp = torch.empty(N - 1, hf_model.config.vocab_size) if keep_logprobs else None
     t0 = time.perf_counter()
     for i in range(N):
         out = hf_model(input_ids=ids[:, i : i + 1], past_key_values=kv, use_cache=True)
         if i < N - 1:
             nll[i] = _nll(out.logits[0, -1:], ids[0, i + 1 : i + 2])[0]
-    return Perplexity(nll, hf_cache_bytes(kv), time.perf_counter() - t0)
+            if lp is not None:
+                lp[i] = log_probs(out.logits[0, -1])
+    return Perplexity(nll, hf_cache_bytes(kv), time.perf_counter() - t0, lp)
 
 
 @torch.inference_mode()
@@ -344,7 +374,9 @@ def _attention(q, k, v, allowed, q_sink=None, sink=0, k_codes=None, v_codes=None
 
 
 @torch.inference_mode()
-def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None) -> Perplexity:
+def perplexity_fast(
+    model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None, keep_logprobs: bool = False
+) -> Perplexity:
     """One forward pass equal to `perplexity_token_by_token`: on a Llama-architecture model for the exact layouts,
     window and quantized; on any other architecture for the exact layouts only (the model's own forward pass over
     the whole text, without a cache: what an exact cache shows each query). Bytes held are computed by
@@ -364,7 +396,8 @@ def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str
         positions = torch.arange(N, device=device)[None]
         logits = model(ids, positions, None, 0, last_only=False)[0]  # (N, V)
         nll = _nll(logits[:-1], ids[0, 1:])
-        return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0)
+        lp = log_probs(logits[:-1]) if keep_logprobs else None
+        return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0, lp)
     plan = CACHE_LAYOUTS[cache].one_pass(N, options, device)
     if plan is None:
         raise KvlibError(f"method fast has no mask for the lossy layout {cache!r}; use method token")
@@ -390,7 +423,22 @@ def perplexity_fast(model: Any, ids: torch.Tensor, cache: str, options: dict[str
         x = x + block.mlp(block.post_attention_layernorm(x))
     logits = model.lm_head(model.norm(x))[0]  # (N, V)
     nll = _nll(logits[:-1], ids[0, 1:])
-    return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0)
+    lp = log_probs(logits[:-1]) if keep_logprobs else None
+    return Perplexity(nll, held_bytes(model.cfg, cache, options, N, dtype), time.perf_counter() - t0, lp)
+
+
+def check_baseline(baseline: str | None) -> str | None:
+    """The baseline a lossy layout is compared with: an exact layout (or "none": no cache); None for no
+    comparison. Raises KvlibError for a lossy or unknown one."""
+    if baseline is None or baseline == NAIVE:
+        return baseline
+    if baseline not in CACHE_LAYOUTS:
+        exact = ", ".join([NAIVE, *(n for n, c in CACHE_LAYOUTS.items() if c.exact)])
+        raise KvlibError(f"unknown baseline {baseline!r}; choose an exact layout: {exact}")
+    if not CACHE_LAYOUTS[baseline].exact:
+        exact = ", ".join(n for n, c in CACHE_LAYOUTS.items() if c.exact)
+        raise KvlibError(f"baseline {baseline!r} is itself lossy; a baseline must be exact: {exact}")
+    return baseline
 
 
 def fast_applies(cfg: Any, cache: str, options: dict[str, Any] | None = None) -> bool:
@@ -410,13 +458,49 @@ def held_bytes(cfg: Any, cache: str, options: dict[str, Any], n_tokens: int, dty
 
 
 def perplexity(
-    model: Any, ids: torch.Tensor, cache: str, options: dict[str, Any] | None = None, method: str = "token"
+    model: Any,
+    ids: torch.Tensor,
+    cache: str,
+    options: dict[str, Any] | None = None,
+    method: str = "token",
+    keep_logprobs: bool = False,
 ) -> Perplexity:
     """The perplexity of `ids` (1, N) through `cache` (a layout, "none" or "recompute") by `method` ("token" or
-    "fast")."""
+    "fast"); with keep_logprobs, every scored position's log probabilities too (not for "recompute")."""
     method = checks.one_of("method", method, METHODS)
     if cache == RECOMPUTE:
+        if keep_logprobs:
+            raise KvlibError("re-computation keeps no log probabilities (it scores chosen tokens only)")
         return perplexity_recompute(model, ids, layout_options_from(cache, options or {})["window"], method)
     if method == "fast":
-        return perplexity_fast(model, ids, cache, options)
-    return perplexity_token_by_token(model, ids, cache, options)
+        return perplexity_fast(model, ids, cache, options, keep_logprobs)
+    return perplexity_token_by_token(model, ids, cache, options, keep_logprobs)
+
+
+def perplexity_passages(
+    model: Any,
+    passages: torch.Tensor,
+    cache: str,
+    options: dict[str, Any] | None = None,
+    method: str = "fast",
+    keep_logprobs: bool = False,
+) -> Perplexity:
+    """Perplexity over several passages (S, L), each read as its own text from position 0: by one pass per passage
+    where `method` is "fast" and it applies (`fast_applies`), else token by token with the S passages side by side
+    in one batch (a decode step of batch S costs about what one of batch 1 costs: memory-bound). NLL and log
+    probabilities passage after passage ((S * (L - 1),)); bytes held per passage; the method used is the one that
+    applies, so callers report `method_used(...)`."""
+    if passages.dim() != 2:
+        raise KvlibError(f"passages must be (S, L) token ids, got shape {tuple(passages.shape)}")
+    if method_used(model.cfg, cache, options, method) == "fast":
+        parts = [perplexity_fast(model, row[None], cache, options, keep_logprobs) for row in passages]
+        lp = torch.cat([p.logprobs for p in parts]) if keep_logprobs else None
+        return Perplexity(torch.cat([p.nll for p in parts]), parts[0].kv_bytes_held, sum(p.time_s for p in parts), lp)
+    return perplexity_token_by_token(model, passages, cache, options, keep_logprobs)
+
+
+def method_used(cfg: Any, cache: str, options: dict[str, Any] | None, method: str) -> str:
+    """The method `perplexity_passages` runs: "fast" when asked for and it applies to this layout on this model,
+    else "token"."""
+    fast = checks.one_of("method", method, METHODS) == "fast" and fast_applies(cfg, cache, options)
+    return "fast" if fast else "token"

@@ -18,6 +18,7 @@ One concept in one file (over 400 lines): the report's findings, one function pe
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Callable
@@ -28,8 +29,11 @@ import pandas as pd
 
 from kvlib.caches.base import REFERENCE, evicts
 from kvlib.core.errors import KvlibError
-from kvlib.study import Spread, fmt, published
-from kvlib.study.passkey import leader_text, metric_suffix, verdict
+from kvlib.measure.divergence import within_floor
+from kvlib.measure.passkey import NO_SETTING, SETTINGS
+from kvlib.study import Spread, fmt, published, snapkv_check
+from kvlib.study.agreement import floor_bound
+from kvlib.study.passkey import SETTING_WORDS, leader_text, metric_suffix, quality_verdict, selection_text
 from kvlib.study.quality import SINK_EFFECT
 
 
@@ -280,25 +284,28 @@ def paged_waste(out: Path) -> Finding | None:
     )
 
 
-def quantized(out: Path) -> Finding | None:
-    """07: kvlib's int8 and int4 caches that quantized tokens: saving and token agreement."""
-    q = _read(out, "07_quantized.csv")
-    q = q[(q["status"] == "ok") & (q["engine"] == "kvlib") & (q["quantized_tokens"] > 0)]
-    parts = []
-    for bits in (8, 4):
-        rows = q[q["bits"] == bits].sort_values("held_bytes")
-        if len(rows):
-            r = rows.iloc[0]
-            parts.append(
-                f"int{bits} ({r['variant']}) saved <b>{r['saving_vs_full_pct']:.0f}%</b> of the memory with "
-                f"<b>{r['token_agreement_pct']:.1f}%</b> of teacher-forced token choices unchanged"
-            )
-    if not parts:
-        return None  # nothing quantized in this run: no result about quantization
-    return Finding(
-        "Quantizing the cache: " + "; ".join(parts) + " (against the full-precision cache of the same run).",
-        "07_cache_strategies",
-    )
+def lossy_quality(out: Path) -> Finding | None:
+    """08: every lossy layout against the exact cache (kvlib.study.agreement): the floor, then the layouts within it
+    and the best and worst by mean KL divergence, with top-1 agreement and bytes against a 16-bit cache."""
+    meta = _quality_meta(out)
+    if meta is None:
+        return None
+    a = _read(out, "08_agreement.csv")
+    lossy = a[a["kind"] == "lossy"].sort_values("kld_mean")
+    hi = floor_bound(a)
+    if math.isnan(hi) or lossy.empty:
+        return None  # nothing lossy (or no floor) measured in this run
+
+    def one(r: pd.Series) -> str:
+        return (f"{r['variant']} <b>{r['kld_mean']:.2g}</b> nats (95% CI {r['kld_lo']:.2g}–{r['kld_hi']:.2g}), top-1 "
+                f"<b>{r['top1_pct']:.1f}%</b>, {r['vs_16bit_pct']:.0f}% of a 16-bit cache")  # fmt: skip
+
+    within = lossy[[within_floor(m, hi) for m in lossy["kld_mean"]]]
+    head = (f"Against the exact cache ({meta.get('span', 'the text')}; noise floor: KLD ≤ {hi:.2g} nats between two "
+            "exact paths): ")  # fmt: skip
+    body = (f"within the floor: {', '.join(within['variant'])}; " if len(within) else "no lossy layout is within "
+            "the floor; ") + f"lowest KLD: {one(lossy.iloc[0])}; highest: {one(lossy.iloc[-1])}."  # fmt: skip
+    return Finding(head + body, "08_quality")
 
 
 def window(out: Path) -> Finding | None:
@@ -312,62 +319,66 @@ def window(out: Path) -> Finding | None:
     if st.empty:
         return None
     less = float(st["held_bytes"].iloc[0]) / float(r["held_bytes"])
-    agree = float(r["token_agreement_pct"])
-    cost = (
-        "and every teacher-forced token choice still matched the full cache's here"
-        if agree >= 100
-        else f"at a cost: <b>{agree:.1f}%</b> of teacher-forced token choices matched the full cache's"
-    )
     return Finding(
         f"Once it evicted tokens, the sliding-window cache held <b>{less:.1f}x</b> less memory than the full cache at "
-        f"{int(r['total_tokens'])} tokens, {cost}.",
+        f"{int(r['total_tokens'])} tokens; what that costs in quality is measured over whole passages against the "
+        "exact cache in notebook 08 (KL divergence, top-1 agreement) and in the table below.",
         "07_cache_strategies",
     )
 
 
 def passkey_retrieval(out: Path) -> Finding | None:
     """09: for each model on the page, pass-key retrieval under eviction at the smallest budget, both question
-    settings, against the full cache; whether perplexity's ranking of the policies predicted it. Left out for
-    random weights (not a headline)."""
+    settings, against the full cache; how many of the successes over every budget were the policy's selection (the
+    key sentence outside the positions it keeps whatever it scores) rather than recency; and, where the page set
+    notebook 08's agreement beside it (09_quality.csv), whether 08's KLD ranked the policies as retrieval did at the
+    same cache budget in tokens, in both settings. Left out for random weights (not a headline)."""
     h = _headline(out, "09")
     acc_all = _read(out, "09_accuracy.csv", keep_default_na=False)
-    ppl_all = _read(out, "09_perplexity.csv")
+    quality_path = out / "data" / "09_quality.csv"
+    quality_all = pd.read_csv(quality_path) if quality_path.exists() else None  # only when 08 ran first
     sentences = []
     for i, (model, acc) in enumerate(acc_all.groupby("model", sort=False)):
         metric = f"full_cache_retrieval{metric_suffix(i, model)}"
         if metric not in h.index or str(h.loc[metric, "headline"]).lower() not in ("true", "1"):
             continue  # random weights (or no tokenizer): this model's numbers are meaningless, no finding
-        ppl = ppl_all[ppl_all["model"] == model]
         tokens = int(acc["tokens"].iloc[0])
-        if not (acc["setting"] == "no eviction").any():
+        if not (acc["setting"] == NO_SETTING).any():
             continue  # no full-cache run of this model: nothing to compare with
-        full = acc[acc["setting"] == "no eviction"].iloc[0]
-        ev = acc[acc["setting"] != "no eviction"]
+        full = acc[acc["setting"] == NO_SETTING].iloc[0]
+        ev = acc[acc["setting"] != NO_SETTING]
         b = ev["budget_fraction"].min()
-        parts, preds = [], []
-        for setting, how in (("question-after", "when the question came after compression"),
-                             ("question-aware", "when the policy saw the question")):  # fmt: skip
-            s = ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)]
-            if len(s):
-                parts.append(f"<b>{leader_text(s)}</b> {how}")
-            _, rho, predicted = verdict(acc, ppl, setting)
-            if predicted is not None:
-                preds.append(
-                    f"perplexity {'predicted' if predicted else '<b>did not predict</b>'} which policy retrieves "
-                    f"{setting} (rank correlation {rho:+.2f})"
-                )
-            elif len(s):
-                preds.append(f"these counts cannot tell whether perplexity predicts retrieval {setting}")
+        parts = [
+            f"<b>{leader_text(s)}</b> {SETTING_WORDS[setting]}"
+            for setting in SETTINGS
+            if len(s := ev[(ev["setting"] == setting) & (ev["budget_fraction"] == b)])
+        ]
         if not parts:
             continue
+        selection = "; ".join(t for setting in SETTINGS if (t := selection_text(ev, setting)))
+        quality = ""
+        both = None if quality_all is None else quality_all[quality_all["model"] == model]
+        if both is not None and len(both):
+            clauses = [quality_verdict(both, s)[0] for s in SETTINGS if (both["setting"] == s).any()]
+            quality = f" Against notebook 08 at the same cache budget in tokens: {'; '.join(clauses)}."
         sentences.append(
             f"{model}: evicting down to {100 * b:g}% of a {tokens}-token prompt, the most pass keys retrieved were "
-            f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> for the full cache"
-            + (f"; {'; '.join(preds)}." if preds else ".")
+            f"{' and '.join(parts)}, against <b>{int(full['retrieved'])}/{int(full['n'])}</b> for the full cache. "
+            f"Over every budget, {selection}.{quality}"
         )
     if not sentences:
         return None
     return Finding(" ".join(sentences), "09_what_a_cache_forgets")
+
+
+def snapkv_examined(out: Path) -> Finding | None:
+    """09: SnapKV's ablation (kvlib.study.snapkv_check), its sentence computed from 09_snapkv_ablation.csv; ⚠ when
+    SnapKV retrieved fewer keys than the full cache in the paper's own setting. Left out for random weights."""
+    df = _read(out, "09_snapkv_ablation.csv")
+    if (df["weights"] != "pretrained").any():
+        return None
+    sentence = html.escape(snapkv_check.ablation_sentence(df))
+    return Finding("SnapKV and H2O examined: " + sentence, "09_what_a_cache_forgets", "⚠" in sentence)
 
 
 def _quality_meta(out: Path) -> dict | None:
@@ -426,7 +437,7 @@ def quality_saving(out: Path) -> Finding | None:
         return None  # only the full-precision cache in this run
     ok = lossy[(lossy["ppl_change_pct"] <= 1.0) & (lossy["saving_pct"] > 0)]
     worst = lossy.sort_values("ppl_change_pct").iloc[-1]
-    where = f"{meta.get('text', 'the text')}, {meta.get('quant_tokens', meta.get('tokens', '?'))} tokens"
+    where = meta.get("span", f"{meta.get('text', 'the text')}, {meta.get('tokens', '?')} tokens")
     tail = f"; the largest loss: {worst['variant']}, {worst['ppl_change_pct']:+.1f}% ({where})."
     if ok.empty:
         return Finding(
@@ -436,8 +447,9 @@ def quality_saving(out: Path) -> Finding | None:
         )
     best = ok.sort_values("saving_pct").iloc[-1]
     return Finding(
-        f"The best KV-memory saving within +1% perplexity: <b>{best['saving_pct']:.0f}%</b> "
-        f"({best['variant']}, {best['bits_per_element']:.1f} bits per element, perplexity "
+        f"The best KV-memory saving within +1% perplexity: <b>{100 - best['vs_16bit_pct']:.0f}%</b> against a "
+        f"16-bit cache ({best['saving_pct']:.0f}% against this run's {meta.get('dtype', 'full-precision')} cache; "
+        f"{best['variant']}, {best['bits_per_element']:.1f} bits per element, perplexity "
         f"{best['ppl_change_pct']:+.2f}%)" + tail,
         "08_quality",
     )
@@ -449,9 +461,9 @@ KNOWN: dict[str, tuple[Callable[[Path], Finding | None], ...]] = {
     "04": (kv_per_token, hybrid_saving),
     "05": (batching,),
     "06": (prompt_advantage,),
-    "07": (paged_waste, quantized, window),
-    "08": (sinks, quality_saving),
-    "09": (passkey_retrieval,),
+    "07": (paged_waste, window),
+    "08": (lossy_quality, quality_saving, sinks),
+    "09": (passkey_retrieval, snapkv_examined),
 }
 
 

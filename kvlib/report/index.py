@@ -25,7 +25,10 @@ import pandas as pd
 
 from kvlib.core.stats import MIN_REPEATS
 from kvlib.measure.results import write_whole
+from kvlib.report.decision import decision_html
 from kvlib.report.findings import findings
+from kvlib.report.machine import machine_section
+from kvlib.report.timing_floor import timing_floor_html
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
@@ -190,6 +193,23 @@ def _findings_html(out: Path, notebooks: Sequence[str]) -> str:
     )
 
 
+def _models_line(infos: list[dict[str, Any]]) -> str:
+    """The models this report measured, exactly (weights' provenance and dtype), one clause each."""
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for info in infos:
+        meta = info["meta"]
+        if "model" in meta:
+            key = (str(meta["model"]), str(meta.get("weights_source", "")), str(meta.get("dtype", "")))
+            seen.setdefault(key, []).append(info["name"].split("_", 1)[0])
+    if not seen:
+        return ""
+    items = [
+        f"<b>{html.escape(m)}</b> ({html.escape(src)}; {html.escape(dt)}; notebooks {', '.join(nbs)})"
+        for (m, src, dt), nbs in seen.items()
+    ]
+    return "<p>Models: " + "; ".join(items) + ".</p>"
+
+
 def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path:
     """Write out/index.html from what the notebooks left in out/; returns its path."""
     out = Path(out)
@@ -198,7 +218,11 @@ def build_index(out: str | Path, profile: str, notebooks: Sequence[str]) -> Path
         f"<h1>KV caching, measured — profile <code>{html.escape(profile)}</code></h1>",
         "<p>What a KV cache buys and what it costs, measured on this machine by the study's notebooks. Every number "
         "below was computed from the CSVs in <a href='data/'>data/</a>; each notebook's page shows how.</p>",
+        _models_line(infos),
         _findings_html(out, notebooks),
+        decision_html(out),
+        machine_section(out),
+        timing_floor_html(out),
     ]
     random_nbs, reasons = _random_weights(infos)
     if random_nbs:

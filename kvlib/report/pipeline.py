@@ -11,12 +11,24 @@ unknown parameter; `check_profiles` proves it for every profile and notebook wit
 `run_notebook` executes into a staging folder and moves the notebook, its CSVs and figures into the report only
 when every cell succeeded. On failure the executed notebook is kept as <notebook>.failed.ipynb and the previous
 report is left as it was.
+
+One machine probe per report (kvlib.measure.roofline): `ensure_machine_probe` measures it once, before any
+notebook, into reports/<profile>/data/machine.json (`make report` runs `python -m kvlib report probe` first; a
+notebook run alone reuses the file, or measures it when there is none), and `run_notebook` hands its path to the
+notebook's kernel in KVLIB_MACHINE_PROBE, so that every page divides its MBU by the same read bandwidth. The probe
+is kept until it is measured again (`report probe`, or make after kvlib/measure/roofline.py or the profile's shared
+keys changed), and then every notebook runs again.
+
+`add_verdicts` opens each notebook's HTML pages with a "What this page found" box: the report's findings for that
+notebook (kvlib.report.findings), put right after the page's first <h1> when the index is built.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import html
 import json
 import os
 import shutil
@@ -24,17 +36,23 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kvlib.core.errors import KvlibError
-from kvlib.measure.results import check_folder_writable
+from kvlib.measure.results import check_folder_writable, write_whole
+from kvlib.measure.roofline import PROBE_ENV, MachineProbe, measure_probe, roofline_enabled
+from kvlib.models.loading import DTYPES, dtype_name, resolve_device
+from kvlib.report.findings import Finding, findings
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 KERNEL = "python3"  # the kernel of the Python that runs papermill: the project's .venv
 OUT_DIR_PARAM = "out_dir"  # every notebook declares it; the runner points it at the staging folder
+MACHINE_PROBE_FILE = "machine.json"  # in the report's data/ folder
 
 
 def discover(notebooks_dir: str | Path) -> list[str]:
@@ -171,6 +189,117 @@ def check_reports_dir(reports_dir: str | Path) -> None:
     check_folder_writable(folder, "cannot write the report")
 
 
+# ---- the machine probe: one per report -------------------------------------------------------------------------
+
+
+def machine_probe_path(out: str | Path) -> Path:
+    """Where the report in `out` (reports/<profile>) keeps its machine probe: out/data/machine.json."""
+    return Path(out) / "data" / MACHINE_PROBE_FILE
+
+
+def probe_targets(
+    profile: str, params_dir: str | Path = "params", notebooks_dir: str | Path = "notebooks"
+) -> tuple[str, list[str]]:
+    """(device, dtypes) the profile's notebooks run on: the one device they share ('cpu', 'cuda:0'; 'auto'
+    resolved) and every dtype any of them uses (canonical names, in the notebooks' order). One-line KvlibError
+    when the notebooks ask for several devices (one probe per report covers one) or an unknown device or dtype."""
+    devices: dict[str, list[str]] = {}
+    dtypes: list[str] = []
+    for nb in discover(notebooks_dir) or ["-"]:
+        params = profile_params(params_dir, profile, nb)
+        dev = str(resolve_device(str(params.get("device", "cpu"))))
+        devices.setdefault("cuda:0" if dev == "cuda" else dev, []).append(nb)
+        dt = str(params.get("dtype", "float32"))
+        if dt not in DTYPES:
+            raise KvlibError(f"profile {profile}, {nb}: unknown dtype {dt!r}; choose from {', '.join(DTYPES)}")
+        if dtype_name(DTYPES[dt]) not in dtypes:
+            dtypes.append(dtype_name(DTYPES[dt]))
+    if len(devices) > 1:
+        which = "; ".join(f"{d}: {', '.join(nbs)}" for d, nbs in devices.items())
+        raise KvlibError(f"profile {profile}: its notebooks run on several devices ({which}); one machine probe per "
+                         "report measures one")  # fmt: skip
+    return next(iter(devices)), dtypes
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created), released on exit."""
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def ensure_machine_probe(
+    profile: str,
+    reports_dir: str | Path = "reports",
+    params_dir: str | Path = "params",
+    notebooks_dir: str | Path = "notebooks",
+    fresh: bool = False,
+) -> Path:
+    """The absolute path of the report's machine probe, reports/<profile>/data/machine.json: measured now on the
+    profile's device in each of its dtypes (`probe_targets`) when `fresh` or when there is none, else the one there
+    (read and checked: a one-line KvlibError when it is not a probe). Two runs at once measure it once (a lock on
+    reports/<profile>/.probe.lock); the file is replaced whole."""
+    check_reports_dir(reports_dir)
+    out = Path(reports_dir) / profile
+    path = machine_probe_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out / ".probe.lock"):
+        if path.is_file() and not fresh:
+            try:
+                probe = MachineProbe.load(path)
+            except KvlibError as e:
+                raise KvlibError(
+                    f"{e}; measure it again with `python -m kvlib report probe --profile {profile}`"
+                ) from None
+            print(f"machine probe: reusing {path} (measured {probe.timestamp}: {probe.bandwidth_text()})", flush=True)
+            return path.resolve()
+        device, dtypes = probe_targets(profile, params_dir, notebooks_dir)
+        print(f"machine probe: measuring {device} ({', '.join(dtypes)}) once for the report ...", flush=True)
+        probe = measure_probe(device, dtypes)
+        write_whole(path, probe.save)
+        matmul = "; ".join(f"{d} matmul {probe.matmul(d).text(1e9, 'GFLOP/s')}" for d in probe.dtypes)
+        print(
+            f"machine probe: {probe.bandwidth_text()}; {matmul}; {probe.duration_s:.1f} s -> {path}",
+            flush=True,
+        )
+    return path.resolve()
+
+
+def _check_probe_covers(path: Path, params: dict[str, Any], notebook: str, profile: str) -> None:
+    """One-line KvlibError when the report's probe was not measured on the notebook's device or lacks its dtype
+    (a device the notebook would reject itself is left to the notebook's own check)."""
+    try:
+        device = resolve_device(str(params.get("device", "cpu")))
+    except KvlibError:
+        return
+    dtype = str(params.get("dtype", "float32"))
+    try:
+        MachineProbe.load(path).check(device, dtype if dtype in DTYPES else None, f"machine probe {path}")
+    except KvlibError as e:
+        raise KvlibError(
+            f"{notebook}: {e}; measure it again with `python -m kvlib report probe --profile {profile}` "
+            "(make then runs every notebook again)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """os.environ[name] = value (unset when None) inside the block (the kernel papermill starts inherits it)."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def run_notebook(
     notebook: str,
     profile: str,
@@ -178,7 +307,10 @@ def run_notebook(
     params_dir: str | Path = "params",
     notebooks_dir: str | Path = "notebooks",
 ) -> float:
-    """Execute one notebook of the study with the profile's parameters into reports/<profile>/; return seconds."""
+    """Execute one notebook of the study with the profile's parameters into reports/<profile>/; return seconds.
+
+    The notebook's kernel gets KVLIB_MACHINE_PROBE, the path of the report's machine probe (`ensure_machine_probe`:
+    the one in reports/<profile>/data/, measured first when there is none); not with KVLIB_NO_ROOFLINE=1."""
     import papermill  # heavy: only when the report runs notebooks
     from papermill.exceptions import PapermillExecutionError  # heavy: only when the report runs notebooks
 
@@ -190,6 +322,9 @@ def run_notebook(
     check_keys(source, params, f"profile {profile}")
     check_reports_dir(reports_dir)
     out = Path(reports_dir) / profile
+    probe = ensure_machine_probe(profile, reports_dir, params_dir, notebooks_dir) if roofline_enabled() else None
+    if probe is not None:
+        _check_probe_covers(probe, params, notebook, profile)
     stage = _new_stage(out / ".build", notebook)
     params[OUT_DIR_PARAM] = str(stage.resolve())
 
@@ -201,16 +336,17 @@ def run_notebook(
     progress = Progress(step, notebook, _previous_durations(out / f"{notebook}.ipynb"))
     t0 = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(staged_nb),
-            parameters=params,
-            kernel_name=KERNEL,
-            cwd=str(notebooks_dir),
-            progress_bar=False,  # our own per-cell lines (Progress), on a terminal or not
-            engine_name=_engine_with(progress),
-            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],  # quiet: its TCP notice, its shutdown chatter
-        )
+        with _environment(PROBE_ENV, None if probe is None else str(probe)):
+            papermill.execute_notebook(
+                str(source),
+                str(staged_nb),
+                parameters=params,
+                kernel_name=KERNEL,
+                cwd=str(notebooks_dir),
+                progress_bar=False,  # our own per-cell lines (Progress), on a terminal or not
+                engine_name=_engine_with(progress),
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"],  # quiet: its TCP notice, its shutdown chatter
+            )
     except PapermillExecutionError as e:
         _keep_failed(staged_nb, failed, stage)
         raise NotebookFailed(
@@ -361,3 +497,108 @@ def _engine_with(progress: Progress) -> str:
 
 class NotebookFailed(KvlibError):
     """A notebook raised while running: the build stops (exit 1), its partial output is kept for inspection."""
+
+
+# ---- each page opens with its verdict ---------------------------------------------------------------------------
+
+VERDICT_BEGIN = "<!-- kvlib:verdict -->"  # the box's bounds: a rebuilt index replaces the box, never adds a second
+VERDICT_END = "<!-- /kvlib:verdict -->"
+VERDICT_STYLE = (
+    "font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; border: 2px solid #5b8def; background: #f3f7ff; "
+    "padding: 0.6em 1.1em; margin: 0.6em 0 1.2em 0; border-radius: 4px;"
+)
+
+
+def verdict_box(found: Sequence[Finding]) -> str:
+    """The HTML of a page's "What this page found" box: one item per finding (its sentence, as the index shows
+    it; ⚠ before one that contradicts the textbook), between VERDICT_BEGIN and VERDICT_END; "" without findings."""
+    if not found:
+        return ""
+    items = "".join(
+        f"<li{' class=contradicts' if f.contradicts else ''} style='margin: 0.3em 0'>"
+        f"{'<b>⚠</b> ' if f.contradicts else ''}{f.html}</li>"
+        for f in found
+    )
+    warn = " ⚠ marks a result that contradicts the textbook." if any(f.contradicts for f in found) else ""
+    return (
+        f'{VERDICT_BEGIN}<div class=kvlib-verdict style="{VERDICT_STYLE}">'
+        "<div style='font-weight: 600; font-size: 1.1em'>What this page found</div>"
+        f"<ul style='margin: 0.4em 0; padding-left: 1.3em'>{items}</ul>"
+        "<div style='font-size: 0.85em; color: #555'>The report's findings for this notebook, computed from its CSVs "
+        f"when <a href='index.html'>the report's index</a> was built; the page below shows how.{html.escape(warn)}"
+        f"</div></div>{VERDICT_END}"
+    )
+
+
+class _FirstH1(HTMLParser):
+    """Finds where the first </h1> starts (line, column), as HTMLParser reads a page: text inside <script> and
+    <style> and escaped text are not mistaken for a tag."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.end: tuple[int, int] | None = None
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h1" and self.end is None:
+            self.end = self.getpos()
+
+
+def _first_h1_end(page: str, chunk: int = 1 << 16) -> int | None:
+    """The index just after the first </h1> of `page` (None when it has none), read in chunks until found."""
+    parser = _FirstH1()
+    for start in range(0, len(page), chunk):
+        parser.feed(page[start : start + chunk])
+        if parser.end is not None:
+            break
+    if parser.end is None:
+        return None
+    line, column = parser.end  # HTMLParser counts lines by "\n", from 1
+    lines = page.split("\n", line - 1)
+    tag_start = sum(len(s) + 1 for s in lines[: line - 1]) + column
+    close = page.find(">", tag_start)
+    return None if close < 0 else close + 1
+
+
+def with_verdict(page: str, box: str) -> str:
+    """`page` (an HTML document) with its previous verdict box removed and `box` put right after its first </h1>
+    (its title); without an <h1>, right after <body ...>; unchanged when there is neither. An empty `box` only
+    removes the previous one."""
+    begin = page.find(VERDICT_BEGIN)
+    if begin >= 0:
+        end = page.find(VERDICT_END, begin)
+        if end >= 0:
+            page = page[:begin] + page[end + len(VERDICT_END) :]
+    if not box:
+        return page
+    at = _first_h1_end(page)
+    if at is None:
+        body = page.lower().find("<body")
+        at = page.find(">", body) + 1 if body >= 0 else 0
+        if at <= 0:
+            return page
+    return page[:at] + box + page[at:]
+
+
+def add_verdicts(out: str | Path, notebooks: Sequence[str]) -> list[Path]:
+    """Open every notebook's HTML pages in `out` (NN_name.html and NN_name.reading.html, where they exist) with
+    the box of the report's findings for it (`verdict_box` of kvlib.report.findings.findings); a page without a
+    finding gets none (an earlier box is removed). Only pages whose text changes are rewritten (whole); returns
+    them. Raises what `findings` raises (KvlibError, one line)."""
+    out = Path(out)
+    found = findings(out, list(notebooks))
+    changed = []
+    for nb in notebooks:
+        box = verdict_box([f for f in found if f.notebook == nb])
+        for page in (out / f"{nb}.html", out / f"{nb}.reading.html"):
+            if not page.is_file():
+                continue
+            text = page.read_text(encoding="utf-8")
+            new = with_verdict(text, box)
+            if new != text:
+                write_whole(page, functools.partial(_write_text, text=new))
+                changed.append(page)
+    return changed
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")

@@ -204,6 +204,12 @@ def with_units(df: pd.DataFrame) -> pd.DataFrame:
 # ---- random-weights banner ------------------------------------------------------------------------------------
 
 
+def model_line(lm: Any) -> str:
+    """Markdown: the model a page measured, exactly: preset, the weights' provenance (a GGUF's package and
+    quantization, a folder, or random with its seed), dtype and device."""
+    return f"Model: **{lm.cfg.name}**; weights: {lm.weights}, {lm.source}; {lm.dtype_name} on {lm.device}."
+
+
 def weights_banner(weights: Iterable[str] | str, source: str = "") -> str:
     """Markdown for a loud banner when any run used random weights; '' when every run was pretrained."""
     used = {weights} if isinstance(weights, str) else set(weights)
@@ -337,6 +343,7 @@ class Outputs:
         if banner and not self._banner_shown:  # once per notebook page, however many models it loads
             self._banner_shown = True
             ipython.display(ipython.Markdown(banner))
+        ipython.display(ipython.Markdown(model_line(lm)))
 
     def describe(self, **info: Any) -> None:
         """Record facts about the runs: weights actually used, model, device, provenance, ..."""

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from kvlib import study
 from kvlib.measure.harness import ModelPool, RunSpec, measure_grid
+from kvlib.measure.roofline import bandwidth_source
 from kvlib.models.decode import NAIVE
 from kvlib.study import plotting
 
@@ -254,7 +255,8 @@ def headline_rows(
 def sentence(runs: pd.DataFrame, cache: str, batch_sizes: Sequence[int]) -> str:
     """The page's markdown: throughput and latency from the smallest to the largest batch against perfect scaling,
     the best throughput, what the spread allows to claim about it (noise, a drop, more than perfect scaling, a peak
-    before the largest batch), and cached / naive throughput at the batch sizes both ran."""
+    before the largest batch), cached / naive throughput at the batch sizes both ran, and the cached path's MBU with
+    the read bandwidth it divides by (`mbu_sentence`)."""
     s = scaling(runs, cache, batch_sizes)
     tput, lat, label, b0, b1, gain = s.tput, s.lat, s.cached_label, s.b0, s.b1, s.gain
     text = (
@@ -304,4 +306,22 @@ def sentence(runs: pd.DataFrame, cache: str, batch_sizes: Sequence[int]) -> str:
             f" Decode throughput with the cache relative to naive decoding (cached tokens/s / naive tokens/s, "
             f"medians): {ratios}."
         )
-    return text
+    return text + mbu_sentence(runs, label, b0, b1)
+
+
+def mbu_sentence(runs: pd.DataFrame, label: str, b0: int, b1: int) -> str:
+    """' MBU ... against <the bandwidth it divides by>.': the `label` path's median MBU at batch b0 and b1 (the
+    summary table's mbu column, a fraction) and the read bandwidth of the runs, named by
+    kvlib.measure.roofline.bandwidth_source; "" when MBU was not measured (KVLIB_NO_ROOFLINE)."""
+    if "mbu" not in runs:
+        return ""
+    mbu = runs[runs["path"] == label].groupby("batch_size")["mbu"].median()
+    if b0 not in mbu.index or b1 not in mbu.index or pd.isna(mbu[b0]) or pd.isna(mbu[b1]):
+        return ""
+    source = bandwidth_source(runs.get("bandwidth_bytes_per_s", pd.Series(dtype=float)))
+    return (
+        f" MBU (the table's mbu column: bytes a decode step must read / (its median step time x read bandwidth)) "
+        f"of the {label} path was {100 * mbu[b0]:.3g}% at batch {b0} and {100 * mbu[b1]:.3g}% at batch {b1} "
+        "(medians), against "
+        f"{source or 'the read bandwidth measured in the runs'}."
+    )

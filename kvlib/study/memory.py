@@ -95,27 +95,44 @@ def check_parameters(
 # ---- measured against the formula ----------------------------------------------------------------------------
 
 CACHE_BYTES_CAPTION = (
-    "Measured once per configuration (byte counts do not vary between runs, so there are no error bars); "
-    "black crosses: the formula. Right: one bar per layout, over every batch size."
+    "Measured once per configuration (byte counts do not vary between runs, so there are no error bars); grey "
+    "crosses: the formula. Left: one line per layout and batch size (the batch size written at the line's end), in "
+    "the layout's colour and dashes; a layout that holds the same bytes as another is named in the legend "
+    "([= ...]) and drawn over it with other dashes and markers. Right: one bar per layout, over every batch size."
 )
 
 
 def cache_bytes_figure(measured: pd.DataFrame, model: str, dtype_name: str) -> Any:
-    """Two panels from `costs.measured_cache_bytes` rows: MiB held against tokens per sequence (one line per batch
-    size and layout, the formula as black crosses), and held / formula bytes per length and layout. The Figure."""
+    """Two panels from `costs.measured_cache_bytes` rows: MiB held against tokens per sequence (one line per layout
+    and batch size, in the layout's colour and dashes, the batch size written at the line's end, the formula as grey
+    crosses; layouts with equal bytes named in the legend), and held / formula bytes per length and layout. The
+    Figure."""
     fig, axes = plotting.figure(ncols=2, title=f"KV cache: held bytes vs the formula, {model} {dtype_name}")
-    sns.lineplot(
-        data=measured,
-        x="tokens",
-        y="held_mib",
-        hue="batch_size",
-        style="layout",
-        markers=True,
-        ax=axes[0],
-        palette=plotting.SEQUENTIAL,
-    )
-    axes[0].scatter(measured["tokens"], measured["formula_mib"], marker="x", color="black", zorder=3, label="formula")
+    palette, order = plotting.colors(measured["layout"].unique())
+    markers, dashes = plotting.line_styles(order)  # each layout's own, as in every figure
+    first = measured["batch_size"].min()
+    for i, layout in enumerate(order):  # the first drawn widest: a line drawn over it leaves its colour visible
+        width = 1.6 + 2.4 * (len(order) - 1 - i) / max(len(order) - 1, 1)
+        style = (0, dashes[layout]) if dashes[layout] else "-"
+        for b, rows in measured[measured["layout"] == layout].sort_values("tokens").groupby("batch_size"):
+            axes[0].plot(
+                rows["tokens"],
+                rows["held_mib"],
+                color=palette[layout],
+                linewidth=width,
+                linestyle=style,
+                marker=markers[layout],
+                markersize=4 + 2 * width,
+                label=layout if b == first else None,
+            )
+    axes[0].scatter(measured["tokens"], measured["formula_mib"], marker="x", color=plotting.NEUTRAL, zorder=3,
+                    label="formula")  # fmt: skip
+    last = measured[measured["tokens"] == measured["tokens"].max()].groupby("batch_size")["held_mib"].max()
+    for batch, mib in last.items():
+        axes[0].annotate(f"batch {batch}", (measured["tokens"].max(), mib), xytext=(8, 0), textcoords="offset points",
+                         va="center", fontsize=9)  # fmt: skip
     axes[0].legend()
+    plotting.mark_coinciding(axes[0], measured, "tokens", "held_mib", "layout", by=["batch_size"])
     plotting.label(axes[0], "Cache size against length", "tokens per sequence (count)", "KV cache held (MiB)")
     plotting.bars(measured, "tokens", "held_over_formula", "layout", axes[1], legend=True)
     plotting.label(axes[1], "Held / formula", "tokens per sequence (count)", "held bytes / formula bytes (ratio)")
@@ -169,17 +186,29 @@ def breakdown_layout(layouts: list[str]) -> str:
 
 
 def breakdown_figure(breakdown: pd.DataFrame) -> Any:
-    """One bar per component of `costs.memory_breakdown` rows (MiB). The Figure."""
+    """One bar per component of `costs.memory_breakdown` rows (MiB): the KV cache in its layout's colour (its label
+    names the layout), the other parts in shades of grey (none of the palette's things). The Figure."""
     batch, prompt = breakdown["batch_size"].iloc[0], breakdown["prompt_len"].iloc[0]
+    layout = breakdown["layout"].iloc[0]
     fig, ax = plotting.figure(width=6, title=f"Peak memory of one generation, batch {batch}, prompt {prompt}")
-    plotting.bars(breakdown, "component", "mib", "component", ax)
+    parts = [
+        f"KV cache\n({layout})" if c == "KV cache" else c.replace(" weight ", "\nweight ")
+        for c in breakdown["component"]
+    ]
+    palette = plotting.palette([p for p in parts if not p.startswith("KV cache")])  # NEUTRAL, in lighter shades
+    palette |= {p: plotting.color(layout) for p in parts if p.startswith("KV cache")}
+    sns.barplot(data=breakdown.assign(component=parts), x="component", y="mib", hue="component", palette=palette,
+                order=parts, legend=False, saturation=1, ax=ax)  # fmt: skip
     plotting.label(ax, "", "part of peak memory (component)", "memory (MiB)")
     return fig
 
 
 def breakdown_caption(breakdown: pd.DataFrame) -> str:
     """The breakdown figure's caption: how the peak was measured (RSS on CPU, torch's allocation on CUDA)."""
-    return f"One run, peak measured as {breakdown['peak_kind'].iloc[0]}; no error bars (one run)."
+    return (
+        f"One run, peak measured as {breakdown['peak_kind'].iloc[0]}; no error bars (one run). The KV cache in its "
+        "layout's colour, the other parts grey."
+    )
 
 
 def crossover_tokens(lm: LoadedModel, per_token: float) -> float:
@@ -234,7 +263,10 @@ def breakdown_sentence(breakdown: pd.DataFrame, lm: LoadedModel, per_token: floa
 
 # ---- larger models: KV bytes per token ------------------------------------------------------------------------
 
-ARCHITECTURES_CAPTION = "Computed from published configs (2 bytes per element), not measured; no error bars."
+ARCHITECTURES_CAPTION = (
+    "Computed from published configs (2 bytes per element), not measured; no error bars. Coloured: the models this "
+    "study runs, in their colour in every figure; grey: architectures it does not run. The family follows each name."
+)
 # the columns of the table the page shows
 ARCHITECTURE_COLUMNS = ["architecture", "n_layer", "n_head", "n_kv_head", "head_dim", "kv_kib_per_token",
                         "kv_gib_full_context"]  # fmt: skip
@@ -249,14 +281,18 @@ def architectures() -> pd.DataFrame:
 
 
 def architectures_figure(arch: pd.DataFrame) -> Any:
-    """One bar per architecture of `architectures()`: KiB per token (log scale), coloured by family. The Figure."""
-    fig, ax = plotting.figure(width=8, height=4.5, title="KV cache per token, 16-bit, computed from published configs")
-    sns.barplot(data=arch, y="architecture", x="kv_kib_per_token", hue="family", dodge=False, ax=ax)
+    """One bar per architecture of `architectures()`: KiB per token (log scale: the values span decades and no shape
+    is read from them), named with its family; a model preset the study runs in its model colour
+    (plotting.colour_of), the others grey. The Figure."""
+    fig, ax = plotting.figure(width=9, height=5, title="KV cache per token, 16-bit, computed from published configs")
+    named = arch.assign(name=arch["architecture"] + "  ·  " + arch["family"])
+    palette = {r.name: plotting.colour_of("model", r.architecture) for r in named.itertuples()}
+    sns.barplot(data=named, y="name", x="kv_kib_per_token", hue="name", palette=palette, legend=False, saturation=1,
+                ax=ax)  # fmt: skip
     plotting.log_axis(ax, "x")
     for bars in ax.containers:
         ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=9)
-    plotting.label(ax, "", "KV cache per token per sequence (KiB, log scale)", "architecture (name)")
-    plotting.legend_below(ax)
+    plotting.label(ax, "", "KV cache per token per sequence (KiB, log scale)", "architecture  ·  family (name)")
     return fig
 
 

@@ -227,7 +227,7 @@ def windowed_figure(windowed: pd.DataFrame, window_context: int) -> Any:
     )
     fig, ax = plotting.figure(width=8, height=4.5, title=f"KV cache at {window_context:,} tokens, 16-bit, batch 1")
     palette = {FULL_BARS: plotting.color("static"), WINDOWED_BARS: plotting.color("hybrid")}
-    sns.barplot(data=bars, y="architecture", x="gib", hue="cache", ax=ax, palette=palette)
+    sns.barplot(data=bars, y="architecture", x="gib", hue="cache", ax=ax, palette=palette, saturation=1)
     for b in ax.containers:
         ax.bar_label(b, fmt="%.2f", padding=2, fontsize=8)
     plotting.label(ax, "", "KV cache per sequence (GiB)", "architecture (name)")

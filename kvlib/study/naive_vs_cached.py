@@ -22,6 +22,7 @@ from kvlib import study
 from kvlib.caches.base import REFERENCE
 from kvlib.core.errors import KvlibError
 from kvlib.measure.harness import RunSpec
+from kvlib.measure.roofline import bandwidth_source
 from kvlib.models.decode import generate
 from kvlib.models.prompts import prompts_for
 from kvlib.study import plotting
@@ -148,11 +149,14 @@ def token_check(
 
 def step_latency_figure(steps: pd.DataFrame, model_name: str, batch_size: int, prompt_len: int) -> Figure:
     """Two panels of decode-step latency (ms) against position (tokens already in the sequence), one line per path
-    with its interquartile band over repeats: every path, then the cached paths alone (y from 0)."""
+    with its interquartile band over repeats, both linear from 0 (how a step grows with the position is the point,
+    which a log scale would flatten): every path, then the cached paths alone, on their own scale."""
     fig, axes = plotting.figure(
         ncols=2, title=f"Decode-step latency against position, {model_name}, batch {batch_size}, prompt {prompt_len}"
     )
     plotting.lines(steps, "position", "latency_ms", "path", axes[0])
+    axes[0].set_ylim(bottom=0)
+    plotting.keep_linear(axes[0])
     plotting.legend_below(axes[0])
     plotting.label(axes[0], "All paths", "position: tokens already in the sequence (count)", "decode-step latency (ms)")
     plotting.lines(steps[steps["cache"] != NAIVE], "position", "latency_ms", "path", axes[1])
@@ -246,6 +250,13 @@ def _main_spreads(runs: pd.DataFrame, main: str) -> tuple[study.Spread, study.Sp
     return ttft, tpot, tpot_naive, mbu
 
 
+def _bandwidths(runs: pd.DataFrame, main: str) -> pd.Series:
+    """The read bandwidth (bytes/s) each of the `main` cache's runs divided its MBU by; empty without the column."""
+    if "bandwidth_bytes_per_s" not in runs:
+        return pd.Series(dtype=float)
+    return runs.loc[runs["cache"] == main, "bandwidth_bytes_per_s"]
+
+
 def totals_text(runs: pd.DataFrame, main: str, ratios: dict[str, study.Spread], max_new_tokens: int) -> str:
     """Markdown: the verdict on the `main` cache against naive decoding (total times, s, medians; a claim only when
     the paired ratio's interval excludes 1), one bullet per cache layout (speedup_lines), then TTFT, per-token
@@ -274,7 +285,9 @@ def totals_text(runs: pd.DataFrame, main: str, ratios: dict[str, study.Spread], 
         f"With the cache, the first token came after {ttft.text('.1f', 'ms')} and each further token took "
         f"{tpot.text('.2f', 'ms')}; a naive step took {tpot_naive.text('.1f', 'ms')}. "
         + (
-            f"A cached step read its bytes at {mbu.median:.3g}% of this machine's measured read bandwidth (MBU)."
+            f"A cached step read its bytes at {mbu.median:.3g}% of this machine's read bandwidth (MBU, IQR "
+            f"{mbu.q25:.3g}–{mbu.q75:.3g}% over {mbu.n} repeats), against "
+            f"{bandwidth_source(_bandwidths(runs, main)) or 'the read bandwidth measured in the runs'}."
             if mbu.n
             else "MBU was not measured (the read bandwidth was skipped, e.g. KVLIB_NO_ROOFLINE=1)."
         )
@@ -329,7 +342,8 @@ def headline_rows(runs: pd.DataFrame, main: str, ratios: dict[str, study.Spread]
     speedup_note = (
         cond + "; naive / cached total time, paired by repeat" + (f"; {speedup_caveat}" if speedup_caveat else "")
     )
-    mbu_note = cond + "; bytes a step must read / (step time x measured read bandwidth)"
+    bandwidth = bandwidth_source(_bandwidths(runs, main), short=True)
+    mbu_note = cond + f"; bytes a step must read / (step time x {bandwidth or 'measured read bandwidth'})"
     return [
         row("speedup", f"Speedup of cached ({main}) over naive decoding", speedup.median, "x", speedup, True,
             speedup_note, layout=main, condition=cond, baseline=NAIVE),

@@ -105,27 +105,42 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def prompt_figure(runs: pd.DataFrame, where: str, batch_size: int) -> Figure:
-    """Three panels against the prompt length (tokens): TTFT (ms), median per-token latency (ms, log axis) and the KV
-    cache held at the end of a cached run (MiB); `where` is the model/dtype/device (`condition`)."""
-    fig, axes = plotting.figure(ncols=3, width=4.8, title=f"Prompt length, {where}, batch {batch_size}")
+    """Panels against the prompt length (tokens), every axis linear from 0 (the shapes of growth are the point):
+    TTFT (ms), the median per-token latency (ms) of the naive step and of the cached step in panels of their own (a
+    shared axis would need a log scale, which flattens the naive step's growth) and the KV cache held at the end of a
+    cached run (MiB); without naive runs one latency panel. `where` is the model/dtype/device (`condition`)."""
+    naive, cached = runs[runs["cache"] == NAIVE], runs[runs["cache"] != NAIVE]
+    latency = [(naive, "Naive step (no cache)"), (cached, "Cached step")] if len(naive) else [(cached, "Cached step")]
+    fig, axes = plotting.figure(
+        ncols=2, nrows=2, width=5.5, height=3.6, title=f"Prompt length, {where}, batch {batch_size}"
+    )
+    axes = list(axes)
     plotting.lines(runs, "prompt_len", "ttft_ms", "path", axes[0])
     plotting.label(axes[0], "Time to first token (prefill)", "prompt length (tokens)", "TTFT (ms)")
-    plotting.lines(runs, "prompt_len", "tpot_p50_ms", "path", axes[1])
-    plotting.log_axis(axes[1])
-    plotting.label(axes[1], "Per-token latency (median step)", "prompt length (tokens)", "latency per token (ms, log)")
-    cached_runs = runs[runs["cache"] != NAIVE]
-    plotting.lines(cached_runs, "prompt_len", "kv_cache_mib", "path", axes[2])
-    plotting.label(axes[2], "KV cache at the end of a run", "prompt length (tokens)", "KV cache held (MiB)")
-    for ax in axes:
+    for ax, (rows, title) in zip(axes[1:], latency, strict=False):
+        plotting.lines(rows, "prompt_len", "tpot_p50_ms", "path", ax)
+        plotting.label(ax, f"Per-token latency: {title.lower()}", "prompt length (tokens)", "median step (ms)")
+    memory_ax = axes[1 + len(latency)]
+    plotting.lines(cached, "prompt_len", "kv_cache_mib", "path", memory_ax)
+    plotting.label(memory_ax, "KV cache at the end of a run", "prompt length (tokens)", "KV cache held (MiB)")
+    for ax in axes[2 + len(latency) :]:
+        ax.set_visible(False)
+    for ax in axes[: 2 + len(latency)]:
+        ax.set_ylim(bottom=0)
+        plotting.keep_linear(ax)
         plotting.legend_below(ax)
     return fig
 
 
 def prompt_caption(repeats: int, max_new_tokens: int, naive_new_tokens: int) -> str:
-    """The figure's caption: spread, and the tokens each path generated."""
+    """The figure's caption: spread, the tokens each path generated, and why the axes are linear."""
     return plotting.iqr_note(repeats) + (
         f" Cache: {max_new_tokens} new tokens after the prompt (the cache holds prompt + new tokens); naive: "
-        f"{naive_new_tokens} new tokens."
+        f"{naive_new_tokens} new tokens. Every axis is linear from 0, so that the shape of each curve shows; the "
+        "naive and the cached step have panels of their own, each on its own scale (their ratio is the next figure)."
+        if naive_new_tokens
+        else f" Cache: {max_new_tokens} new tokens after the prompt (the cache holds prompt + new tokens); no naive "
+        "runs. Every axis is linear from 0, so that the shape of each curve shows."
     )
 
 
@@ -226,8 +241,10 @@ def advantage(runs: pd.DataFrame, cache: str, prompt_lens: Sequence[int]) -> pd.
 def advantage_figure(adv: pd.DataFrame, model_name: str) -> Figure:
     """The advantage (naive step / cached step, x) against the prompt length, with a dashed line at 1 (none)."""
     fig, ax = plotting.figure(width=6.5, title=f"Naive / cached per-token latency, {model_name}")
-    plotting.lines(adv, "prompt_len", "advantage", None, ax)
-    ax.axhline(1, color="grey", lw=1, ls="--")
+    plotting.lines(adv, "prompt_len", "advantage", None, ax, color=plotting.NEUTRAL)  # a ratio: no path's colour
+    ax.axhline(1, color=plotting.NEUTRAL, lw=1, ls="--")
+    ax.set_ylim(bottom=0)
+    plotting.keep_linear(ax)  # how the ratio grows with the prompt is the point
     plotting.label(ax, "", "prompt length (tokens)", "naive step / cached step (ratio)")
     return fig
 

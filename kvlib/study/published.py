@@ -58,6 +58,13 @@ def quantization() -> pd.DataFrame:
     return pd.DataFrame(_data()["quantization"], columns=["reference", "bits_per_element", "ppl_change_pct"])
 
 
+def kv_divergence() -> tuple[str, pd.DataFrame]:
+    """llama.cpp's published KL divergences of a quantized cache (and its floor) against the f16 cache: (where they
+    come from, rows of cache, bits_per_element, kld (nats), ppl_change (absolute perplexity change))."""
+    d = _data()["kv_divergence"]
+    return d["source"], pd.DataFrame(d["rows"], columns=["cache", "bits_per_element", "kld", "ppl_change"])
+
+
 def paged_waste() -> dict[str, Any]:
     """PagedAttention's waste figures: source, contiguous_low_pct, contiguous_high_pct, paged_below_pct."""
     return dict(_data()["paged_waste"])

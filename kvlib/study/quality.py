@@ -223,12 +223,13 @@ def decode_latency(
     for a pretrained model), `new_tokens` greedy tokens: notebook 07's timing (kvlib.study.strategies.common:
     `warmup` unrecorded runs, then `repeats` interleaved rounds; TPOT = the median decode step of a run; its median
     over repeats with min and max). One row per variant: variant, engine, status, tpot_ms (_min, _max), ttft_ms,
-    repeats, tpot_vs_full (TPOT / the same engine's full-precision cache's)."""
+    repeats, tpot_vs_full (TPOT / the same engine's full-precision cache's), cache (kvlib's layout; blank for HF)."""
     ids = prompts_for(lm.cfg.vocab_size, lm.tokenizer, 1, prompt_len, seed, lm.device)
-    runs, engine, status = {}, {}, {}
+    runs, engine, status, layout = {}, {}, {}, {}
     for cache, options in variants:
         label = variant_label(cache, options)
         runs[label], engine[label] = generate_fn(lm.model, ids, new_tokens, (cache, options)), "kvlib"
+        layout[label] = cache
     if lm.hf is not None:
         from transformers.cache_utils import DynamicCache  # heavy: seconds to import
 
@@ -243,6 +244,7 @@ def decode_latency(
             engine[label] = "hf"
     timing = timing_summary(interleaved_runs(runs, repeats, warmup)[0])
     timing["engine"] = timing["variant"].map(engine)
+    timing["cache"] = timing["variant"].map(layout)
     timing["status"] = "ok"
     full = {"kvlib": variant_label(*variants[0]), "hf": HF_FULL}
     base = timing.set_index("variant")["tpot_ms"]
@@ -261,7 +263,8 @@ def cost_table(quant: pd.DataFrame, hf_rows: pd.DataFrame, latency: pd.DataFrame
     theirs = hf_rows[hf_rows["variant"] != "hf full (no cache)"] if len(hf_rows) else hf_rows
     hf = theirs.reindex(columns=cols).assign(engine="hf") if len(theirs) else None
     both = pd.concat([ours, hf], ignore_index=True) if hf is not None else ours
-    lat = latency[["variant", "engine", "tpot_ms", "tpot_ms_min", "tpot_ms_max", "tpot_vs_full", "repeats"]]
+    lat = latency[~latency["cache"].map(evicts)]  # the quantized caches' costs: evicting layouts are timed too
+    lat = lat[["variant", "engine", "tpot_ms", "tpot_ms_min", "tpot_ms_max", "tpot_vs_full", "repeats"]]
     table = lat.merge(both.drop(columns="engine"), on="variant", how="left")  # latency's order: kvlib, then HF
     return table.rename(columns={"tokens": "ppl_tokens"})
 

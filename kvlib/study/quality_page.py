@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
@@ -24,7 +23,7 @@ from kvlib.caches.base import evicts
 from kvlib.core.config import ModelConfig
 from kvlib.core.errors import KvlibError
 from kvlib.measure.perplexity import METHODS
-from kvlib.study import plotting, quality
+from kvlib.study import agreement, plotting, quality
 from kvlib.study.quality import FULL, HF_FULL, RECOMPUTE, Text
 
 HeadlineRow = dict[str, Any]  # the keyword arguments of kvlib.study.Outputs.headline: out.headline(**row)
@@ -49,7 +48,10 @@ class Parameters:
     `budgets` and `sinks` sorted without repeats; `method` one of kvlib.measure.perplexity.METHODS."""
 
     tokens: int
-    quant_tokens: int
+    passages: int
+    passage_tokens: int
+    budget_tokens: int
+    floor_tokens: int
     budgets: list[int]
     sinks: list[int]
     rolling_width: int
@@ -77,18 +79,22 @@ class Parameters:
 
 
 def check_parameters(
-    model: str, *, tokens: Any, quant_tokens: Any, budgets: Any, sinks: Any, rolling_width: Any, recompute_every: Any,
+    model: str, *, tokens: Any, passages: Any, passage_tokens: Any, budget_tokens: Any, floor_tokens: Any,
+    budgets: Any, sinks: Any, rolling_width: Any, recompute_every: Any,
     kivi_group: Any, residuals: Any, hf_tokens: Any, hf_bits: Any, hf_residual: Any, latency_prompt_len: Any,
     latency_new_tokens: Any, latency_repeats: Any, greedy_prompts: Any, greedy_prompt_len: Any,
     greedy_new_tokens: Any, greedy_sink: Any, greedy_window: Any, method: Any,
 ) -> Parameters:  # fmt: skip
     """Every parameter checked before anything runs (values as papermill passes them: "[16, 32]" text too); a
     one-line KvlibError naming the parameter otherwise. Also: a Llama-architecture model, every length within its
-    context, quant_tokens <= tokens, every sink count below every budget and every budget below tokens. Loads no
-    model and writes nothing."""
+    context, budget_tokens below passage_tokens, every sink count below every budget and every budget below tokens.
+    Loads no model and writes nothing."""
     positive = study.positive_int
     tokens = positive("tokens", tokens, minimum=2)
-    quant_tokens = positive("quant_tokens", quant_tokens, minimum=2)
+    passages = positive("passages", passages)
+    passage_tokens = positive("passage_tokens", passage_tokens, minimum=2)
+    budget_tokens = positive("budget_tokens", budget_tokens)
+    floor_tokens = positive("floor_tokens", floor_tokens, minimum=2)
     recompute_every = positive("recompute_every", recompute_every)
     latency_prompt_len = positive("latency_prompt_len", latency_prompt_len)
     latency_new_tokens = positive("latency_new_tokens", latency_new_tokens, minimum=2)
@@ -111,18 +117,23 @@ def check_parameters(
     if cfg.arch != "llama":
         raise KvlibError(f"parameter model: notebook 8 needs a Llama-architecture model, {model} is {cfg.arch}")
     study.check_context(cfg, tokens, 0, "tokens")
+    study.check_context(cfg, passage_tokens, 0, "passage_tokens")
     study.check_context(cfg, greedy_prompt_len, greedy_new_tokens, "greedy_prompt_len + greedy_new_tokens")
     study.check_context(cfg, latency_prompt_len, latency_new_tokens, "latency_prompt_len + latency_new_tokens")
-    if quant_tokens > tokens:
+    agreement.check_budget(cfg, budget_tokens, "budget_tokens")
+    agreement.check_budget(cfg, agreement.timed_budget(latency_prompt_len), "latency_prompt_len (timed at half of it)")
+    if budget_tokens >= passage_tokens:
         raise KvlibError(
-            f"parameter quant_tokens ({quant_tokens}) must not exceed tokens ({tokens}): the same text, cut"
+            f"parameter budget_tokens ({budget_tokens}) must be below passage_tokens ({passage_tokens}), "
+            "or nothing is evicted"
         )
     if max(sinks) >= min(budgets):
         raise KvlibError(f"every sink count must be below every budget: sinks {sinks}, budgets {budgets}")
     if max(budgets) >= tokens:
         raise KvlibError(f"every budget must be below tokens ({tokens}), or nothing is evicted: {budgets}")
     return Parameters(
-        tokens, quant_tokens, budgets, sinks, rolling_width, recompute_every, kivi_group, residuals, hf_tokens,
+        tokens, passages, passage_tokens, budget_tokens, floor_tokens, budgets, sinks, rolling_width,
+        recompute_every, kivi_group, residuals, hf_tokens,
         hf_bits, hf_residual, latency_prompt_len, latency_new_tokens, latency_repeats, greedy_prompts,
         greedy_prompt_len, greedy_new_tokens, greedy_sink, greedy_window, method, cfg,
     )  # fmt: skip
@@ -141,14 +152,20 @@ def meaningless(meaningful: bool) -> str:
     return "" if meaningful else " (Random weights: meaningless.)"
 
 
-def text_sentence(text: Text, tokens: int, quant_tokens: int, method: str) -> str:
-    """Markdown: which text (quality.load_text), how many tokens (the quantized caches' share) and which method."""
-    return f"Text: {text.name}, first {tokens} tokens (quantized caches: the first {quant_tokens}); method `{method}`."
+def text_sentence(text: Text, tokens: int, span: str, method: str) -> str:
+    """Markdown: which text (quality.load_text), which spans the two parts of the page score, and which method."""
+    return (
+        f"Text: {text.name}. Layouts against the exact cache: {span}. StreamingLLM table: text tokens 0-{tokens - 1}, "
+        f"read as one text. Method `{method}`. A perplexity belongs to its span: compare numbers of one span only."
+    )
 
 
 def full_cache_sentence(stream: pd.DataFrame, tokens: int) -> str:
-    """Markdown: the full cache's perplexity (the first row of quality.streaming's table), tokens scored."""
-    return f"Full cache: perplexity **{stream['perplexity'].iloc[0]:.3f}** over {tokens - 1} tokens scored."
+    """Markdown: the full cache's perplexity (the first row of quality.streaming's table), tokens scored, span."""
+    return (
+        f"Full cache: perplexity **{stream['perplexity'].iloc[0]:.3f}** over {tokens - 1} tokens scored (text tokens "
+        f"1-{tokens - 1}, each given all earlier ones from token 0; another span gives another perplexity)."
+    )
 
 
 def streaming_table(stream: pd.DataFrame) -> pd.DataFrame:
@@ -222,24 +239,39 @@ def streaming_position_figure(
     nll: dict[str, torch.Tensor], width: int, budget: int, sinks: list[int], model_name: str
 ) -> Figure:
     """Rolling perplexity over `width` scored tokens against position in the text (tokens), one line per variant of
-    quality.same_budget (the study's colours), dotted at `budget` where eviction starts. `nll`: quality.streaming's."""
+    quality.same_budget (the study's colours: the window's variants in darker and lighter shades of it, each with its
+    own dashes and markers), dotted at `budget` where eviction starts; the legend under the panel. No line hides
+    another (plotting.parting): variants equal throughout share one line and one label ("a = b"), and a variant that
+    lies on an earlier line at first (the full cache's, before eviction starts) is drawn from where it leaves it,
+    its label saying so. `nll`: quality.streaming's."""
     roll = quality.rolling(nll, width, quality.same_budget(budget, sinks))
-    fig, ax = plotting.figure(width=8, title=f"Perplexity against position, {model_name}, budget {budget}")
-    variant_colors, variant_order = plotting.colors(roll["variant"].unique())  # the study's colours: static, window
-    sns.lineplot(
-        data=roll, x="position", y="rolling_ppl", hue="variant", palette=variant_colors, hue_order=variant_order, ax=ax
-    )
-    ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
+    fig, ax = plotting.figure(width=9, height=4.5, title=f"Perplexity against position, {model_name}, budget {budget}")
+    order = plotting.order(roll["variant"].unique())
+    wide = roll.pivot(index="position", columns="variant", values="rolling_ppl")[order]
+    styles = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 3)))  # solid, dashed, dotted, dash-dot
+    markers = ("", "o", "s", "^", "D")
+    shade = plotting.line_colours(order)  # a repeated colour (the window's) darker, then lighter: no pale dotted line
+    for i, line in enumerate(plotting.parting(wide)):
+        part = wide.loc[line.start :, line.labels[0]]
+        label = line.label + (f" (on the {line.under} line up to position {line.start})" if line.under else "")
+        ax.plot(part.index, part.to_numpy(), color=shade[line.labels[0]], linestyle=styles[i % len(styles)],
+                marker=markers[i % len(markers)], markevery=max(1, len(wide) // 12), markersize=5, linewidth=1.8,
+                label=label)  # fmt: skip
+    ax.axvline(budget, color=plotting.NEUTRAL, linestyle=":", linewidth=1)
     plotting.label(ax, f"Rolling perplexity over {width} tokens", "position in the text (tokens)", "perplexity (ppl)")
-    plotting.legend_below(ax)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
     return fig
 
 
 def streaming_position_caption(text_name: str, width: int, budget: int) -> str:
-    """The position figure's caption: one pass per variant, what a point is, the dotted budget line."""
+    """The position figure's caption: one pass per variant, what a point is, the dotted budget line, and how lines
+    that coincide are drawn."""
     return (
         f"One pass per variant on {text_name}; each point is exp(mean NLL) of the previous {width} "
-        f"scored tokens (deterministic: no error bars). Dotted: the budget {budget}, where eviction starts."
+        f"scored tokens (deterministic: no error bars). Dotted: the budget {budget}, where eviction starts. No line "
+        "hides another: a variant that lies on an earlier line at first (closer than a line's width) is drawn from "
+        "where it leaves it, its label naming that line and the position; variants equal throughout share one line "
+        "and one label (a = b; a ≈ b when they differ by less than a line's width)."
     )
 
 
@@ -418,3 +450,60 @@ def divergence_table(div: pd.DataFrame) -> pd.DataFrame:
     """First divergence step per variant (rows) and prompt (columns); blank where the continuation never left the
     full cache's. `div`: quality.greedy_divergence's."""
     return div.pivot_table(index="variant", columns="prompt", values="first_divergence_step", aggfunc="first")
+
+
+# ---- every lossy layout against the exact cache: KL divergence and top-1 agreement --------------------------------
+
+KLD_CAPTION = (
+    "Mean KL divergence from the exact cache's next-token distribution (nats, log scale) against the bytes each layout "
+    "holds per passage, as a share of a 16-bit full cache; bars: 95% block-bootstrap intervals. The grey band is the "
+    "noise floor (two exact paths compared): a point inside it is indistinguishable from exact."
+)
+
+
+def kld_figure(table: pd.DataFrame, model_name: str, span: str) -> Figure:
+    """Mean KLD (log y, 95% CI bars) against bytes held as % of a 16-bit full cache (x), one marker per lossy
+    layout (agreement.measure's table; its colour from the study's palette), everything below the floor's upper
+    bound shaded. Layouts with equal measures are drawn once with their labels joined; layouts at one x are spread
+    sideways a little so that none hides another."""
+    fig, ax = plotting.figure(width=9, height=4.8, title=f"What each lossy cache changes, {model_name}")
+    lossy = table[table["kind"] == "lossy"]
+    hi_floor = max(agreement.floor_bound(table), 1e-15)
+    groups = [g for _, g in lossy.groupby(["kld_mean", "vs_16bit_pct"], sort=False)]
+    colours, _ = plotting.colors(lossy["variant"])
+    at_x: dict[float, int] = {}
+    span_x = max(float(lossy["vs_16bit_pct"].max() - lossy["vs_16bit_pct"].min()), 10.0)
+    for k, g in enumerate(groups):
+        r = g.iloc[0]
+        n_here = sum(float(h.iloc[0].vs_16bit_pct) == float(r.vs_16bit_pct) for h in groups)
+        i = at_x.setdefault(float(r.vs_16bit_pct), 0)
+        at_x[float(r.vs_16bit_pct)] += 1
+        x = r.vs_16bit_pct + (i - (n_here - 1) / 2) * 0.012 * span_x
+        y = max(r.kld_mean, 1e-15)
+        err = [[max(y - r.kld_lo, 0)], [max(r.kld_hi - y, 0)]]
+        marker = "osD^vP*Xhp"[k % 10]
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor=colours[r.variant], capsize=3, zorder=3)
+        ax.scatter(x, y, marker=marker, color=colours[r.variant], s=70, edgecolor="white", linewidth=0.6, zorder=4,
+                   label=" = ".join(g["variant"]))  # fmt: skip
+    ax.set_yscale("log")
+    bottom = min(hi_floor / 3, float(lossy["kld_lo"].clip(lower=1e-15).min()) / 3)
+    ax.axhspan(bottom, hi_floor, color="lightgrey", alpha=0.7, zorder=1, label="noise floor: exact vs exact")
+    ax.set_ylim(bottom=bottom)
+    plotting.label(ax, span, "bytes held per passage (% of a 16-bit full cache)", "mean KL divergence (nats)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
+
+
+def agreement_headlines(table: pd.DataFrame, span: str, meaningful: bool) -> list[HeadlineRow]:
+    """Headline rows: the noise floor's KLD (upper interval end), and the lowest-KLD layout among those holding at
+    most half of a 16-bit full cache, with its top-1 agreement (none when no layout holds that little)."""
+    floor = table[table["kind"] == "floor"]
+    rows = [row("kld_floor", "Noise floor: KLD between two exact paths (upper 95% bound)", agreement.floor_bound(table),
+                "nats", note=f"{span}; {', '.join(floor['variant'])}")]  # fmt: skip
+    small = table[(table["kind"] == "lossy") & (table["vs_16bit_pct"] <= 50)].sort_values("kld_mean")
+    if len(small):
+        b = small.iloc[0]
+        rows.append(row("kld_best_half", "Lowest KLD holding at most half a 16-bit cache", float(b.kld_mean), "nats",
+                        headline=meaningful, note=f"{b.variant}: 95% CI {b.kld_lo:.2g}-{b.kld_hi:.2g}, top-1 "
+                        f"agreement {b.top1_pct:.1f}%, {b.vs_16bit_pct:.0f}% of a 16-bit cache; {span}"))  # fmt: skip
+    return rows

@@ -12,6 +12,7 @@ the functions here turn their tidy frames into what the page shows: figures, mar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -133,16 +134,22 @@ def spread_of(row: pd.Series, column: str) -> study.Spread:
 
 # ---- one table: every layout on the same prompts ---------------------------------------------------------------
 
+# The reading view: at most 8 columns, those the sentences below use (every column: the CSV, `full_table_note`)
 COMPARISON_COLUMNS = [
-    "variant", "exact", "kib_per_token", "saving_vs_static_pct", "waste_pct", "stored_tokens", "lossy_tokens",
-    "ttft_ms", "tpot_ms", "max_abs_logit_diff", "token_agreement_pct", "tokens_equal", "first_divergence_step",
+    "variant", "kib_per_token", "saving_vs_static_pct", "waste_pct", "lossy_tokens", "tpot_ms", "tokens_equal",
+    "first_divergence_step",
 ]  # fmt: skip
 
 
 def comparison_view(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns of strategies.comparison_table's frame that the page shows, one row per variant, with the bytes
-    held per stored token in KiB (kib_per_token) instead of bytes."""
+    """The reading view of strategies.comparison_table's frame (COMPARISON_COLUMNS, 8), one row per variant, with
+    the bytes held per stored token in KiB (kib_per_token) instead of bytes; every column stays in the CSV."""
     return table.assign(kib_per_token=table["bytes_per_token"] / KIB)[COMPARISON_COLUMNS]
+
+
+def full_table_note(path: Path) -> str:
+    """Markdown under a reading view: where every column is (`path`, as study.Outputs.csv returned it)."""
+    return f"*The table shows the columns the text uses; every column is in `data/{path.name}`.*"
 
 
 def untouched_lossy(table: pd.DataFrame) -> pd.Series:
@@ -175,6 +182,7 @@ def comparison_figure(
         hue="variant",
         palette=palette,
         order=order,
+        saturation=1,  # the palette's colour itself, as the right panel's points
         ax=axes[0],
     )
     plotting.label(axes[0], "Memory held per cached token", "KV cache held per token (KiB)", "layout (name)")

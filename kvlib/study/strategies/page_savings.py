@@ -25,9 +25,9 @@ from kvlib.study.strategies.page import KIB, MIB, HeadlineRow, spread_of
 
 # ---- quantized: fewer bytes per value --------------------------------------------------------------------------
 
-QUANTIZED_COLUMNS = [
-    "engine", "variant", "status", "stored_tokens", "quantized_tokens", "bytes_per_token", "saving_vs_full_pct",
-    "rel_logit_diff", "token_agreement_pct", "tokens_equal", "first_divergence_step", "tpot_ms",
+QUANTIZED_COLUMNS = [  # the reading view: at most 8 columns (every column: the CSV)
+    "engine", "variant", "status", "quantized_tokens", "saving_vs_full_pct", "rel_logit_diff", "token_agreement_pct",
+    "tpot_ms",
 ]  # fmt: skip
 # How the sentences name the full-precision cache a quantized variant is measured against (its `reference`)
 REFERENCES = {
@@ -119,9 +119,12 @@ def quantized_sentence(quant: pd.DataFrame, batch_size: int, new_tokens: int) ->
 
 # ---- grouped-query and multi-query attention: fewer key/value heads --------------------------------------------
 
-GQA_COLUMNS = ["n_head", "n_kv_head", "attention", "weights", "held_bytes", "formula_bytes", "reduction",
-               "expected_reduction", "reduction_exact", "tpot_ms"]  # fmt: skip
-GQA_CAPTION = "One run per model (byte counts are deterministic); no error bars."
+GQA_COLUMNS = ["attention", "n_kv_head", "held_bytes", "formula_bytes", "reduction", "expected_reduction",
+               "reduction_exact", "tpot_ms"]  # fmt: skip  # the reading view (every column: the CSV)
+GQA_CAPTION = (
+    "One run per model (byte counts are deterministic); no error bars. Bars in the static cache's colour: every model "
+    "ran with it; the attention kind is named under each head count."
+)
 
 
 def label_random_weights(gqa: pd.DataFrame) -> pd.DataFrame:
@@ -136,12 +139,13 @@ def gqa_view(gqa: pd.DataFrame) -> pd.DataFrame:
 
 
 def gqa_figure(gqa: pd.DataFrame, batch_size: int, slots: int) -> Figure:
-    """Bars of the KV cache held (MiB) per key/value head count, coloured by attention kind; the panel names the
+    """Bars of the KV cache held (MiB) per key/value head count, each named by its attention kind under the count,
+    in the static cache's colour (the cache every model ran with: strategies.gqa_reduction); the panel names the
     batch and the static cache's `slots` (prompt + new tokens)."""
     fig, ax = plotting.figure(width=6, title="KV cache against key/value heads")
-    sns.barplot(data=gqa.assign(held_mib=gqa["held_bytes"] / MIB, heads=gqa["n_kv_head"].astype(str)), x="heads",
-                y="held_mib", hue="attention", palette=plotting.palette(gqa["attention"]),
-                hue_order=plotting.order(gqa["attention"]), ax=ax)  # fmt: skip
+    heads = gqa["n_kv_head"].astype(str) + "\n" + gqa["attention"].str.replace(" (", "\n(", regex=False)
+    sns.barplot(data=gqa.assign(held_mib=gqa["held_bytes"] / MIB, heads=heads), x="heads", y="held_mib",
+                color=plotting.colour_of("layout", REFERENCE), saturation=1, ax=ax)  # fmt: skip
     plotting.label(ax, f"batch {batch_size}, {slots} slots", "key/value heads (count)", "KV cache held (MiB)")
     return fig
 
@@ -269,6 +273,16 @@ def window_sentence(win: pd.DataFrame) -> str:
 
 
 # ---- prefix sharing: prefill the common beginning once ---------------------------------------------------------
+
+
+PREFIX_COLUMNS = ["variant", "prefill_tokens", "held_mib", "ttft_ms", "ttft_ms_min", "ttft_ms_max", "tpot_ms",
+                  "tokens_equal"]  # fmt: skip  # the reading view (every column: the CSV)
+
+
+def prefix_view(prefix: pd.DataFrame) -> pd.DataFrame:
+    """The reading view of strategies.prefix_sharing's frame (PREFIX_COLUMNS, 8), one row per variant, with the cache
+    held in MiB (held_mib); every column stays in the CSV."""
+    return prefix.assign(held_mib=prefix["held_bytes"] / MIB)[PREFIX_COLUMNS]
 
 
 def _prefix_pair(prefix: pd.DataFrame) -> tuple[pd.Series, pd.Series, float, str]:
