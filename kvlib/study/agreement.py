@@ -193,7 +193,8 @@ def measure(
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "within_floor"])
     df["budget_tokens"] = df["budget_tokens"].astype("Int64")
     df["bits"] = df["bits"].astype("Int64")
-    df["within_floor"] = [within_floor(m, floor_bound(df)) for m in df["kld_mean"]]
+    floor = floor_bound(df)
+    df["within_floor"] = [within_floor(m, floor) for m in df["kld_mean"]]
     return df[list(COLUMNS)]
 
 
