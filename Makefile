@@ -49,6 +49,10 @@ READING_TEMPLATE := kvlib/report/templates/reading.html.j2
 # one machine probe per report (read bandwidth, matmul), measured before any notebook; every notebook divides its
 # MBU by it. Measured again (and every notebook re-run) when the probe's code or the profile's shared keys change.
 PROBE := $(OUT)/data/machine.json
+# a profile may extend another (`extends: default` in params/<profile>.yaml, kvlib.report.pipeline.base_profile):
+# its notebooks then depend on the base's parameter files too
+BASE := $(shell sed -n 's/^extends: *\([A-Za-z0-9_-]*\).*/\1/p' $(PARAMS)/$(PROFILE).yaml 2>/dev/null)
+BASE_FILES = $(if $(BASE),$(PARAMS)/$(BASE).yaml $(wildcard $(PARAMS)/$(BASE)/$(1).yaml))
 NBCONVERT = $(VENV)/bin/jupyter nbconvert --to html --log-level ERROR --output-dir $(OUT)
 
 ifneq ($(filter report,$(MAKECMDGOALS)),)
@@ -57,7 +61,7 @@ $(error unknown PROFILE=$(PROFILE): no $(PARAMS)/$(PROFILE).yaml (profiles: $(ba
 endif
 endif
 
-report: $(OUT)/index.html ## Run every notebook with papermill; build reports/$(PROFILE)/index.html (PROFILE=smoke|default|gpu)
+report: $(OUT)/index.html ## Run every notebook with papermill; build reports/$(PROFILE)/index.html (PROFILE=smoke|default|full|gpu)
 	@echo "report: $(OUT)/index.html"
 
 $(OUT)/index.html: $(foreach n,$(NOTEBOOKS),$(OUT)/$(n).ipynb $(OUT)/$(n).html $(OUT)/$(n).reading.html) $(KVLIB_SRC) | $(STAMP)
@@ -69,11 +73,11 @@ $(OUT)/%.reading.html: $(OUT)/%.ipynb $(READING_TEMPLATE) $(PAGE_TEMPLATE) | $(S
 $(OUT)/%.html: $(OUT)/%.ipynb $(PAGE_TEMPLATE) | $(STAMP)
 	@$(NBCONVERT) --template-file $(PAGE_TEMPLATE) $<
 
-$(PROBE): kvlib/measure/roofline.py $(PARAMS)/$(PROFILE).yaml | $(STAMP)
+$(PROBE): kvlib/measure/roofline.py $(PARAMS)/$(PROFILE).yaml $(if $(BASE),$(PARAMS)/$(BASE).yaml) | $(STAMP)
 	@$(REPORT_PY) probe --profile $(PROFILE)
 
 .SECONDEXPANSION:
-$(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $(KVLIB_SRC) $(PROBE) | $(STAMP)
+$(OUT)/%.ipynb: notebooks/%.ipynb $(PARAMS)/$(PROFILE).yaml $$(wildcard $(PARAMS)/$(PROFILE)/$$*.yaml) $$(call BASE_FILES,$$*) $(KVLIB_SRC) $(PROBE) | $(STAMP)
 	@$(REPORT_PY) run $* --profile $(PROFILE)
 
 check-report: $(STAMP) ## Open every page of reports/$(PROFILE) (index, reading views, full notebooks) in headless Chromium; fail on broken images/links; screenshots

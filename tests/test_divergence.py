@@ -231,3 +231,39 @@ def test_snapkv_examined_finding_carries_the_warning_when_snapkv_misses_what_the
     assert found.contradicts and "0/2" in found.html and "⚠" in found.html
     pd.DataFrame(rows).assign(weights="random").to_csv(data / "09_snapkv_ablation.csv", index=False)
     assert not [f for f in findings(tmp_path, ["09_what_a_cache_forgets"]) if "SnapKV" in f.html]
+
+
+def test_further_models_rows_stay_out_of_the_index_table_regression(tmp_path):
+    """08_agreement.csv with a second model's rows after the page's: the decision table and the finding keep to the
+    page's model (its floor too), and the sentence points to the page for the other one."""
+    data = _fixture(tmp_path)
+    a = pd.read_csv(data / "08_agreement.csv")
+    other = a.assign(model="gemma", kld_hi=a["kld_hi"] * 1e6, kld_mean=a["kld_mean"] * 1e6)
+    pd.concat([a, other]).to_csv(data / "08_agreement.csv", index=False)
+    table, sentence = decision_table(tmp_path)
+    assert table["layout"].tolist() == ["full (static)", "int8 per-token", "h2o"]
+    assert "3e-09" in sentence and "gemma: notebook 08" in sentence
+    assert "within the floor" in table.set_index("layout").loc["int8 per-token", "note"]
+    found = [f.html for f in findings(tmp_path, ["08_quality"]) if "exact cache" in f.html]
+    assert len(found) == 1 and "3e-09" in found[0]
+
+
+@pytest.mark.parametrize(
+    ("more", "message"),
+    [
+        ("gemma3-270m", "a list of"),
+        ([{"model": "gemma3-270m", "passages": 2}], r"more_models\[0\]: a mapping with the keys"),
+        ([{"model": "nope", "passages": 2, "passage_tokens": 64}], r"more_models\[0\]\.model"),
+        ([{"model": "tiny-gemma", "passages": 0, "passage_tokens": 64}], r"more_models\[0\]\.passages"),
+        ([{"model": "tiny-gemma", "passages": 1, "passage_tokens": 1}], r"more_models\[0\]\.passage_tokens"),
+        ([{"model": "tiny-gemma", "passages": 1, "passage_tokens": 8}] * 2, "each model once"),
+    ],
+)
+def test_more_models_of_notebook_08_bad_input_is_one_line(more, message):
+    with pytest.raises(KvlibError, match=message):
+        agreement.more_runs(more)
+
+
+def test_more_models_of_notebook_08():
+    runs = agreement.more_runs([{"model": "tiny-gemma", "passages": 2, "passage_tokens": 48}])
+    assert runs == [agreement.MoreRun("tiny-gemma", 2, 48)] and agreement.more_runs([]) == []

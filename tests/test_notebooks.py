@@ -34,7 +34,7 @@ def load_nb(name: str) -> dict:
     return json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
 
 
-def test_the_six_notebooks_and_three_profiles_exist():
+def test_the_six_notebooks_and_four_profiles_exist():
     assert NAMES[:6] == [
         "01_concept",
         "02_naive_vs_cached",
@@ -43,7 +43,7 @@ def test_the_six_notebooks_and_three_profiles_exist():
         "05_batch_sweep",
         "06_prompt_sweep",
     ]
-    assert {"smoke", "default", "gpu"} <= set(PROFILES)
+    assert {"smoke", "default", "full", "gpu"} <= set(PROFILES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,7 +80,13 @@ def test_every_profile_key_is_a_declared_parameter():
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_profiles_are_complete(profile):
-    """Shared keys in params/<profile>.yaml (all of them), every notebook's own keys in its own file."""
+    """Shared keys in params/<profile>.yaml (all of them), every notebook's own keys in its own file; a profile that
+    extends another sets every key through its base (and only keys the base sets)."""
+    if pipeline.base_profile(PARAMS, profile) is not None:
+        for name in NAMES:
+            base = pipeline.profile_params(PARAMS, pipeline.base_profile(PARAMS, profile), name)
+            assert set(pipeline.profile_params(PARAMS, profile, name)) == set(base), f"{profile}, {name}"
+        return
     common = pipeline._read_yaml(PARAMS / f"{profile}.yaml")
     assert set(common) == COMMON_KEYS
     for name in NAMES:
@@ -109,7 +115,7 @@ def test_check_profiles_reports_an_unknown_key(tmp_path):
 
 
 def test_unknown_profile_is_one_clear_error(tmp_path):
-    with pytest.raises(KvlibError, match=r"unknown profile 'nope'.*profiles: default, gpu, smoke"):
+    with pytest.raises(KvlibError, match=r"unknown profile 'nope'.*profiles: default, full, gpu, smoke"):
         pipeline.profile_files(PARAMS, "nope", "01_concept")
 
 
@@ -346,3 +352,51 @@ def test_staged_files_must_carry_the_notebook_prefix(tmp_path):
     pipeline._move_outputs(stage, out, "04", executed, "04_x")
     assert sorted(p.name for p in (out / "data").iterdir()) == ["04_ok.csv"]  # the old file of 04 is gone
     assert (out / "04_x.ipynb").read_text() == "{}"  # the executed notebook moves with its files, as one set
+
+
+def test_full_profile_is_the_default_with_further_models():
+    """params/full extends the default profile: the same keys and values except the further models of 08 and 09
+    and 08's StreamingLLM text length."""
+    assert pipeline.base_profile(PARAMS, "full") == "default"
+    for name in NAMES:
+        full, default = (pipeline.profile_params(PARAMS, p, name) for p in ("full", "default"))
+        assert {k for k in full if full[k] != default[k]} <= {"more_models", "tokens"}, name
+    assert pipeline.profile_params(PARAMS, "full", "08_quality")["more_models"][0]["model"] == "gemma3-270m"
+    files = pipeline.profile_files(PARAMS, "full", "08_quality")
+    assert [f.relative_to(PARAMS).as_posix() for f in files] == [
+        "default.yaml",
+        "default/08_quality.yaml",
+        "full.yaml",
+        "full/08_quality.yaml",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("extends: nope\n", "unknown profile 'nope'"),
+        ("extends: p\n", "must name another profile"),
+        ("extends: [default]\n", "must name another profile"),
+        ("extends: q\n", "which extends another profile"),
+    ],
+)
+def test_a_bad_extends_is_one_clear_error(tmp_path, text, error):
+    params = tmp_path / "params"
+    params.mkdir()
+    (params / "default.yaml").write_text("model: tiny\n")
+    (params / "q.yaml").write_text("extends: default\n")
+    (params / "p.yaml").write_text(text)
+    with pytest.raises(KvlibError, match=error):
+        pipeline.profile_params(params, "p", "01_concept")
+
+
+def test_an_extending_profile_overrides_its_base(tmp_path):
+    params = tmp_path / "params"
+    (params / "default").mkdir(parents=True)
+    (params / "p").mkdir()
+    (params / "default.yaml").write_text("model: tiny\nseed: 0\n")
+    (params / "default" / "01_concept.yaml").write_text("toy_len: 8\nseed: 1\n")
+    (params / "p.yaml").write_text("extends: default\nseed: 2\n")
+    (params / "p" / "01_concept.yaml").write_text("toy_len: 16\n")
+    assert pipeline.profile_params(params, "p", "01_concept") == {"model": "tiny", "seed": 2, "toy_len": 16}
+    assert pipeline.profile_params(params, "p", "02_naive_vs_cached") == {"model": "tiny", "seed": 2}

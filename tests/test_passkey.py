@@ -269,6 +269,17 @@ LAYOUTS = [
 ]
 
 
+def by_position(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys and values in order of position (an evicting cache's decode steps write into the evicted
+    token's slot, so two caches holding the same tokens may hold them in different slots)."""
+    k, v = cache.layer_kv(layer)
+    pos = cache.layer_positions(layer) if hasattr(cache, "layer_positions") else None
+    if pos is None:
+        return k, v
+    order = pos.argsort(dim=-1)[..., None].expand_as(k)
+    return k.gather(2, order), v.gather(2, order)
+
+
 @pytest.mark.parametrize("cache, options", LAYOUTS)
 @pytest.mark.parametrize("question_aware", [False, True])
 def test_replayed_prefill_answers_exactly_as_a_real_prefill(decoder, cache, options, question_aware):
@@ -289,11 +300,30 @@ def test_replayed_prefill_answers_exactly_as_a_real_prefill(decoder, cache, opti
     # question-after, the context's part of a longer prefill differs from the context's own prefill by float
     # rounding (matrix products of another length sum in another order).
     for layer in range(llama.cfg.n_layer):
-        for a, b in zip(replayed.cache.layer_kv(layer), real.cache.layer_kv(layer), strict=True):
+        if not question_aware and layer and near_ties_decided_otherwise(replayed.cache, real.cache, layer):
+            continue  # the same kept keys but for keys whose scores tie within rounding (checked there)
+        for a, b in zip(by_position(replayed.cache, layer), by_position(real.cache, layer), strict=True):
             if question_aware or layer == 0:
                 assert torch.equal(a, b), (cache, layer)
             else:
                 assert a.shape == b.shape and (a - b).abs().max() < 1e-5, (cache, layer)
+
+
+def near_ties_decided_otherwise(one, other, layer: int, tol: float = 1e-5) -> bool:
+    """Whether the two caches kept different positions in `layer` (False when the same), and if so assert that
+    every position only one of them kept scored within `tol` of that cache's lowest kept score: a tie that float
+    rounding decided (K-norm on Gemma 3, whose RMS-normed keys all have nearly one norm), nothing else."""
+    if not hasattr(one, "layer_positions"):
+        return False
+    a, b = one.layer_positions(layer), other.layer_positions(layer)
+    if torch.equal(a.sort(-1).values, b.sort(-1).values):
+        return False
+    for cache, mine, theirs in ((one, a, b), (other, b, a)):
+        only = ~(mine[..., :, None] == theirs[..., None, :]).any(-1)  # (B, nkv, S): kept here only
+        scores = cache.scores[layer]
+        lowest = scores.amin(-1, keepdim=True).expand_as(scores)
+        assert bool(((scores - lowest)[only] <= tol).all()), f"layer {layer}: kept keys differ beyond a near tie"
+    return True
 
 
 @pytest.mark.parametrize("cache", ["streaming", "h2o", "tova", "snapkv", "knorm", "window"])

@@ -157,6 +157,15 @@ class KVCache(ABC):
     @abstractmethod
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def decode_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> torch.Tensor | None:
+        """A decode step's write and attention in one, for a layout that attends over what it stores without
+        handing back full-precision keys and values (the int8 cache: scores from its codes). q (B, nh, 1, hd), k
+        and v (B, nkv, 1, hd), no mask, scale 1/sqrt(hd); returns (B, nh, 1, hd), or None *before writing
+        anything* when it does not apply (then `attend` calls `update`). This default: None."""
+        return None
+
     @abstractmethod
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds, so that its memory can be counted from the tensors themselves."""

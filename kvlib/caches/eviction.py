@@ -110,7 +110,9 @@ class EvictionCache(KVCache):
                 f"got budget={self.budget}"
             )
         L = cfg.n_layer
-        self.k: list[torch.Tensor | None] = [None] * L  # (B, nkv, n, hd) kept keys, in order of position
+        # kept keys (B, nkv, n, hd): in order of position after a prompt; a decode step on a full cache writes its
+        # token into the slot of the one it evicts, so `pos` says which position each slot holds
+        self.k: list[torch.Tensor | None] = [None] * L
         self.v: list[torch.Tensor | None] = [None] * L
         self.pos: list[torch.Tensor | None] = [None] * L  # (B, nkv, n) int64: each kept token's original slot
         self.scores: list[torch.Tensor | None] = [None] * L  # (B, nkv, n) float32: the policy's running score
@@ -128,22 +130,59 @@ class EvictionCache(KVCache):
             )
         B, nkv, T, _ = k.shape
         self._check_write(layer, k, start, capacity=self.max_len)
-        if T == 1 and start > 0 and self.k[layer] is not None:
-            self._evict(layer, self.budget - 1)  # a decode step: make room for the new token before attention
         new_pos = torch.arange(start, start + T, device=k.device).expand(B, nkv, T)  # (B, nkv, T)
+        decode = T == 1 and start > 0 and self.k[layer] is not None
+        if decode and self.pos[layer].shape[2] >= self.budget:
+            # A decode step on a full cache: the new token takes the slot of the one evicted to make room for it,
+            # in place (no copy of the kept tokens: what a real cache does). Kept tokens are then no longer in
+            # order of position; `pos` says where each one came from, and attention does not depend on order.
+            if self.k[layer].is_inference() and not torch.is_inference_mode_enabled():  # written under inference
+                for held in (self.k, self.v, self.pos, self.scores):  # mode: copies that may be written outside it
+                    held[layer] = held[layer].clone()
+            gone = self._lowest(layer)  # (B, nkv, 1)
+            self.k[layer].scatter_(2, gone[..., None].expand(B, nkv, 1, k.shape[-1]), k)
+            self.v[layer].scatter_(2, gone[..., None].expand(B, nkv, 1, v.shape[-1]), v)
+            self.pos[layer].scatter_(2, gone, new_pos)
+            self.scores[layer].scatter_(2, gone, self.new_scores(layer, k, new_pos))
+            self._after_write(layer, start, T)
+            return self.k[layer], self.v[layer]
+        if decode:
+            self._evict(layer, self.budget - 1)  # a decode step: make room for the new token before attention
         new_scores = self.new_scores(layer, k, new_pos)  # (B, nkv, T)
-        if self.k[layer] is None:  # contiguous(): k may be a view into the fused qkv projection
-            keys, values, pos, scores = k.contiguous(), v.contiguous(), new_pos, new_scores
+        if self.k[layer] is None:  # copies of their own: decode steps write into them in place
+            keys, values = (
+                k.clone(memory_format=torch.contiguous_format),
+                v.clone(memory_format=torch.contiguous_format),
+            )
+            pos, scores = new_pos.contiguous(), new_scores.contiguous()
         else:
             keys, values = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
             pos, scores = torch.cat([self.pos[layer], new_pos], dim=2), torch.cat([self.scores[layer], new_scores], 2)
         self.k[layer], self.v[layer], self.pos[layer], self.scores[layer] = keys, values, pos, scores
-        self._attended_pos[layer], self._write[layer] = pos, (start, T)
+        self._after_write(layer, start, T)
+        return keys, values  # (B, nkv, n + T, hd)
+
+    def _after_write(self, layer: int, start: int, T: int) -> None:
+        self._attended_pos[layer], self._write[layer] = self.pos[layer], (start, T)
         if self.needs_attention:
             self._pending[layer] = True  # evict in observe, once attention has run
         else:
-            self._evict(layer)  # makes new tensors: `keys` and `values` stay valid for this step's attention
-        return keys, values  # (B, nkv, n + T, hd)
+            self._evict(layer)  # makes new tensors: the keys and values returned stay valid for this step's attention
+
+    def _ranked(self, layer: int) -> torch.Tensor:
+        """The scores of `layer`'s kept tokens with the protected ones (positions < sink and the newest `recent`
+        positions written: >= lengths[layer] - recent) at +inf: (B, nkv, S)."""
+        pos = self.pos[layer]
+        protected = (pos < self.sink) | (pos >= self.lengths[layer] - self.recent)  # (B, nkv, S)
+        return self.scores[layer].masked_fill(protected, float("inf"))
+
+    def _lowest(self, layer: int) -> torch.Tensor:
+        """(B, nkv, 1): the slot of the token `_evict(layer, n - 1)` would drop (the lowest ranked; on a tie, the
+        earliest position, as `_evict` keeps the later one)."""
+        ranked = self._ranked(layer)
+        low = ranked == ranked.amin(dim=2, keepdim=True)
+        first = self.pos[layer].masked_fill(~low, torch.iinfo(torch.int64).max)  # earliest position among ties
+        return first.argmin(dim=2, keepdim=True)
 
     def observed_queries(self, layer: int) -> int:
         """How many of the last write's queries (its last ones) `observe` needs the attention of; 0: none."""
@@ -168,16 +207,13 @@ class EvictionCache(KVCache):
         raise NotImplementedError
 
     def _evict(self, layer: int, n_keep: int | None = None) -> None:
-        """Keep the `n_keep` (default: `budget`) highest-scoring tokens, protected ones first, in order of position.
+        """Keep the `n_keep` (default: `budget`) highest-scoring tokens, protected ones first, in slot order.
         Protected: positions < sink and the newest `recent` positions written (those >= lengths[layer] - recent)."""
         n_keep = self.budget if n_keep is None else n_keep
         pos = self.pos[layer]
         if pos.shape[2] <= n_keep:
             return
-        end = self.lengths[layer]
-        protected = (pos < self.sink) | (pos >= end - self.recent)  # (B, nkv, S)
-        ranked = self.scores[layer].masked_fill(protected, float("inf"))
-        keep = ranked.topk(n_keep, dim=2).indices.sort(dim=2).values  # (B, nkv, n_keep)
+        keep = self._ranked(layer).topk(n_keep, dim=2).indices.sort(dim=2).values  # (B, nkv, n_keep)
         rows = keep[..., None].expand(-1, -1, -1, self.cfg.head_dim)  # (B, nkv, n_keep, hd)
         self.k[layer] = self.k[layer].gather(2, rows)
         self.v[layer] = self.v[layer].gather(2, rows)

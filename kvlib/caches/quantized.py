@@ -40,6 +40,10 @@ from kvlib.core.errors import KvlibError
 
 KEY_AXES = ("token", "channel")
 BITS = (8, 4, 2)
+# Whether the int8 per-token cache attends over its codes at decode (QuantizedCache.decode_attention); False:
+# every step dequantizes the whole cache into a float copy first (the tests compare the two)
+ATTEND_CODES = True
+CODE_BLOCK = 1024  # tokens of codes converted to floats at a time in attention_over_codes (a block stays in cache)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -214,6 +218,41 @@ class QuantizedCache(KVCache):
         self.n_quant[layer] = q0 + n
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._write(layer, k, v, start)
+        if start == 0:
+            return k, v  # the prompt attends to itself at full precision
+        return self.layer_kv(layer)
+
+    @property
+    def attends_codes(self) -> bool:
+        """Whether a decode step attends over the integer codes themselves (`decode_attention`): int8 codes with
+        one scale per token and head (keys per token, no channel groups), and ATTEND_CODES set."""
+        return ATTEND_CODES and self.bits == 8 and self.key_axis == "token" and self.group == self.cfg.head_dim
+
+    def decode_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> torch.Tensor | None:
+        """The int8 cache's decode step without a dequantized copy of the cache (`attention_over_codes`): the
+        write, then attention from the codes, scales and zeros and the full-precision tail. None (nothing written)
+        for another layout option, the prompt or a multi-token write."""
+        if start == 0 or k.shape[2] != 1 or not self.attends_codes:
+            return None
+        self._write(layer, k, v, start)
+        n = self.n_quant[layer]
+        return attention_over_codes(
+            q,
+            self.k_codes[layer, :, :, :n],
+            self.k_scale[layer, :, :, :n],
+            self.k_zero[layer, :, :, :n],
+            self.v_codes[layer, :, :, :n],
+            self.v_scale[layer, :, :, :n],
+            self.v_zero[layer, :, :, :n],
+            self.res_k[layer],
+            self.res_v[layer],
+        )
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v (B, nkv, T, hd): into the full-precision tail, flushing what leaves it as codes."""
         self._check_write(layer, k, start, capacity=self.max_len)
         old_k, old_v = self.res_k[layer], self.res_v[layer]
         tail_k = k if old_k is None else torch.cat([old_k, k], dim=2)  # (B, nkv, r, hd)
@@ -228,9 +267,6 @@ class QuantizedCache(KVCache):
         # clone: never keep a view of the fused qkv activations (or of a concatenation) alive
         self.res_k[layer] = tail_k[:, :, flush:].clone() if flush < r else None
         self.res_v[layer] = tail_v[:, :, flush:].clone() if flush < r else None
-        if start == 0:
-            return k, v  # the prompt attends to itself at full precision
-        return self.layer_kv(layer)
 
     def _dequantized(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.n_quant[layer]
@@ -308,6 +344,62 @@ class QuantizedCache(KVCache):
         """Tokens per sequence stored as integer codes so far (in every layer); the others sit in the full-precision
         tail. 0 means every token stayed at full precision: a run like that measures nothing about quantization."""
         return min(self.n_quant)
+
+
+# ---- attention over int8 codes (a decode step that reads the codes, not a dequantized copy) ------------------------
+
+
+def _times_codes(a: torch.Tensor, codes: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """a @ codes^T (transposed: a (..., g, hd), codes (..., n, hd) -> (..., g, n)) or a @ codes (a (..., g, n) ->
+    (..., g, hd)), codes uint8 converted to a's dtype CODE_BLOCK tokens at a time: the float block is small enough
+    to stay in the CPU's cache, so memory traffic is the codes' bytes, not a float copy's."""
+    n = codes.shape[-2]
+    if n <= CODE_BLOCK:
+        c = codes.to(a.dtype)
+        return a @ c.transpose(-1, -2) if transposed else a @ c
+    if transposed:
+        return torch.cat([a @ codes[..., i : i + CODE_BLOCK, :].to(a.dtype).transpose(-1, -2)
+                          for i in range(0, n, CODE_BLOCK)], dim=-1)  # fmt: skip
+    out = a[..., :CODE_BLOCK] @ codes[..., :CODE_BLOCK, :].to(a.dtype)
+    for i in range(CODE_BLOCK, n, CODE_BLOCK):
+        out += a[..., i : i + CODE_BLOCK] @ codes[..., i : i + CODE_BLOCK, :].to(a.dtype)
+    return out
+
+
+def attention_over_codes(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    tail_k: torch.Tensor | None,
+    tail_v: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of one query per head over n keys held as int8 codes (one scale and zero per token and head) and
+    r full-precision tail keys, without dequantizing: with k_j = s_j c_j + z_j,
+    q . k_j = s_j (q . c_j) + z_j sum(q), and sum_j p_j v_j = (p * s^v) @ C^v + (p . z^v) for the values; the
+    scales are applied after the products with the codes (as integer-code kernels do, e.g. llama.cpp's q8_0).
+
+    q (B, nh, 1, hd); k_codes, v_codes (B, nkv, n, hd) uint8; scales and zeros (B, nkv, n, 1); tails (B, nkv, r,
+    hd) or None. Scale 1/sqrt(hd); GQA: query head h uses key-value head h // (nh / nkv). Returns (B, nh, 1, hd) in
+    q's dtype. Arithmetic in float32 (the scores and the weighted sum), as the dequantized path's."""
+    B, nh, _, hd = q.shape
+    nkv = k_codes.shape[1]
+    qg = q.reshape(B, nkv, nh // nkv, hd).float() * hd**-0.5  # (B, nkv, g, hd)
+    ks, kz = k_scale.float().squeeze(-1)[:, :, None], k_zero.float().squeeze(-1)[:, :, None]  # (B, nkv, 1, n)
+    scores = _times_codes(qg, k_codes, transposed=True) * ks + qg.sum(-1, keepdim=True) * kz  # (B, nkv, g, n)
+    if tail_k is not None:
+        scores = torch.cat([scores, qg @ tail_k.float().transpose(-1, -2)], dim=-1)  # (B, nkv, g, n + r)
+    p = scores.softmax(dim=-1)
+    n = k_codes.shape[2]
+    pq = p[..., :n]
+    vs, vz = v_scale.float().squeeze(-1)[:, :, None], v_zero.float().squeeze(-1)[:, :, None]  # (B, nkv, 1, n)
+    y = _times_codes(pq * vs, v_codes, transposed=False) + (pq * vz).sum(-1, keepdim=True)  # (B, nkv, g, hd)
+    if tail_v is not None:
+        y = y + p[..., n:] @ tail_v.float()
+    return y.to(q.dtype).reshape(B, nh, 1, hd)
 
 
 # ---- the layout read token by token, as one pattern (KVCache.one_pass) ----------------------------------------------

@@ -356,8 +356,15 @@ def _attention(q, k, v, allowed, q_sink=None, sink=0, k_codes=None, v_codes=None
     """Attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd) where `allowed` (T, T); with `q_sink`, the first
     `sink` keys are scored against q_sink instead (their positions moved); with `k_codes`, keys and values are
     taken from k_codes / v_codes where `codes_where` (T, T)."""
-    if k_codes is None and (q_sink is None or not sink):  # a plain mask: PyTorch's fused attention
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    if q_sink is None or not sink:  # a mask over the keys: PyTorch's fused attention
+        if k_codes is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+        # Each query sees every key either as codes or at full precision: attention over both copies of the keys
+        # (2T), each masked to where that copy is the one seen, is the same softmax over the same T scores.
+        both = torch.cat([allowed & codes_where, allowed & ~codes_where], dim=-1)  # (T, 2T)
+        kk, vv = torch.cat([k_codes, k], dim=2), torch.cat([v_codes, v], dim=2)  # (B, nkv, 2T, hd)
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=both, enable_gqa=gqa)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, nh, T, hd)
     scale = 1.0 / math.sqrt(q.shape[-1])

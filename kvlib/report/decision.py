@@ -21,7 +21,7 @@ import pandas as pd
 
 from kvlib.caches.base import evicts
 from kvlib.measure.divergence import within_floor
-from kvlib.study.agreement import floor_bound
+from kvlib.study.agreement import floor_bound, primary
 
 RETRIEVAL_AT = 0.25  # the budget fraction of the retrieval columns
 COLUMNS = ["layout", "bytes vs 16-bit", "KLD (nats, 95% CI)", "top-1", "perplexity", "retrieval, question after",
@@ -74,9 +74,10 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
     """The table (COLUMNS, one row per layout, the exact baseline first) and the sentence under it (the floor and
     what the retrieval columns count); None when the run has no 08_agreement.csv (notebook 08 not run)."""
     out = Path(out)
-    agree = _csv(out, "08_agreement.csv")
-    if agree is None:
+    every = _csv(out, "08_agreement.csv")
+    if every is None:
         return None
+    agree = primary(every)  # the page's model; further models' rows are on notebook 08's page
     acc, lat = _csv(out, "09_accuracy.csv"), _csv(out, "08_latency.csv")
     floor_hi = floor_bound(agree)
     rows = []
@@ -113,6 +114,9 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
         "policy keeps whatever it scores (sinks, recent window). Step: decode TPOT on one short prompt, against the "
         "static cache's."
     )
+    others = [m for m in every["model"].unique() if m != agree["model"].iloc[0]]
+    if others:
+        sentence += f" The same table for {', '.join(others)}: notebook 08."
     return table, sentence
 
 

@@ -32,7 +32,7 @@ from kvlib.core.errors import KvlibError
 from kvlib.measure.divergence import within_floor
 from kvlib.measure.passkey import NO_SETTING, SETTINGS
 from kvlib.study import Spread, fmt, published, snapkv_check
-from kvlib.study.agreement import floor_bound
+from kvlib.study.agreement import floor_bound, primary
 from kvlib.study.passkey import SETTING_WORDS, leader_text, metric_suffix, quality_verdict, selection_text
 from kvlib.study.quality import SINK_EFFECT
 
@@ -290,7 +290,7 @@ def lossy_quality(out: Path) -> Finding | None:
     meta = _quality_meta(out)
     if meta is None:
         return None
-    a = _read(out, "08_agreement.csv")
+    a = primary(_read(out, "08_agreement.csv"))  # the page's model (further models: on the page)
     lossy = a[a["kind"] == "lossy"].sort_values("kld_mean")
     hi = floor_bound(a)
     if math.isnan(hi) or lossy.empty:

@@ -76,20 +76,48 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def profile_files(params_dir: str | Path, profile: str, notebook: str) -> list[Path]:
-    """The parameter files of `notebook` in `profile`, in the order papermill applies them."""
+EXTENDS = "extends"  # a profile's shared file may start from another profile: `extends: default`
+
+
+def _profile_file(params_dir: str | Path, profile: str) -> Path:
     common = Path(params_dir) / f"{profile}.yaml"
     if not common.is_file():
         known = ", ".join(profiles(params_dir)) or "none"
         raise KvlibError(f"unknown profile {profile!r}: no {common} (profiles: {known})")
+    return common
+
+
+def base_profile(params_dir: str | Path, profile: str) -> str | None:
+    """The profile `profile` extends (its shared file's `extends:` key), or None. One level only: a base that itself
+    extends another, or a profile extending itself, is a KvlibError (the Makefile tracks one base's files)."""
+    common = _profile_file(params_dir, profile)
+    base = _read_yaml(common).get(EXTENDS)
+    if base is None:
+        return None
+    if not isinstance(base, str) or base == profile:
+        raise KvlibError(f"{common}: {EXTENDS} must name another profile, not {base!r}")
+    _profile_file(params_dir, base)
+    if _read_yaml(Path(params_dir) / f"{base}.yaml").get(EXTENDS) is not None:
+        raise KvlibError(f"{common}: extends {base!r}, which extends another profile (one level only)")
+    return base
+
+
+def profile_files(params_dir: str | Path, profile: str, notebook: str) -> list[Path]:
+    """The parameter files of `notebook` in `profile`, in the order they apply (a later file's key wins): the base
+    profile's shared and own files first when the profile extends one, then the profile's shared and own files."""
+    common = _profile_file(params_dir, profile)
+    base = base_profile(params_dir, profile)
+    before = profile_files(params_dir, base, notebook) if base else []
     own = Path(params_dir) / profile / f"{notebook}.yaml"
-    return [common, own] if own.is_file() else [common]
+    return [*before, common, own] if own.is_file() else [*before, common]
 
 
 def profile_params(params_dir: str | Path, profile: str, notebook: str) -> dict[str, Any]:
+    """The notebook's parameters in `profile`: its files' keys merged in order (profile_files), `extends` dropped."""
     params: dict[str, Any] = {}
     for path in profile_files(params_dir, profile, notebook):
         params.update(_read_yaml(path))
+    params.pop(EXTENDS, None)
     return params
 
 

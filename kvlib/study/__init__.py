@@ -345,6 +345,13 @@ class Outputs:
             ipython.display(ipython.Markdown(banner))
         ipython.display(ipython.Markdown(model_line(lm)))
 
+    def also_loaded(self, lm: Any) -> None:
+        """Record a further model the page measured beside its own (meta's more_models: model, weights, source) and
+        show its provenance line; the page's model (loaded) stays the one its headlines are about."""
+        more = [*self.meta.get("more_models", []), {"model": lm.cfg.name, "weights": lm.weights, "source": lm.source}]
+        self.describe(more_models=more)
+        ipython.display(ipython.Markdown(model_line(lm)))
+
     def describe(self, **info: Any) -> None:
         """Record facts about the runs: weights actually used, model, device, provenance, ..."""
         self.meta.update(info)

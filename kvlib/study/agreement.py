@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvlib import study
 from kvlib.caches.base import CACHE_LAYOUTS, REFERENCE, evicting_layouts, evicts, layout_class, make_cache
 from kvlib.core.errors import KvlibError
 from kvlib.measure.divergence import Divergence, divergence, within_floor
@@ -102,6 +103,61 @@ def load_passages(lm: Any, vocab_size: int, n_passages: int, passage_tokens: int
     return Passages(rows.to(lm.device), name, span, True)
 
 
+@dataclass(frozen=True)
+class MoreRun:
+    """A further model of notebook 08's agreement table: its preset, passages and tokens per passage."""
+
+    model: str
+    passages: int
+    passage_tokens: int
+
+
+MORE_KEYS = ("model", "passages", "passage_tokens")
+
+
+def more_runs(more_models: Any) -> list[MoreRun]:
+    """Notebook 08's further models: `more_models`, a list of {"model": preset, "passages": S, "passage_tokens": L}
+    (e.g. Gemma 3 270M at 2 x 1024 tokens). Raises KvlibError (one line) for an entry that is not such a mapping, an
+    unknown preset, S below 1, L below 2 or a model named twice."""
+    if more_models is None:
+        return []
+    if not isinstance(more_models, list):
+        raise KvlibError(f"parameter more_models: a list of {{model, passages, passage_tokens}} mappings, got "
+                         f"{more_models!r}")  # fmt: skip
+    runs = []
+    for i, entry in enumerate(more_models):
+        if not isinstance(entry, dict) or set(entry) != set(MORE_KEYS):
+            raise KvlibError(f"parameter more_models[{i}]: a mapping with the keys {', '.join(MORE_KEYS)}, got "
+                             f"{entry!r}")  # fmt: skip
+        try:
+            study.model_config(entry["model"])
+        except KvlibError as e:
+            raise KvlibError(f"parameter more_models[{i}].model: {e}") from None
+        S = study.positive_int(f"more_models[{i}].passages", entry["passages"])
+        L = study.positive_int(f"more_models[{i}].passage_tokens", entry["passage_tokens"], minimum=2)
+        runs.append(MoreRun(entry["model"], S, L))
+    names = [r.model for r in runs]
+    if len(set(names)) != len(names):
+        raise KvlibError(f"parameter more_models: each model once, got {names}")
+    return runs
+
+
+def measure_other(
+    lm: Any, run: MoreRun, budget: int, kivi_group: int, residuals: list[int], floor_tokens: int, method: str, seed: int
+) -> tuple[pd.DataFrame, str]:
+    """A further model's table (`measure` on its own passages, every variant its layouts accept) and the sentence
+    under it, naming the variants its cache refused (`applicable`)."""
+    p = load_passages(lm, lm.cfg.vocab_size, run.passages, run.passage_tokens, seed)
+    fits, refused = applicable(lm.cfg, variants(budget, kivi_group, residuals))
+    table = measure(lm.model, p, fits, floor_tokens, method)
+    return table, sentence(table, p) + "".join(f" Left out: {line}." for line in refused)
+
+
+def primary(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the table's first model (the page's own; further models' rows follow it in 08_agreement.csv)."""
+    return table[table["model"] == table["model"].iloc[0]] if len(table) else table
+
+
 def evicting_variants(budget: int) -> list[Variant]:
     """Each registered evicting layout (the window and the eviction policies) at `budget` tokens."""
     return [(name, layout_class(name).with_budget({}, budget)) for name in evicting_layouts()]
@@ -123,6 +179,20 @@ def check_budget(cfg: Any, budget: int, parameter: str) -> None:
             raise KvlibError(
                 f"parameter {parameter} gives a budget of {budget} tokens that {name} refuses: {e}"
             ) from None
+
+
+def applicable(cfg: Any, variants: list[Variant]) -> tuple[list[Variant], list[str]]:
+    """The variants whose layout accepts this model (a cache of its shape can be made) and one line for each that
+    refuses it (e.g. the sliding window on Gemma 3, whose own sliding layers it does not compose with)."""
+    kept, refused = [], []
+    for cache, options in variants:
+        try:
+            make_cache(cache, cfg, 1, 2, "cpu", torch.float32, **options)
+        except KvlibError as e:
+            refused.append(f"{variant_label(cache, options)}: {e}")
+        else:
+            kept.append((cache, options))
+    return kept, refused
 
 
 def variants(budget: int, kivi_group: int, residuals: list[int]) -> list[Variant]:
