@@ -177,8 +177,9 @@ class EvictionCache(KVCache):
         return self.scores[layer].masked_fill(protected, float("inf"))
 
     def _lowest(self, layer: int) -> torch.Tensor:
-        """(B, nkv, 1): the slot of the token `_evict(layer, n - 1)` would drop (the lowest ranked; on a tie, the
-        earliest position, as `_evict` keeps the later one)."""
+        """(B, nkv, 1): the slot of the token to drop for one more (the lowest ranked, as `_evict(layer, n - 1)`
+        drops; on an exact tie, the earliest position, a rule of our own: topk, which `_evict` uses, leaves ties
+        unspecified)."""
         ranked = self._ranked(layer)
         low = ranked == ranked.amin(dim=2, keepdim=True)
         first = self.pos[layer].masked_fill(~low, torch.iinfo(torch.int64).max)  # earliest position among ties

@@ -43,7 +43,7 @@ BITS = (8, 4, 2)
 # Whether the int8 per-token cache attends over its codes at decode (QuantizedCache.decode_attention); False:
 # every step dequantizes the whole cache into a float copy first (the tests compare the two)
 ATTEND_CODES = True
-CODE_BLOCK = 1024  # tokens of codes converted to floats at a time in attention_over_codes (a block stays in cache)
+CODE_BLOCK = 1024  # tokens of codes converted to floats at a time in attention_over_codes
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -351,8 +351,8 @@ class QuantizedCache(KVCache):
 
 def _times_codes(a: torch.Tensor, codes: torch.Tensor, transposed: bool) -> torch.Tensor:
     """a @ codes^T (transposed: a (..., g, hd), codes (..., n, hd) -> (..., g, n)) or a @ codes (a (..., g, n) ->
-    (..., g, hd)), codes uint8 converted to a's dtype CODE_BLOCK tokens at a time: the float block is small enough
-    to stay in the CPU's cache, so memory traffic is the codes' bytes, not a float copy's."""
+    (..., g, hd)), codes uint8 converted to a's dtype CODE_BLOCK tokens at a time: a float block of the codes,
+    never the whole cache (measured against other block sizes: docs/2026-12-07-int8-attention.md)."""
     n = codes.shape[-2]
     if n <= CODE_BLOCK:
         c = codes.to(a.dtype)
