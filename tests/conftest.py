@@ -11,6 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (tiny models step faster without synchronising threads at every small
+    kernel); the previous count restored after. A module asks for it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny preset with seeded random weights, both kvlib's model and HF's, fp32 on CPU."""

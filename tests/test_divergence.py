@@ -23,12 +23,7 @@ from kvlib.study import agreement
 FLOOR = 1e-6  # the bar for an exact layout against the baseline in float32 (nats)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

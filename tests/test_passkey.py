@@ -25,13 +25,7 @@ from kvlib.models.prompts import (
     passkey_keys,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smollm2_tokenizer():
@@ -269,6 +263,14 @@ LAYOUTS = [
 ]
 
 
+def two_prompts(llama) -> tuple[torch.Tensor, int]:
+    """Two 96-token pass-key prompts of the novel's filler (key at depth 0.3), as ids (2, 96), and their context
+    length (the question follows it)."""
+    builder = PasskeyPrompts(WordTokenizer(llama.cfg.vocab_size), 96, "novel")
+    prompts = [builder.prompt(0.3, k) for k in passkey_keys(2, 1)]
+    return torch.tensor([p.ids for p in prompts]), prompts[0].context_len
+
+
 def by_position(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's keys and values in order of position (an evicting cache's decode steps write into the evicted
     token's slot, so two caches holding the same tokens may hold them in different slots)."""
@@ -286,10 +288,7 @@ def test_replayed_prefill_answers_exactly_as_a_real_prefill(decoder, cache, opti
     llama = decoder  # either architecture; Gemma 3's per-call masks are cut for question-after
     if cache == "window" and llama.cfg.is_hybrid:
         pytest.skip("the window layout refuses a model with sliding layers of its own")
-    builder = PasskeyPrompts(WordTokenizer(llama.cfg.vocab_size), 96, "novel")
-    prompts = [builder.prompt(0.3, k) for k in passkey_keys(2, 1)]
-    ids = torch.tensor([p.ids for p in prompts])
-    C = prompts[0].context_len
+    ids, C = two_prompts(llama)
     real = answer(llama, ids, C, cache, options, question_aware, new_tokens=6)
     rec = record_prefill(llama, ids, new_tokens=6)
     assert len(rec.calls) == llama.cfg.n_layer  # the attention modules, not the blocks around them
@@ -337,10 +336,7 @@ def test_budgets_sharing_one_replay_keep_and_answer_as_separate_replays(decoder,
     llama = decoder
     if cache == "window" and llama.cfg.is_hybrid:
         pytest.skip("the window layout refuses a model with sliding layers of its own")
-    builder = PasskeyPrompts(WordTokenizer(llama.cfg.vocab_size), 96, "novel")
-    prompts = [builder.prompt(0.3, k) for k in passkey_keys(2, 1)]
-    ids = torch.tensor([p.ids for p in prompts])
-    C = prompts[0].context_len
+    ids, C = two_prompts(llama)
     rec = record_prefill(llama, ids, new_tokens=4)
     options = [budget_options(cache, {}, b) for b in (36, 48, 72)]
     shared = replayed_answers(llama, rec, C, cache, options, question_aware, 4)

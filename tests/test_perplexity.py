@@ -28,13 +28,7 @@ N = 32  # tokens of the short texts: long enough for windows to slide and quanti
 TOL = 1e-6  # largest |NLL difference| (nats) between the two methods in float32 (measured: about 1e-7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step faster on one thread (no synchronisation between threads at every small kernel)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

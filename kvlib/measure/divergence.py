@@ -24,6 +24,7 @@ kvlib.core.stats.central_interval). With fewer than 2 blocks there is no interva
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -100,7 +101,7 @@ class Divergence:
     def kld_mean(self) -> float:
         return float(self.kld.mean())
 
-    @property
+    @functools.cached_property  # a bootstrap of 2000 resamples: once per instance
     def kld_ci(self) -> tuple[float, float]:
         return bootstrap_mean_ci(self.kld.numpy())
 
@@ -112,7 +113,7 @@ class Divergence:
     def top1_pct(self) -> float:
         return 100.0 * float(self.top1.double().mean())
 
-    @property
+    @functools.cached_property  # a bootstrap of 2000 resamples: once per instance
     def top1_ci(self) -> tuple[float, float]:
         lo, hi = bootstrap_mean_ci(self.top1.double().numpy())
         return 100.0 * lo, 100.0 * hi

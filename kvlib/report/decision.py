@@ -49,11 +49,11 @@ def _retrieval(acc: pd.DataFrame | None, model: str, cache: str, setting: str) -
     return f"{k}/{n}{sel}"
 
 
-def _step(lat: pd.DataFrame | None, variant: str, cache: str) -> tuple[str, bool | None]:
-    """ "x.xx" (TPOT against the static cache's) and whether the min–max ranges are apart (None: not measured or
-    too few repeats)."""
+def _step(lat: pd.DataFrame | None, variant: str, cache: str) -> tuple[float | None, bool | None]:
+    """TPOT against the static cache's (None: not measured) and whether the min–max ranges are apart (None: not
+    measured or too few repeats)."""
     if lat is None:
-        return "", None
+        return None, None
     ours = lat[lat["engine"] == "kvlib"]
     if "status" in ours:
         ours = ours[ours["status"] == "ok"]
@@ -62,12 +62,12 @@ def _step(lat: pd.DataFrame | None, variant: str, cache: str) -> tuple[str, bool
         rows = ours[ours["cache"] == cache]
     base = ours.iloc[:1]
     if rows.empty or base.empty:
-        return "", None
+        return None, None
     r, b = rows.iloc[0], base.iloc[0]
     apart = None
     if int(r["repeats"]) >= 3:
         apart = r["tpot_ms_min"] > b["tpot_ms_max"] or r["tpot_ms_max"] < b["tpot_ms_min"]
-    return f"{r['tpot_vs_full']:.2f}x", apart
+    return float(r["tpot_vs_full"]), apart
 
 
 def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
@@ -88,9 +88,9 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
             notes.append("the exact cache every row is compared with")
         elif within_floor(r.kld_mean, floor_hi):
             notes.append("indistinguishable from exact on this text (KLD within the floor)")
-        if apart and step and float(step[:-1]) > 1:
+        if apart and step is not None and step > 1:
             notes.append("slower per decode step than the static cache (ranges apart)")
-        elif apart and step:
+        elif apart and step is not None:
             notes.append("faster per decode step than the static cache (ranges apart)")
         rows.append({
             "layout": r.variant,
@@ -101,7 +101,7 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
             "perplexity": f"{r.ppl_change_pct:+.2f}%",
             "retrieval, question after": _retrieval(acc, r.model, r.cache, "question-after"),
             "retrieval, question seen": _retrieval(acc, r.model, r.cache, "question-aware"),
-            "step vs static": step,
+            "step vs static": "" if step is None else f"{step:.2f}x",
             "note": "; ".join(notes),
         })  # fmt: skip
     table = pd.DataFrame(rows, columns=COLUMNS)
