@@ -86,7 +86,7 @@ check-report: $(STAMP) ## Open every page of reports/$(PROFILE) (index, reading 
 lab: $(STAMP) ## JupyterLab on the project's environment (notebooks run top to bottom with their defaults)
 	cd notebooks && ../$(VENV)/bin/jupyter lab
 
-bench: $(STAMP) ## kvlib vs HF generate on smollm2-135m and distilgpt2; appends to reports/bench.csv (QUICK=1: < 3 min, bounded)
+bench: $(STAMP) ## kvlib vs HF generate and the memory floor (smollm2-135m, distilgpt2, gemma3-270m; long-context rows): reports/bench.csv, bench_long.csv (QUICK=1: smollm2-135m, < 3 min)
 	$(PY) -m kvlib bench $(if $(filter-out 0,$(QUICK)),--quick)
 
 clean: ## Remove generated reports (keeps .venv)

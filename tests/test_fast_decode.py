@@ -491,3 +491,27 @@ def test_sdpa_hands_the_kernel_contiguous_queries_when_masked(monkeypatch):
     attention.sdpa(q, k, v, None, True, None)
     attention.sdpa(q[:, :, :1], k, v, mask[..., :1, :], False, None)
     assert seen == [True, False, False]
+
+
+@pytest.mark.parametrize("stream_bytes", [1, 2**40])
+def test_kernel_choice_streams_distinct_weights(monkeypatch, stream_bytes):
+    """The kernel choice times each shape over `stream_copies` distinct weights (as many as the model has, up to
+    STREAM_BYTES), not one weight read again from the cache. Regression: with one weight per shape, F.linear won the
+    one-row choice on a Zen 3 in some processes although it streams a decode step's weights 30% slower."""
+    seen: dict[tuple[int, int], set[int]] = {}
+    real = torch.nn.functional.linear
+
+    class Recording:
+        @staticmethod
+        def linear(x, w, b=None):
+            seen.setdefault(tuple(w.shape), set()).add(w.data_ptr())
+            return real(x, w, b)
+
+    lm = load("tiny-llama", weights="random", with_hf=False)
+    monkeypatch.setattr(fastpath, "STREAM_BYTES", stream_bytes)
+    monkeypatch.setattr(fastpath, "F", Recording)
+    fastpath._fastest(lm.model, torch.float32, 1, ["plain", "packed"])
+    shapes = fastpath._shapes(lm.model, torch.float32)
+    assert set(seen) == set(shapes)
+    for shape, count in shapes.items():
+        assert len(seen[shape]) == fastpath.stream_copies(shape, count, 4) == (1 if stream_bytes == 1 else count)

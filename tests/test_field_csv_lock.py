@@ -22,6 +22,7 @@ from kvlib import study
 from kvlib.cli import run as run_cli
 from kvlib.core.errors import KvlibError
 from kvlib.measure import bench, passkey, perplexity
+from kvlib.measure.bench import long
 from kvlib.measure.results import append_rows, check_outputs, check_writable
 
 COLS = ["model", "batch_size", "total_time_s", "note"]
@@ -107,7 +108,7 @@ def test_a_file_holding_its_header_again_is_refused_untouched(tmp_path, text):
 COLUMNS = {
     "run": {"--csv": run_cli.CSV_COLUMNS, "--steps-csv": run_cli.STEPS_CSV_COLUMNS},
     "experiments": {"--csv": run_cli.CSV_COLUMNS, "--steps-csv": run_cli.STEPS_CSV_COLUMNS},
-    "bench": {"--csv": bench.csv_columns()},
+    "bench": {"--csv": bench.csv_columns(), "--long-csv": long.COLUMNS},
     "perplexity": {"--csv": perplexity.CSV_COLUMNS},
     "passkey": {"--csv": passkey.CSV_COLUMNS},
 }

@@ -255,3 +255,26 @@ def test_cuda_peak_memory_is_allocator_peak():
     assert (r.peak_mem_bytes >= r.weights_bytes + r.kv_cache_bytes).all()
     assert (r.peak_mem_reserved_mib >= r.peak_mem_mib).all()
     assert (r.kv_cache_bytes == r.kv_cache_bytes_formula).all()
+
+
+@pytest.mark.parametrize("layout", sorted(harness.CACHE_LAYOUTS))
+@pytest.mark.parametrize("model", ["tiny", "tiny-gemma"])
+def test_step_cache_bytes_follow_the_layout(layout, model):
+    """Every kvlib layout's step reads what it holds (quantized: codes and scales; eviction: its budget), bounded by
+    the dense cache cut to each sliding layer's window; HF's caches read the dense one. The regression: every layout
+    was once counted as the dense float cache, so the int8 cache's MBU came out four times too high."""
+    from kvlib.core.config import PRESETS
+    from kvlib.measure.memory import kv_cache_bytes_formula
+
+    cfg, B, dtype = PRESETS[model], 2, torch.float32
+    for tokens in (1, 7, 300):
+        dense = kv_cache_bytes_formula(cfg, B, tokens, dtype, "hybrid")
+        try:
+            held = harness.CACHE_LAYOUTS[layout].used_bytes_after(cfg, tokens, dtype, B)
+        except KvlibError:  # a layout this model refuses (Gemma's hybrid model: window, quantized) never runs
+            pytest.skip(f"{layout} does not run on {model}")
+        got = harness.step_cache_bytes(RunSpec("kvlib", layout, model), cfg, B, tokens, dtype)
+        assert got == min(dense, held)
+        assert harness.step_cache_bytes(RunSpec("hf", "dynamic", model), cfg, B, tokens, dtype) == dense
+    if layout == "quantized":  # int8: one byte an element plus scales (head_dim 16 here), under half the float cache
+        assert got < dense / 2

@@ -38,6 +38,7 @@ OUTPUTS = {
     ("experiments", "--csv"): EXPERIMENTS,
     ("experiments", "--steps-csv"): EXPERIMENTS,
     ("bench", "--csv"): BENCH,
+    ("bench", "--long-csv"): BENCH,
     ("perplexity", "--csv"): PERPLEXITY,
     ("passkey", "--csv"): PASSKEY,
 }

@@ -16,8 +16,10 @@ scale and zero are stored in the cache's dtype, and codes are computed against t
   full-precision tail fills up to `residual_len` tokens and is then quantized as one group (KIVI's rule).
 
 Attention during the prompt's prefill uses the prompt's keys and values at full precision (as Hugging Face's
-QuantizedCache does); every later step attends over the dequantized cache plus the full-precision tail. The
-dequantization is a full O(S) pass per layer and step (no fused kernel), which the decode latency includes.
+QuantizedCache does). Every later step of the int8 per-token layout attends over the codes themselves, the scales
+applied after the products (`attention_over_codes`, converting CODE_BLOCK tokens of codes to float at a time); the
+other options attend over the dequantized cache plus the full-precision tail, a full O(S) pass per layer and step
+(no fused kernel), which the decode latency includes.
 
 Bytes: codes, scales, zeros and the residual tail all count; storage is preallocated for max_len tokens like the
 static cache (less the residual_len slots that per-token mode never quantizes), so `nbytes()` is the reservation

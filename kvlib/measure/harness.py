@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from kvlib.caches.base import CACHE_LAYOUTS, REFERENCE
 from kvlib.core import checks
-from kvlib.core.config import PRESETS
+from kvlib.core.config import PRESETS, ModelConfig
 from kvlib.core.errors import KvlibError
 from kvlib.measure.memory import (
     PeakTracker,
@@ -320,6 +320,20 @@ def _one_run(spec: RunSpec, lm: LoadedModel, ids: torch.Tensor) -> tuple[Any, An
     return g, tracker.result
 
 
+def step_cache_bytes(spec: RunSpec, cfg: ModelConfig, batch_size: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values a decode step reads from `spec`'s cache holding `tokens` positions of each of
+    `batch_size` sequences: what the layout holds then (kvlib: its `used_bytes_after`, so int8 codes count one
+    byte an element with their scales, an eviction budget or a window bounds the tokens), and never more than the
+    dense cache with each sliding layer cut to its window ("hybrid": on a model trained with sliding windows a
+    sliding layer reads at most its window whatever the layout, kvlib and HF alike). Regression: the bytes of every
+    layout were once the dense float cache's, which overstated a quantized or evicting cache's MBU
+    (tests/test_harness.py::test_step_cache_bytes_follow_the_layout)."""
+    dense = kv_cache_bytes_formula(cfg, batch_size, tokens, dtype, "hybrid")
+    if spec.engine != "kvlib" or spec.cache not in CACHE_LAYOUTS:
+        return dense
+    return min(dense, CACHE_LAYOUTS[spec.cache].used_bytes_after(cfg, tokens, dtype, batch_size))
+
+
 def _records(
     spec: RunSpec,
     spec_id: int,
@@ -340,11 +354,9 @@ def _records(
     kv_tokens = cache_tokens(spec.engine, spec.cache, P, N)
     held = held_cache_bytes(g.cache)
     cached = spec.cache != "none"
-    # Decode step s (1 .. N - 1) reads the keys/values of P + s tokens: P + N / 2 on average. On a model trained
-    # with sliding windows a sliding layer reads at most its window whatever the layout (kvlib slices the window,
-    # as HF does), so the bytes read are the per-layer sum with min(tokens, window) ("hybrid"), averaged over
-    # the steps. Without a cache nothing is read from one (the step recomputes every key and value instead).
-    kv_read = [kv_cache_bytes_formula(cfg, B, P + s, lm.dtype, "hybrid") for s in range(1, N)] if cached else []
+    # Decode step s (1 .. N - 1) reads the cache as it holds P + s tokens (`step_cache_bytes`), averaged over the
+    # steps. Without a cache nothing is read from one (the step recomputes every key and value instead).
+    kv_read = [step_cache_bytes(spec, cfg, B, P + s, lm.dtype) for s in range(1, N)] if cached else []
     step_bytes = round(decode_step_bytes(cfg, B, 0, dtype) + (sum(kv_read) / len(kv_read) if kv_read else 0))
     weights_bytes = module_weight_bytes(lm.model if spec.engine == "kvlib" else lm.hf)
     shared = {
@@ -398,6 +410,7 @@ def _records(
         **provenance(lm.device),
     }
     steps = []
+    weights_read = decode_step_bytes(cfg, B, 0, dtype)
     for s, latency in enumerate(decode):
         kv_read = P + s + 1 if cached else 0
         steps.append(
@@ -406,7 +419,9 @@ def _records(
                 "step": s,
                 "position": P + s,
                 "latency_s": latency,
-                "floor_s": floor_s(decode_step_bytes(cfg, B, kv_read, dtype), bw),
+                "floor_s": floor_s(
+                    weights_read + (step_cache_bytes(spec, cfg, B, kv_read, lm.dtype) if cached else 0), bw
+                ),
             }
         )
     return row, steps

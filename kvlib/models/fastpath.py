@@ -38,6 +38,7 @@ kernels).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -283,13 +284,28 @@ def _shapes(model: nn.Module, dtype: torch.dtype) -> dict[tuple[int, int], int]:
     return shapes
 
 
+STREAM_BYTES = 64 * 2**20  # `_fastest` cycles through distinct copies of a shape's weight up to this many bytes
+
+
+def stream_copies(shape: tuple[int, int], count: int, element_size: int) -> int:
+    """How many distinct weights of `shape` `_fastest` times in turn: as many as the model has (`count`), but only
+    as many as fill STREAM_BYTES, at least one; so that the kernels read their weights from memory, as in a decode
+    step, not from a cache that a single repeated matrix fits in."""
+    return max(1, min(count, math.ceil(STREAM_BYTES / (shape[0] * shape[1] * element_size))))
+
+
 def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[str]) -> str:
     """The fastest of `candidates` ("plain", "packed", "mkl", "compiled") for `rows` rows times `model`'s matrices
     in `dtype`: every distinct Linear shape (weighted by how often it occurs: one decode step's matrix work), each
     kernel in turn, interleaved (order reversed every other round), median of 5 rounds after one warm-up round.
-    One shape at a time, its random weight and packed copies freed before the next: the memory this borrows is
-    one matrix's. A few hundred milliseconds, spent outside any timed step. "plain" when the model has no such
-    matrix."""
+    Each shape is timed over `stream_copies` distinct random weights in turn (up to STREAM_BYTES), so that the
+    weights stream from memory as a decode step's do. One shape at a time, its weights and packed copies freed
+    before the next: the memory this borrows is at most STREAM_BYTES (and their packed copies) or one matrix.
+    Regression: timed on one weight per shape, read again and again from the CPU's cache, F.linear measured
+    faster for one row on a 2-core AMD EPYC (Zen 3) although it streams at 8.4 GB/s against oneDNN's 12.5-13, so
+    a process that chose it decoded 30% slower than one that chose oneDNN: the same step 35% apart between two
+    commands (tests/test_fast_decode.py::test_kernel_choice_streams_distinct_weights). "plain" when the model
+    has no such matrix."""
     shapes = _shapes(model, dtype)
     if not shapes or candidates == ["plain"]:
         return "plain"
@@ -303,18 +319,23 @@ def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[s
     rounds: list[dict[str, float]] = [dict.fromkeys(kernels, 0.0) for _ in range(6)]
     gen = torch.Generator().manual_seed(0)
     for (out_f, in_f), count in shapes.items():
-        w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype)
-        packed = {
-            "packed": torch.ops.mkldnn._reorder_linear_weight(w) if "packed" in kernels else None,
-            "mkl": torch.ops.mkl._mkl_reorder_linear_weight(w, rows) if "mkl" in kernels else None,
-        }
+        n = stream_copies((out_f, in_f), count, torch.tensor([], dtype=dtype).element_size())
+        ws = [(torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype) for _ in range(n)]
+        packs = [
+            {
+                "packed": torch.ops.mkldnn._reorder_linear_weight(w) if "packed" in kernels else None,
+                "mkl": torch.ops.mkl._mkl_reorder_linear_weight(w, rows) if "mkl" in kernels else None,
+            }
+            for w in ws
+        ]
         x = torch.randn(rows, in_f, generator=gen).to(dtype)
         for r, totals in enumerate(rounds):
             for name in kernels if r % 2 == 0 else list(kernels)[::-1]:
                 t0 = time.perf_counter()
-                kernels[name](x, w, packed)
-                totals[name] += (time.perf_counter() - t0) * count
-        del w, packed
+                for w, packed in zip(ws, packs, strict=True):
+                    kernels[name](x, w, packed)
+                totals[name] += (time.perf_counter() - t0) * count / n
+        del ws, packs
     medians = {k: sorted(t[k] for t in rounds[1:])[2] for k in kernels}  # round 0 warms up
     return min(medians, key=medians.get)
 

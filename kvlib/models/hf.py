@@ -15,6 +15,7 @@ import itertools
 from typing import Any
 
 import torch
+from transformers import DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from kvlib.core import checks
@@ -70,6 +71,17 @@ def generation_config(hf_model: Any, max_new_tokens: int, cache: str, keep_logit
 
 
 @torch.inference_mode()
+def hf_cache(hf_model: Any, mode: str, max_len: int) -> Any:
+    """An empty Hugging Face cache for `hf_model` to be filled with `update(k, v, layer)`: its DynamicCache (mode
+    HF_DYNAMIC; sliding layers where the config has them) or a StaticCache of `max_len` slots (HF_STATIC). Raises
+    KvlibError for another mode."""
+    if mode == HF_DYNAMIC:
+        return DynamicCache(config=hf_model.config)
+    if mode == HF_STATIC:
+        return StaticCache(config=hf_model.config, max_cache_len=max_len)
+    raise KvlibError(f"hf_cache: mode must be {HF_DYNAMIC} or {HF_STATIC}, got {mode!r}")
+
+
 def hf_generate(
     hf_model: Any,
     input_ids: torch.Tensor,

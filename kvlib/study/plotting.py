@@ -534,6 +534,13 @@ def points(data: Any, x: str, y: str, hue: str | None, ax: Any, **kwargs: Any) -
     )  # fmt: skip
 
 
+def extend_legend(ax: Any, handles: list[Any]) -> None:
+    """Add labelled artists drawn after seaborn made `ax`'s legend (reference lines, floors) to that legend,
+    keeping its entries and their texts (`mark_coinciding`'s brackets included)."""
+    entries = _legend_entries(ax)
+    ax.legend([h for h, _ in entries] + handles, [t for _, t in entries] + [h.get_label() for h in handles])
+
+
 def legend_below(ax: Any) -> None:
     """Move the legend under the panel, where it cannot hide data."""
     if ax.get_legend() is not None:

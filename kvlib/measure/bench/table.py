@@ -26,7 +26,7 @@ COLUMNS = (
     "kvlib_ttft_ms", "hf_dynamic_ttft_ms", "hf_static_ttft_ms", "ratio_ttft_hf_dynamic",
     "decode_step_bytes", "bandwidth_gb_per_s", "floor_step_ms", "mbu",
     "agreement_vs_fp32", "first_divergence_step",
-    "target_b1_fp32_vs_hf_dynamic", "target_vs_hf_best", "target_b1_mbu",
+    "target_b1_fp32_vs_hf_best", "target_vs_hf_best", "target_b1_mbu", "target_b1_bf16_mbu",
     "other_cpu_cores", "busy_machine", "loadavg_before", "loadavg_after",
     "device_name", "torch_version", "transformers_version", "git_commit", "timestamp",
 )  # fmt: skip
@@ -52,6 +52,10 @@ def _llama_b1_fp32_cpu(r: dict[str, Any]) -> bool:
     return r.get("arch") == "llama" and r["batch_size"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
 
 
+def _llama_b1_bf16_native(r: dict[str, Any]) -> bool:
+    return r.get("arch") == "llama" and r["batch_size"] == 1 and r["dtype"] == "bfloat16" and r["device"] == "cpu"
+
+
 def _gemma(r: dict[str, Any]) -> bool:
     """Gemma 3 rows are judged by the hybrid cache's rule (`gemma_report`), not by the speed targets."""
     return r.get("arch") == "gemma3"
@@ -60,6 +64,7 @@ def _gemma(r: dict[str, Any]) -> bool:
 # The rows a target may judge, by the name its entry in TARGETS_FILE gives under `rows`.
 ROW_SELECTORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "llama_batch1_float32_cpu": lambda r: _timed(r) and _llama_b1_fp32_cpu(r),
+    "llama_batch1_bfloat16_native": lambda r: _timed(r) and _llama_b1_bf16_native(r),
     "every_other_row": lambda r: _timed(r) and not _llama_b1_fp32_cpu(r) and not _gemma(r),
     "gemma3": _gemma,  # an emulated dtype's row is reported "not judged" (gemma_report)
 }
