@@ -21,7 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_rows():
     torch.manual_seed(0)
-    got = long.measure_long(long.LongRow("tiny-llama", 2, 80), ModelPool(), rounds=3, bandwidth_bytes_per_s=1e10)
+    got = long.measure_long(
+        long.LongRow("tiny-llama", 2, 80), ModelPool(), rounds=3, bandwidth_bytes_per_s=1e10, weights="random"
+    )
     return got.rows
 
 
@@ -51,7 +53,10 @@ def test_bytes_floor_and_mbu_follow_their_definitions(tiny_rows):
     assert weights < by["kvlib int8"]["step_bytes"] < weights + dense / 2  # codes and scales, not floats
 
 
-def test_a_model_with_sliding_layers_is_refused_in_one_line():
+def test_a_model_with_sliding_layers_is_refused_in_one_line_before_loading(monkeypatch):
+    import kvlib.measure.harness as harness
+
+    monkeypatch.setattr(harness, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
     with pytest.raises(KvlibError, match="sliding-window layers"):
         long.measure_long(long.LongRow("tiny-gemma", 1, 16), ModelPool(), 2, 1e10)
 
@@ -122,8 +127,12 @@ def test_contexts_from_one_prefill_equal_a_model_run_on_the_prefix():
     with torch.inference_mode():
         full = lm.hf(input_ids=text).logits[0].float()  # (63, V): logits after each token
     for c in (24, 60):
-        assert torch.allclose(got.logits[(c, "kvlib static")], full[c : c + 3], atol=1e-4)
+        assert torch.allclose(got.logits[(c, "kvlib static")], full[c + 1 : c + 3], atol=1e-4)  # warm-up left out
     by = {(r["context"], r["engine"]): r for r in got.rows}
     assert by[(24, "kvlib int8")]["step_bytes"] < by[(60, "kvlib int8")]["step_bytes"]
     with pytest.raises(KvlibError, match="contexts must lie"):
         long.measure_long(long.LongRow("tiny-llama", 2, 60), pool, 2, 1e10, contexts=[61])
+    for bad, message in (({"rounds": -3}, "rounds"), ({"contexts": ["4"]}, "contexts")):
+        with pytest.raises(KvlibError, match=message):  # one line, before anything is loaded
+            long.measure_long(long.LongRow("tiny-llama", 2, 60), ModelPool(), **{"rounds": 2, **bad},
+                              bandwidth_bytes_per_s=1e10)  # fmt: skip

@@ -493,11 +493,12 @@ def test_sdpa_hands_the_kernel_contiguous_queries_when_masked(monkeypatch):
     assert seen == [True, False, False]
 
 
-@pytest.mark.parametrize("stream_bytes", [1, 2**40])
+@pytest.mark.parametrize("stream_bytes", [1, 200_000, 2**40])
 def test_kernel_choice_streams_distinct_weights(monkeypatch, stream_bytes):
-    """The kernel choice times each shape over `stream_copies` distinct weights (as many as the model has, up to
-    STREAM_BYTES), not one weight read again from the cache. Regression: with one weight per shape, F.linear won the
-    one-row choice on a Zen 3 in some processes although it streams a decode step's weights 30% slower."""
+    """The kernel choice times each shape over `stream_copies` distinct weights filling STREAM_BYTES (only as many as
+    the model has when the whole model fits in it), not one weight read again from the cache. Regression: with one
+    weight per shape the kernels were timed from the CPU's cache, as no decode step reads them, and the choice
+    flipped between processes."""
     seen: dict[tuple[int, int], set[int]] = {}
     real = torch.nn.functional.linear
 
@@ -512,6 +513,14 @@ def test_kernel_choice_streams_distinct_weights(monkeypatch, stream_bytes):
     monkeypatch.setattr(fastpath, "F", Recording)
     fastpath._fastest(lm.model, torch.float32, 1, ["plain", "packed"])
     shapes = fastpath._shapes(lm.model, torch.float32)
+    model_bytes = sum(o * i * c * 4 for (o, i), c in shapes.items())
     assert set(seen) == set(shapes)
-    for shape, count in shapes.items():
-        assert len(seen[shape]) == fastpath.stream_copies(shape, count, 4) == (1 if stream_bytes == 1 else count)
+    for (o, i), count in shapes.items():
+        n = fastpath.stream_copies((o, i), count, 4, model_bytes)
+        assert len(seen[(o, i)]) == n
+        if stream_bytes == 1:
+            assert n == 1
+        elif model_bytes <= stream_bytes:  # the whole model fits: its own copies only
+            assert n == count
+        else:  # a model bigger than the budget: copies fill it, more than the model's own for a small shape
+            assert n == max(1, -(-stream_bytes // (o * i * 4)))

@@ -33,7 +33,7 @@ def option_sets(layout: str, head_dim: int) -> list[dict]:
     per-channel keys, groups of channels) where it has them."""
     names = set(layout_options(layout))
     small = {k: v for k, v in SMALL.items() if k in names}
-    other = {"bits": 4, "key_axis": "channel", "group": head_dim // 2}
+    other = {"bits": 4, "key_axis": "channel", "group": head_dim // 2, "rotate": True}
     other = {k: v for k, v in other.items() if k in names}
     return [small, {**small, **other}] if other else [small]
 

@@ -262,7 +262,8 @@ def test_cuda_peak_memory_is_allocator_peak():
 def test_step_cache_bytes_follow_the_layout(layout, model):
     """Every kvlib layout's step reads what it holds (quantized: codes and scales; eviction: its budget), bounded by
     the dense cache cut to each sliding layer's window; HF's caches read the dense one. The regression: every layout
-    was once counted as the dense float cache, so the int8 cache's MBU came out four times too high."""
+    was once counted as the dense float cache, which overstated the int8 cache's MBU (1.7x at SmolLM2's batch 4 x
+    4096)."""
     from kvlib.core.config import PRESETS
     from kvlib.measure.memory import kv_cache_bytes_formula
 
@@ -278,3 +279,16 @@ def test_step_cache_bytes_follow_the_layout(layout, model):
         assert harness.step_cache_bytes(RunSpec("hf", "dynamic", model), cfg, B, tokens, dtype) == dense
     if layout == "quantized":  # int8: one byte an element plus scales (head_dim 16 here), under half the float cache
         assert got < dense / 2
+
+
+def test_hf_generate_runs_under_inference_mode_as_kvlib_does():
+    """Both engines time their steps under torch.inference_mode (no autograd bookkeeping on either side).
+    Regression: a helper inserted above hf_generate once took its decorator, and HF's runs lost it silently."""
+    from kvlib.models.decode import generate
+    from kvlib.models.hf import hf_generate
+    from kvlib.models.loading import load
+
+    lm = load("tiny", weights="random", seed=0, with_hf=True)
+    ids = torch.randint(0, lm.cfg.vocab_size, (1, 6))
+    assert hf_generate(lm.hf, ids, 3).tokens.is_inference()
+    assert generate(lm.model, ids, 3).tokens.is_inference()

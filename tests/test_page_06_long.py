@@ -35,7 +35,8 @@ def _data(static_ms: float, int8_ms: float, hf_ms: float, rounds: int = 6) -> tu
     int8 = "kvlib int8"
     rows = pd.DataFrame(
         [
-            {"context": 4096, "batch_size": 4, "engine": e, "tpot_p50_ms": ms, "floor_ms": 30.0 if e == int8 else 50.0,
+            {"context": 4096, "batch_size": 4, "engine": e, "dtype": "float32", "tpot_p50_ms": ms,
+             "floor_ms": 30.0 if e == int8 else 50.0,
              "mbu": 50.0 / ms, "cache_mib": 202.5 if e == int8 else 720.0,
              "kld_vs_kvlib_static": 2e-4 if e == int8 else 0.0, "top1_vs_kvlib_static": 0.9 if e == int8 else 1.0}
             for e, ms in per.items()
@@ -50,6 +51,11 @@ def test_sentence_says_when_the_saved_bytes_did_not_buy_speed():
     assert "720 MiB against 513 MiB of weights (1.40x)" in text and "**200.0 ms**" in text
     assert "hf static cache" in text and "kvlib faster" in text  # 1.3x, beyond the rounds' spread
     assert "the int8 cache slower" in text and "did not make the step faster" in text and "2.00e-04" in text
+    assert (
+        "Reading 28% of the cache's bytes" in text
+        and "runs at 25% of the speed its bytes allow" in text
+        and "not what bounds it" in text
+    )
     rows, steps = _data(static_ms=200, int8_ms=120, hf_ms=200)
     text = long_context.sentence(rows, steps, 513 * 2**20)
     assert "the int8 cache faster" in text and "did not make" not in text
@@ -62,3 +68,18 @@ def test_headline_is_kvlib_static_at_the_longest_context():
     rows, steps = _data(static_ms=200, int8_ms=230, hf_ms=260)
     h = long_context.headline(rows, steps, "smollm2-135m float32 cpu")
     assert h["metric"] == "long_context_step_ms" and h["value"] == pytest.approx(202.0) and h["unit"] == "ms"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "default", "full", "gpu"])
+def test_every_profiles_long_context_parameters_are_accepted(profile):
+    """Each profile's notebook-06 parameters pass the section's checks (the context fits its model: gpt2-medium on
+    the gpu profile has 1024 positions). Regression: the gpu profile once asked for 4096 tokens of gpt2-medium."""
+    from kvlib.report.pipeline import profile_params
+
+    p = profile_params("params", profile, "06_prompt_sweep")
+    common = {k: p[k] for k in ("model", "weights", "dtype", "seed")}
+    common["device"] = "cpu"  # the gpu profile's CUDA is not here; what is checked is the contexts against the model
+    sweep = long_context.check_parameters(
+        **common, long_contexts=p["long_contexts"], long_batch=p["long_batch"], long_rounds=p["long_rounds"]
+    )
+    assert sweep is not None and sweep.row.model == p["model"]

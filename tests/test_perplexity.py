@@ -84,6 +84,8 @@ def test_shortcut_equals_token_by_token_for_every_layout(llama, ids):
         ("quantized", {"bits": 2, "group": 8}),
         ("quantized", {"bits": 4, "key_axis": "channel", "residual_len": 4, "group": 8}),
         ("quantized", {"bits": 2, "key_axis": "channel", "residual_len": 8, "group": 16}),
+        ("quantized", {"bits": 4, "rotate": True}),  # rotated (QuaRot): the same rotation both ways
+        ("quantized", {"bits": 4, "key_axis": "channel", "residual_len": 4, "rotate": True}),
     ]
     for cache, opts in cases:
         slow, fast = perplexity(llama, ids, cache, opts, "token"), perplexity(llama, ids, cache, opts, "fast")

@@ -107,10 +107,33 @@ def dequantize_grouped(
     return dequantize(codes.unflatten(-1, (ng, -1)), scale[..., None], zero[..., None], dtype).flatten(-2)
 
 
+def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The orthonormal Walsh-Hadamard matrix H (n, n) float32, H @ H.T = I, by Sylvester's construction
+    (H_2n = [[H, H], [H, -H]] / sqrt 2), as QuaRot (Ashkboos et al. 2024) and llama.cpp's rotated quantized caches
+    use. Raises KvlibError unless n is a power of two."""
+    if not (checks.is_whole(n) and n >= 1 and n & (n - 1) == 0):
+        raise KvlibError(f"a Hadamard rotation needs a power-of-two size; head_dim is {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0) / math.sqrt(2)
+    return h.to(device)
+
+
+def rotated(x: torch.Tensor, h: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x (..., hd) times the rotation h (x @ h), or its inverse (x @ h.T), computed in float32, in x's dtype."""
+    return (x.float() @ (h.T if inverse else h)).to(x.dtype)
+
+
 @register_layout
 class QuantizedCache(KVCache):
     """Options: bits (8, 4 or 2), residual_len (0: every token quantized), key_axis ("token" or "channel"),
-    group (channels per scale of per-token quantization; 0: the whole head_dim)."""
+    group (channels per scale of per-token quantization; 0: the whole head_dim), rotate (quantize keys and values
+    after an orthonormal Hadamard rotation over head_dim and rotate them back when read, as QuaRot and llama.cpp's
+    quantized caches since 2026-04 do: an outlier channel's energy is spread over every channel before the min/max
+    scale is taken; head_dim must be a power of two). Rotating back when read makes attention exactly what it would
+    be over the unrotated keys and values (H is orthonormal: q.k = (qH).(kH)), so only the quantization error
+    differs; the rotated layout reads through the dequantized copy (no attention over codes), so its speed is not
+    what a fused kernel would give. The rotation matrix (hd x hd float32) is not counted in the cache's bytes."""
 
     name = "quantized"
     exact = False
@@ -127,13 +150,15 @@ class QuantizedCache(KVCache):
             name += f" r{cls.option(options, 'residual_len')}"
         if cls.option(options, "group"):
             name += f" g{cls.option(options, 'group')}"
+        if cls.option(options, "rotate"):
+            name += " rotated"
         return name
 
     @classmethod
     def one_pass(cls, n_tokens: int, options: Mapping[str, Any] | None, device: torch.device | str) -> OnePass:
         """Causal, with keys and values seen as codes where the layout would hold codes (`quantized_where`), fake-
         quantized by the layout's own functions (`fake_quantized`)."""
-        o = {k: cls.option(options, k) for k in ("bits", "residual_len", "key_axis", "group")}
+        o = {k: cls.option(options, k) for k in ("bits", "residual_len", "key_axis", "group", "rotate")}
         return OnePass(
             causal_mask(n_tokens, device),
             codes_where=quantized_where(n_tokens, o, device),
@@ -151,8 +176,12 @@ class QuantizedCache(KVCache):
         residual_len: int = 0,
         key_axis: str = "token",
         group: int = 0,
+        rotate: bool = False,
     ) -> None:
         super().__init__(cfg, batch_size, max_len, device, dtype)
+        if not isinstance(rotate, bool):
+            raise checks.fail("rotate", rotate, "true or false", "quantized cache:")
+        self.rotation = hadamard(cfg.head_dim, self.device) if rotate else None
         if not (checks.is_whole(bits) and bits in BITS):
             raise checks.fail("bits", bits, "8, 4 or 2", "quantized cache:")
         bits = int(bits)
@@ -199,8 +228,10 @@ class QuantizedCache(KVCache):
         return unpack_codes(stored, self.bits)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize k, v (B, nkv, n, hd) into the next n quantized slots of `layer`."""
+        """Quantize k, v (B, nkv, n, hd) into the next n quantized slots of `layer` (rotated first with `rotate`)."""
         q0, n = self.n_quant[layer], k.shape[2]
+        if self.rotation is not None:
+            k, v = rotated(k, self.rotation), rotated(v, self.rotation)
         codes, scale, zero = quantize_grouped(v, self.bits, self.group, self.dtype)
         self.v_codes[layer, :, :, q0 : q0 + n] = self._codes(codes)
         self.v_scale[layer, :, :, q0 : q0 + n] = scale
@@ -229,7 +260,14 @@ class QuantizedCache(KVCache):
     def attends_codes(self) -> bool:
         """Whether a decode step attends over the integer codes themselves (`decode_attention`): int8 codes with
         one scale per token and head (keys per token, no channel groups), and ATTEND_CODES set."""
-        return ATTEND_CODES and self.bits == 8 and self.key_axis == "token" and self.group == self.cfg.head_dim
+        unrotated = self.rotation is None
+        return (
+            ATTEND_CODES
+            and unrotated
+            and self.bits == 8
+            and self.key_axis == "token"
+            and self.group == self.cfg.head_dim
+        )
 
     def decode_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
@@ -287,6 +325,8 @@ class QuantizedCache(KVCache):
             scale = self.k_scale[layer, :, :, : n // G, None]  # (B, nkv, n/G, 1, hd)
             zero = self.k_zero[layer, :, :, : n // G, None]
             k = dequantize(codes.reshape(B, nkv, n // G, G, hd), scale, zero, self.dtype).reshape(B, nkv, n, hd)
+        if self.rotation is not None:
+            k, v = rotated(k, self.rotation, inverse=True), rotated(v, self.rotation, inverse=True)
         return k, v
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,7 +464,12 @@ def quantized_where(T: int, options: Mapping[str, Any], device: torch.device | s
 def fake_quantized(k: torch.Tensor, v: torch.Tensor, options: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v (B, nkv, T, hd) quantized and dequantized as the quantized layout stores them (per-channel keys: only
     the whole groups of residual_len tokens; the rest is returned unchanged and never used as codes). `options`:
-    every option of the layout given."""
+    every option of the layout given; with `rotate`, quantized after the Hadamard rotation and rotated back, as the
+    layout stores and reads them."""
+    if options.get("rotate"):
+        h = hadamard(k.shape[-1], k.device)
+        kq, vq = fake_quantized(rotated(k, h), rotated(v, h), {**options, "rotate": False})
+        return rotated(kq, h, inverse=True), rotated(vq, h, inverse=True)
     bits, group = options["bits"], options["group"] or k.shape[-1]
     dtype = k.dtype
     vq = dequantize_grouped(*quantize_grouped(v, bits, group, dtype), dtype)

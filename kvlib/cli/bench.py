@@ -238,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
     csv_path, long_path = Path(args.csv), Path(args.long_csv)
     columns = csv_columns()
     long_rows = [r for r in long.LONG_ROWS if args.long and r.model in args.model and r.dtype in dtypes]
+    mode = "quick" if args.quick else "full"
+    long_rounds = args.long_rounds or LONG_ROUNDS[mode]
+    for lrow in long_rows:  # checked with the other rows, before anything is loaded or measured
+        long.long_spec(lrow, long_rounds, args.weights, args.device, args.seed)
     outputs = {"--csv": (csv_path, columns)}
     if args.long:  # an output this command may write: checked like the other, whatever rows the models give
         if long_path.resolve() == csv_path.resolve():
@@ -289,16 +293,16 @@ def run(args: argparse.Namespace) -> int:
             f"{'; EMULATED ' + row['dtype'] if not plan.support.native else ''})",
             flush=True,
         )
-    mode = "quick" if args.quick else "full"
     measured_long: list[dict[str, Any]] = []
     summaries = []
     for lrow in long_rows:
-        rounds, limit = args.long_rounds or LONG_ROUNDS[mode], LONG_LIMIT_S[mode]
+        rounds, limit = long_rounds, LONG_LIMIT_S[mode]
         t_row = time.perf_counter()
         try:
             with time_bound(limit):
+                bandwidth = probe.bandwidth_bytes_per_s if probe else math.nan
                 got = long.measure_long(
-                    lrow, pool, rounds, probe.bandwidth_bytes_per_s if probe else math.nan, args.seed, args.device
+                    lrow, pool, rounds, bandwidth, args.seed, args.device, weights=args.weights
                 ).rows
         except RowTimeBound:
             print(

@@ -80,6 +80,17 @@ def one_line_warnings() -> Iterator[None]:
         warnings.showwarning = shown
 
 
+def rotate_flag(p: argparse.ArgumentParser) -> None:
+    """--rotate: the quantized layout's `rotate` option (None when not given, so that only layouts taking it get it)."""
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        default=None,
+        help="quantized: quantize after a Hadamard rotation over head_dim, rotated back when read (QuaRot, "
+        "llama.cpp) [off]",
+    )
+
+
 def default_of(layout: str, option: str) -> str:
     """ "[value]": a layout option's default as the help texts show it, read from the layout (its constructor is the one
     place a default is written)."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from kvlib.caches.base import CACHE_LAYOUTS, make_cache
-from kvlib.cli.common import add_model_args, default_of, flag, non_negative_int, positive_int
+from kvlib.cli.common import add_model_args, default_of, flag, non_negative_int, positive_int, rotate_flag
 from kvlib.core.config import PRESETS, get_preset
 from kvlib.core.errors import KvlibError
 from kvlib.decoding.questions import NEW_TOKENS, answer
@@ -69,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", type=non_negative_int, default=None, help="quantized: channels per scale")
     p.add_argument("--residual", type=non_negative_int, default=None, help="quantized: full-precision tail tokens")
     flag(p, "key_axis", default=None, help=f"quantized: token or channel (KIVI) {default_of('quantized', 'key_axis')}")
+    rotate_flag(p)
     p.add_argument(
         "--positions",
         default=None,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import gc
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,18 +320,26 @@ def _one_run(spec: RunSpec, lm: LoadedModel, ids: torch.Tensor) -> tuple[Any, An
     return g, tracker.result
 
 
-def step_cache_bytes(spec: RunSpec, cfg: ModelConfig, batch_size: int, tokens: int, dtype: torch.dtype) -> int:
+def step_cache_bytes(
+    spec: RunSpec,
+    cfg: ModelConfig,
+    batch_size: int,
+    tokens: int,
+    dtype: torch.dtype,
+    options: Mapping[str, Any] | None = None,
+) -> int:
     """Bytes of keys and values a decode step reads from `spec`'s cache holding `tokens` positions of each of
-    `batch_size` sequences: what the layout holds then (kvlib: its `used_bytes_after`, so int8 codes count one
-    byte an element with their scales, an eviction budget or a window bounds the tokens), and never more than the
-    dense cache with each sliding layer cut to its window ("hybrid": on a model trained with sliding windows a
-    sliding layer reads at most its window whatever the layout, kvlib and HF alike). Regression: the bytes of every
-    layout were once the dense float cache's, which overstated a quantized or evicting cache's MBU
-    (tests/test_harness.py::test_step_cache_bytes_follow_the_layout)."""
+    `batch_size` sequences: what the layout holds then with its `options` (None: its defaults; kvlib: its
+    `used_bytes_after`, so int8 codes count one byte an element with their scales, an eviction budget or a window
+    bounds the tokens), and never more than the dense cache with each sliding layer cut to its window ("hybrid": on
+    a model trained with sliding windows a sliding layer reads at most its window whatever the layout, kvlib and HF
+    alike). Regression: the bytes of every layout were once the dense float cache's, which overstated a quantized or
+    evicting cache's MBU (int8 at batch 4 x 4096 on SmolLM2: 1.7x;
+    tests/test_harness.py::test_step_cache_bytes_follow_the_layout)."""
     dense = kv_cache_bytes_formula(cfg, batch_size, tokens, dtype, "hybrid")
     if spec.engine != "kvlib" or spec.cache not in CACHE_LAYOUTS:
         return dense
-    return min(dense, CACHE_LAYOUTS[spec.cache].used_bytes_after(cfg, tokens, dtype, batch_size))
+    return min(dense, CACHE_LAYOUTS[spec.cache].used_bytes_after(cfg, tokens, dtype, batch_size, **(options or {})))
 
 
 def _records(

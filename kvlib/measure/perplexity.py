@@ -65,6 +65,7 @@ FLAG_OPTIONS = {
     "group": "group",
     "residual": "residual_len",
     "key_axis": "key_axis",
+    "rotate": "rotate",
     "backend": "backend",
 }
 HF_QUANTIZED_DEFAULTS = {"bits": 4, "residual_len": 128, "backend": "quanto"}  # hf-quantized's options

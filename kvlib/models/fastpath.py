@@ -287,24 +287,28 @@ def _shapes(model: nn.Module, dtype: torch.dtype) -> dict[tuple[int, int], int]:
 STREAM_BYTES = 64 * 2**20  # `_fastest` cycles through distinct copies of a shape's weight up to this many bytes
 
 
-def stream_copies(shape: tuple[int, int], count: int, element_size: int) -> int:
-    """How many distinct weights of `shape` `_fastest` times in turn: as many as the model has (`count`), but only
-    as many as fill STREAM_BYTES, at least one; so that the kernels read their weights from memory, as in a decode
-    step, not from a cache that a single repeated matrix fits in."""
-    return max(1, min(count, math.ceil(STREAM_BYTES / (shape[0] * shape[1] * element_size))))
+def stream_copies(shape: tuple[int, int], count: int, element_size: int, model_bytes: int) -> int:
+    """How many distinct weights of `shape` `_fastest` times in turn, so that the kernels read them from memory as a
+    decode step does, not from a CPU cache that one repeated matrix fits in: enough to fill STREAM_BYTES (at least
+    one). A model whose matrices all fit in STREAM_BYTES (`model_bytes`) is read from the cache in its own decode
+    steps too: then no more copies than the model has of that shape (`count`). Otherwise a shape's few copies
+    would fit the cache although, in a decode step, every other matrix evicts them between two uses."""
+    n = max(1, math.ceil(STREAM_BYTES / (shape[0] * shape[1] * element_size)))
+    return min(n, count) if model_bytes <= STREAM_BYTES else n
 
 
 def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[str]) -> str:
     """The fastest of `candidates` ("plain", "packed", "mkl", "compiled") for `rows` rows times `model`'s matrices
     in `dtype`: every distinct Linear shape (weighted by how often it occurs: one decode step's matrix work), each
     kernel in turn, interleaved (order reversed every other round), median of 5 rounds after one warm-up round.
-    Each shape is timed over `stream_copies` distinct random weights in turn (up to STREAM_BYTES), so that the
+    Each shape is timed over `stream_copies` distinct random weights in turn (filling STREAM_BYTES), so that the
     weights stream from memory as a decode step's do. One shape at a time, its weights and packed copies freed
     before the next: the memory this borrows is at most STREAM_BYTES (and their packed copies) or one matrix.
-    Regression: timed on one weight per shape, read again and again from the CPU's cache, F.linear measured
-    faster for one row on a 2-core AMD EPYC (Zen 3) although it streams at 8.4 GB/s against oneDNN's 12.5-13, so
-    a process that chose it decoded 30% slower than one that chose oneDNN: the same step 35% apart between two
-    commands (tests/test_fast_decode.py::test_kernel_choice_streams_distinct_weights). "plain" when the model
+    Regression: timed on one weight per shape, read again and again from the CPU's cache, the choice measured
+    kernels as no decode step runs them (SmolLM2's matrices, 0.4-3.5 MiB, fit the 32 MiB L3 of a Zen 3), and it
+    flipped between F.linear and oneDNN from process to process (tests/test_fast_decode.py::
+    test_kernel_choice_streams_distinct_weights). In whole decode steps on that machine the two were within its
+    noise of each other at batch 1 (interleaved A/Bs: 78.4 vs 78.5 ms, 64.0 vs 67.8 ms). "plain" when the model
     has no such matrix."""
     shapes = _shapes(model, dtype)
     if not shapes or candidates == ["plain"]:
@@ -318,8 +322,10 @@ def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[s
     kernels = {k: v for k, v in kernels.items() if k in candidates}
     rounds: list[dict[str, float]] = [dict.fromkeys(kernels, 0.0) for _ in range(6)]
     gen = torch.Generator().manual_seed(0)
+    size = torch.tensor([], dtype=dtype).element_size()
+    model_bytes = sum(o * i * c * size for (o, i), c in shapes.items())
     for (out_f, in_f), count in shapes.items():
-        n = stream_copies((out_f, in_f), count, torch.tensor([], dtype=dtype).element_size())
+        n = stream_copies((out_f, in_f), count, size, model_bytes)
         ws = [(torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype) for _ in range(n)]
         packs = [
             {

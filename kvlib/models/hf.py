@@ -70,7 +70,6 @@ def generation_config(hf_model: Any, max_new_tokens: int, cache: str, keep_logit
     return cfg
 
 
-@torch.inference_mode()
 def hf_cache(hf_model: Any, mode: str, max_len: int) -> Any:
     """An empty Hugging Face cache for `hf_model` to be filled with `update(k, v, layer)`: its DynamicCache (mode
     HF_DYNAMIC; sliding layers where the config has them) or a StaticCache of `max_len` slots (HF_STATIC). Raises
@@ -82,6 +81,7 @@ def hf_cache(hf_model: Any, mode: str, max_len: int) -> Any:
     raise KvlibError(f"hf_cache: mode must be {HF_DYNAMIC} or {HF_STATIC}, got {mode!r}")
 
 
+@torch.inference_mode()
 def hf_generate(
     hf_model: Any,
     input_ids: torch.Tensor,

@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 
 from kvlib import study
 from kvlib.core.stats import Spread
-from kvlib.measure.bench.long import LongResult, LongRow, measure_long
-from kvlib.measure.harness import ModelPool, RunSpec
+from kvlib.measure.bench.long import LongResult, LongRow, long_spec, measure_long
+from kvlib.measure.harness import ModelPool
 from kvlib.measure.roofline import machine_probe, roofline_enabled
 from kvlib.study import plotting
 
@@ -66,7 +66,7 @@ def check_parameters(
     batch = study.positive_int("long_batch", long_batch)
     rounds = study.positive_int("long_rounds", long_rounds)
     row = LongRow(model, batch, max(contexts), dtype)
-    RunSpec("kvlib", "static", model, weights, batch, row.context, rounds + 2, device, dtype, seed).validate()
+    long_spec(row, rounds, weights, device, seed)  # fits the model's context; a preset without sliding layers, with HF
     return LongSweep(row, contexts, rounds, weights, device, seed)
 
 
@@ -87,20 +87,21 @@ def tidy(result: LongResult) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def figure(rows: pd.DataFrame, steps: pd.DataFrame, weight_bytes: float, where: str) -> Figure:
     """Two panels against the context (tokens each step attends over): the decode step (ms; median and interquartile
-    band over the rounds) of every path, with the memory floor of kvlib's float32 and int8 caches dashed; and the
+    band over the rounds) of every path, with the memory floor of kvlib's full-precision and int8 caches dotted; and the
     cache each path holds (MiB), with the weights' bytes as a grey line (where the cache outweighs them)."""
     batch = int(rows["batch_size"].iloc[0])
     fig, axes = plotting.figure(ncols=2, width=5.5, height=3.8, title=f"Long contexts, {where}, batch {batch}")
     step_ax, mem_ax = list(axes)
     plotting.lines(steps, "context", "latency_ms", "path", step_ax)
     floors = []
-    for engine, name in (("kvlib static", "float32 cache"), ("kvlib int8", "int8 cache")):
+    dtype = str(rows["dtype"].iloc[0])
+    for engine, name in (("kvlib static", f"{dtype} cache"), ("kvlib int8", "int8 cache")):
         r = rows[rows["engine"] == engine].sort_values("context")
         colour = plotting.color(PATHS[engine])
         floors += step_ax.plot(r["context"], r["floor_ms"], ls=":", lw=1.6, color=colour, label=f"floor, {name}")
         mem_ax.plot(
             r["context"], r["cache_mib"], marker="o", color=colour,
-            label="float32 cache (kvlib static, both HF caches)" if engine == "kvlib static" else "int8 cache",
+            label=f"{dtype} cache (kvlib static, both HF caches)" if engine == "kvlib static" else "int8 cache",
         )  # fmt: skip
     plotting.extend_legend(step_ax, floors)
     plotting.label(step_ax, "Decode step", "context (tokens)", "step (ms)")
@@ -152,8 +153,9 @@ def sentence(rows: pd.DataFrame, steps: pd.DataFrame, weight_bytes: float) -> st
     weights_mib = weight_bytes / 2**20
     vs_hf = _paired(steps, c, hf, "kvlib static")
     vs_int8 = _paired(steps, c, "kvlib static", "kvlib int8")
+    dtype = str(static["dtype"])
     text = (
-        f"At {c} tokens and batch {int(static['batch_size'])} the float32 cache is {static['cache_mib']:.0f} MiB "
+        f"At {c} tokens and batch {int(static['batch_size'])} the {dtype} cache is {static['cache_mib']:.0f} MiB "
         f"against {weights_mib:.0f} MiB of weights ({static['cache_mib'] / weights_mib:.2f}x). kvlib's step took "
         f"**{static['tpot_p50_ms']:.1f} ms** against a floor of {static['floor_ms']:.1f} ms (MBU "
         f"{static['mbu']:.2f}); Hugging Face's faster cache ({PATHS[hf]}) took {at.loc[hf, 'tpot_p50_ms']:.1f} ms, "
@@ -169,10 +171,16 @@ def sentence(rows: pd.DataFrame, steps: pd.DataFrame, weight_bytes: float) -> st
         f"{int8['top1_vs_kvlib_static']:.0%} against the exact cache over the same steps."
     )
     if vs_int8.excludes(1.0) is not True or vs_int8.median <= 1:
+        share = int8["cache_mib"] / static["cache_mib"]
         text += (
-            " Reading a quarter of the bytes did not make the step faster here, unlike the throughput gains "
-            "papers report for quantized caches on GPUs (KIVI): the step is bound by its kernels' speed on this "
-            "machine, not by the bytes read."
+            f" Reading {share:.0%} of the cache's bytes did not make the step faster here, unlike the throughput "
+            "gains papers report for quantized caches on GPUs (KIVI)"
+            + (
+                f": kvlib's {dtype} step runs at {static['mbu']:.0%} of the speed its bytes allow (its MBU), so the "
+                "bytes it reads are not what bounds it here (its kernels' speed is, or a busy machine)."
+                if static["mbu"] < 0.5
+                else "."
+            )
         )
     return text
 

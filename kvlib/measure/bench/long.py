@@ -4,24 +4,26 @@ values a token, so batch 4 x 4096 tokens is 720 MiB of cache against 513 MiB of 
 Prefilling batch 4 x 4096 tokens takes about a minute an engine on 2 CPU cores, so these rows prefill once: one
 passage of the novel (`context` tokens, batch 1) through kvlib with its static cache, and every engine's cache is
 filled from those keys and values, repeated over the batch (a causal model's cache after a prefix is the same
-whoever computes it; `hf_agreement` checks that Hugging Face, decoding from the cache kvlib filled, picks kvlib's
-tokens). The engines (ENGINES), each one decode step per round at the same context, rounds interleaved (the order
-turns every round), the first round a warm-up not counted:
+whoever computes it; the rows' top1_vs_kvlib_static and max_abs_logit_diff show Hugging Face, decoding from the
+cache kvlib filled, computing kvlib's logits). The engines (ENGINES), each one decode step per round at the same
+context, rounds interleaved (the order turns every round), the first round a warm-up not counted:
 
     kvlib static     kvlib.models.decode.decode_step with its static cache (the fast path every command uses)
     kvlib int8       the same with the int8 per-token cache (`quantized`, bits 8), which attends over its codes
     hf-dynamic       the Hugging Face model's forward step with its DynamicCache, as `generate` calls it
     hf-static        the same with its StaticCache
 
-Every engine is fed the same token each round (kvlib static's greedy choice: teacher forcing), so the int8 cache's
-KL divergence and top-1 agreement against the exact cache (kvlib.measure.divergence) come from the timed steps
-themselves. Per engine: TPOT p50 and its range over the rounds, the bytes a step reads (every weight once and the
-cache as it holds `context` tokens: kvlib.measure.harness.step_cache_bytes, int8 codes with their scales), the
-floor (those bytes / the machine probe's read bandwidth) and MBU (floor / TPOT).
+Every engine is fed the same token each round (the passage's own next token: teacher forcing), so the int8 cache's
+KL divergence and top-1 agreement against the exact cache (kvlib.measure.divergence) come from the counted steps
+themselves (the warm-up round's logits are left out). Per engine: TPOT p50 and its range over the rounds, the
+bytes a step reads (every weight once and the cache as it holds `context` tokens: kvlib.measure.harness.
+step_cache_bytes, int8 codes with their scales), the floor (those bytes / the machine probe's read bandwidth) and
+MBU (floor / TPOT). Timed with the garbage collector paused, as the harness does.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -34,6 +36,8 @@ import torch
 import yaml
 
 from kvlib.caches.base import make_cache
+from kvlib.core import checks
+from kvlib.core.config import PRESETS, ModelConfig
 from kvlib.core.errors import KvlibError
 from kvlib.measure.bench.table import TARGETS_FILE
 from kvlib.measure.divergence import log_probs, per_token
@@ -76,12 +80,33 @@ LONG_ROWS = (LongRow("smollm2-135m", 4, 4096),)
 class LongResult:
     """What `measure_long` measured: `rows`, one per (context, engine) with COLUMNS; `steps`, one per timed decode
     step (model, batch_size, context, engine, round, latency_ms), for spreads and paired ratios; `logits`, per
-    (context, engine), the first sequence's logits (rounds + 1, V) float32 at positions context .. context + rounds
-    (the warm-up round's included)."""
+    (context, engine), the first sequence's logits (rounds, V) float32 of the counted rounds (positions context + 1
+    .. context + rounds; the warm-up round's, at position context, left out)."""
 
     rows: list[dict[str, Any]]
     steps: list[dict[str, Any]]
     logits: dict[tuple[int, str], torch.Tensor]
+
+
+def check_model(cfg: ModelConfig, model: str, has_hf: bool) -> None:
+    """Refuse, in one line, a model the long-context rows cannot run: sliding-window layers (the int8 cache does
+    not compose with them) or no Hugging Face counterpart to compare with."""
+    if "sliding_attention" in cfg.layer_types:
+        raise KvlibError(f"long-context rows need a model without sliding-window layers; {model} has them")
+    if not has_hf:
+        raise KvlibError(f"long-context rows compare with Hugging Face; {model} has no Hugging Face counterpart")
+
+
+def long_spec(row: LongRow, rounds: int, weights: str, device: str, seed: int) -> RunSpec:
+    """kvlib's RunSpec of `row` (the longest context plus the rounds and the warm-up must fit the model), checked
+    before anything is loaded, a preset's model checked too (`check_model`). Raises KvlibError."""
+    spec = RunSpec(
+        "kvlib", "static", row.model, weights, row.batch_size, row.context, rounds + 1, device, row.dtype, seed
+    )
+    spec.validate()
+    if row.model in PRESETS:
+        check_model(PRESETS[row.model], row.model, PRESETS[row.model].has_hf_counterpart)
+    return spec
 
 
 @torch.inference_mode()
@@ -103,29 +128,22 @@ def measure_long(
     KvlibError when the model has a sliding-window layer (the int8 cache does not compose with it), a context is
     out of [1, row.context] or does not fit the model. `weights`: as every command's (auto: pretrained where
     available). On CUDA each step is timed between two synchronisations."""
+    rounds = checks.whole("rounds", rounds, where="long-context rows:")
     steps = rounds + 1  # the warm-up round and the counted ones
-    spec = RunSpec(
-        "kvlib", "static", row.model, "auto", row.batch_size, row.context, steps + 1, device, row.dtype, seed
-    )
-    spec.validate()
-    if rounds < 1:
-        raise KvlibError(f"rounds must be at least 1, got {rounds}")
-    contexts = [row.context] if contexts is None else sorted(set(contexts))
-    if not contexts or contexts[0] < 1 or contexts[-1] > row.context:
+    contexts = [row.context] if contexts is None else sorted(set(checks.whole_list("contexts", list(contexts))))
+    if contexts[-1] > row.context:
         raise KvlibError(f"contexts must lie in [1, {row.context}], got {contexts}")
+    spec = long_spec(row, rounds, weights, device, seed)  # refuses a model that cannot run these rows, unloaded
     lm = pool.get(spec.model_key(), need_kvlib=True, need_hf=True)
     cfg, model, B, P = lm.cfg, lm.model, row.batch_size, row.context
-    if "sliding_attention" in cfg.layer_types:
-        raise KvlibError(f"long-context rows need a model without sliding-window layers; {row.model} has them")
-    if lm.hf is None:
-        raise KvlibError(f"long-context rows compare with Hugging Face; {row.model} has no Hugging Face counterpart")
+    check_model(cfg, row.model, lm.hf is not None)  # a local folder's config is known only now
     text = prompts_for(cfg.vocab_size, lm.tokenizer, 1, P + steps, seed, lm.device)  # (1, P + steps)
     positions, _ = prepare_positions(text.expand(B, -1), None, 0)  # (B, P + steps)
     prepare_for_inference(model, 1)
     one = make_cache("static", cfg, 1, P, lm.device, lm.dtype)
     prefill(model, text[:, :P], positions[:1, :P], one, None)
     prepare_for_inference(model, B)
-    weights = decode_step_bytes(cfg, B, 0, lm.dtype)
+    weight_bytes = decode_step_bytes(cfg, B, 0, lm.dtype)
     info = provenance(lm.device)
 
     def sync() -> None:  # CUDA runs asynchronously: a step's time ends when its kernels have
@@ -140,11 +158,38 @@ def measure_long(
         out = lm.hf(
             input_ids=token,
             position_ids=positions[:, slot : slot + 1],
-            cache_position=torch.tensor([slot], device=lm.device),
+            cache_position=slots[slot],
             past_key_values=kv,
             use_cache=True,
         )
         return out.logits[:, -1]
+
+    slots = torch.arange(P + steps, device=lm.device)[:, None]  # HF's cache_position of each slot, made untimed
+
+    def timed_rounds(
+        steps: int,
+        c: int,
+        caches: dict[str, Any],
+        times: dict[str, list[float]],
+        logits: dict[str, list[torch.Tensor]],
+        records: list[dict[str, Any]],
+    ) -> None:
+        """`steps` rounds at context c, one step of each engine a round (order turned every round); the first
+        round warms up and is not kept."""
+        for r in range(steps):
+            for label, engine, _, _ in ENGINES if r % 2 == 0 else ENGINES[::-1]:
+                sync()
+                t0 = time.perf_counter()
+                out = step(caches[label], engine, c + r)
+                sync()
+                elapsed = time.perf_counter() - t0
+                if r > 0:
+                    times[label].append(elapsed)
+                    records.append(
+                        {"model": row.model, "batch_size": B, "context": c, "engine": label, "round": r,
+                         "latency_ms": 1e3 * elapsed}
+                    )  # fmt: skip
+                    logits[label].append(out[0].float())
 
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -164,28 +209,20 @@ def measure_long(
 
         times: dict[str, list[float]] = {label: [] for label, *_ in ENGINES}
         logits: dict[str, list[torch.Tensor]] = {label: [] for label, *_ in ENGINES}
-        for r in range(steps):
-            for label, engine, _, _ in ENGINES if r % 2 == 0 else ENGINES[::-1]:
-                sync()
-                t0 = time.perf_counter()
-                out = step(caches[label], engine, c + r)
-                sync()
-                elapsed = time.perf_counter() - t0
-                if r > 0:
-                    times[label].append(elapsed)
-                    records.append(
-                        {"model": row.model, "batch_size": B, "context": c, "engine": label, "round": r,
-                         "latency_ms": 1e3 * elapsed}
-                    )  # fmt: skip
-                logits[label].append(out[0].float())
+        gc.collect()
+        gc.disable()  # no collection pauses inside the timed steps (as the harness)
+        try:
+            timed_rounds(steps, c, caches, times, logits, records)
+        finally:
+            gc.enable()
         del caches
         kept.update({(c, label): torch.stack(v) for label, v in logits.items()})
         base = log_probs(torch.stack(logits["kvlib static"]))
         static_p50 = statistics.median(times["kvlib static"])
-        for label, engine, cache, _ in ENGINES:
+        for label, engine, cache, options in ENGINES:
             p50 = statistics.median(times[label])
-            held = step_cache_bytes(RunSpec(engine, cache, row.model), cfg, B, c, lm.dtype)
-            step_bytes = weights + held
+            held = step_cache_bytes(RunSpec(engine, cache, row.model), cfg, B, c, lm.dtype, options)
+            step_bytes = weight_bytes + held
             kld, top1 = per_token(base, log_probs(torch.stack(logits[label])))
             floor = step_bytes / bandwidth_bytes_per_s if bandwidth_bytes_per_s > 0 else math.nan
             diff = (torch.stack(logits[label]) - torch.stack(logits["kvlib static"])).abs().max()
