@@ -33,10 +33,11 @@ rows).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,14 +291,24 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No garbage-collection pauses inside a timed region: collect first, then pause the collector until the block
+    ends (every timed region of the harness and the bench's long rows)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _one_run(spec: RunSpec, lm: LoadedModel, ids: torch.Tensor) -> tuple[Any, Any]:
     """One generation, with the process's peak memory tracked; returns (Generation, PeakMemory)."""
     if spec.engine == "kvlib":  # measuring and packing kernels (first call) borrows memory: not inside the peak
         prepare_for_inference(lm.model, spec.batch_size)
-    gc.collect()
-    gc.disable()  # no collection pauses inside the timed region
     try:
-        with PeakTracker(lm.device) as tracker:
+        with paused_gc(), PeakTracker(lm.device) as tracker:
             if spec.engine == "kvlib":
                 g = generate(lm.model, ids, spec.max_new_tokens, cache=spec.cache)
             else:
@@ -309,8 +320,6 @@ def _one_run(spec: RunSpec, lm: LoadedModel, ids: torch.Tensor) -> tuple[Any, An
         if lm.device.type == "cuda":
             torch.cuda.empty_cache()
         raise KvlibError(f"out of memory measuring {spec.label()} ({why})") from None
-    finally:
-        gc.enable()
     B, N = spec.batch_size, spec.max_new_tokens
     if tuple(g.tokens.shape) != (B, N) or len(g.decode_s) != N - 1:
         raise KvlibError(

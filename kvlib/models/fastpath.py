@@ -322,7 +322,7 @@ def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[s
     kernels = {k: v for k, v in kernels.items() if k in candidates}
     rounds: list[dict[str, float]] = [dict.fromkeys(kernels, 0.0) for _ in range(6)]
     gen = torch.Generator().manual_seed(0)
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     model_bytes = sum(o * i * c * size for (o, i), c in shapes.items())
     for (out_f, in_f), count in shapes.items():
         n = stream_copies((out_f, in_f), count, size, model_bytes)

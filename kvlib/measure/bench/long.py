@@ -23,10 +23,8 @@ MBU (floor / TPOT). Timed with the garbage collector paused, as the harness does
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -39,12 +37,12 @@ from kvlib.caches.base import make_cache
 from kvlib.core import checks
 from kvlib.core.config import PRESETS, ModelConfig
 from kvlib.core.errors import KvlibError
-from kvlib.measure.bench.table import TARGETS_FILE
+from kvlib.measure.bench.table import TARGETS_FILE, Target, target_entry
 from kvlib.measure.divergence import log_probs, per_token
-from kvlib.measure.harness import ModelPool, RunSpec, step_cache_bytes
+from kvlib.measure.harness import ModelPool, RunSpec, paused_gc, step_cache_bytes
 from kvlib.measure.provenance import provenance
 from kvlib.measure.roofline import decode_step_bytes
-from kvlib.models.decode import decode_step, prefill, prepare_positions
+from kvlib.models.decode import Clock, decode_step, prefill, prepare_positions
 from kvlib.models.fastpath import prepare_for_inference
 from kvlib.models.hf import hf_cache
 from kvlib.models.prompts import prompts_for
@@ -55,11 +53,11 @@ ENGINES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (  # (label, engine,
     ("hf-dynamic", "hf", "dynamic", {}),
     ("hf-static", "hf", "static", {}),
 )
+PROVENANCE = ("device_name", "torch_version", "transformers_version", "git_commit", "timestamp")
 COLUMNS = [
     "model", "dtype", "batch_size", "context", "engine", "cache", "rounds", "tpot_p50_ms", "tpot_min_ms",
     "tpot_max_ms", "step_bytes", "cache_mib", "bandwidth_gb_per_s", "floor_ms", "mbu", "ratio_vs_kvlib_static",
-    "kld_vs_kvlib_static", "top1_vs_kvlib_static", "max_abs_logit_diff", "device_name", "torch_version",
-    "transformers_version", "git_commit", "timestamp",
+    "kld_vs_kvlib_static", "top1_vs_kvlib_static", "max_abs_logit_diff", *PROVENANCE,
 ]  # fmt: skip
 
 
@@ -146,9 +144,7 @@ def measure_long(
     weight_bytes = decode_step_bytes(cfg, B, 0, lm.dtype)
     info = provenance(lm.device)
 
-    def sync() -> None:  # CUDA runs asynchronously: a step's time ends when its kernels have
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
+    clock = Clock(lm.device)  # on CUDA a step's time ends when its kernels have
 
     def step(kv: Any, engine: str, slot: int) -> torch.Tensor:
         """One decode step of `engine` on its cache `kv`, feeding the passage's token at `slot`; logits (B, V)."""
@@ -165,31 +161,6 @@ def measure_long(
         return out.logits[:, -1]
 
     slots = torch.arange(P + steps, device=lm.device)[:, None]  # HF's cache_position of each slot, made untimed
-
-    def timed_rounds(
-        steps: int,
-        c: int,
-        caches: dict[str, Any],
-        times: dict[str, list[float]],
-        logits: dict[str, list[torch.Tensor]],
-        records: list[dict[str, Any]],
-    ) -> None:
-        """`steps` rounds at context c, one step of each engine a round (order turned every round); the first
-        round warms up and is not kept."""
-        for r in range(steps):
-            for label, engine, _, _ in ENGINES if r % 2 == 0 else ENGINES[::-1]:
-                sync()
-                t0 = time.perf_counter()
-                out = step(caches[label], engine, c + r)
-                sync()
-                elapsed = time.perf_counter() - t0
-                if r > 0:
-                    times[label].append(elapsed)
-                    records.append(
-                        {"model": row.model, "batch_size": B, "context": c, "engine": label, "round": r,
-                         "latency_ms": 1e3 * elapsed}
-                    )  # fmt: skip
-                    logits[label].append(out[0].float())
 
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -209,23 +180,31 @@ def measure_long(
 
         times: dict[str, list[float]] = {label: [] for label, *_ in ENGINES}
         logits: dict[str, list[torch.Tensor]] = {label: [] for label, *_ in ENGINES}
-        gc.collect()
-        gc.disable()  # no collection pauses inside the timed steps (as the harness)
-        try:
-            timed_rounds(steps, c, caches, times, logits, records)
-        finally:
-            gc.enable()
+        with paused_gc():
+            for r in range(steps):  # one step of each engine a round, the order turned every round; round 0 warms up
+                for label, engine, _, _ in ENGINES if r % 2 == 0 else ENGINES[::-1]:
+                    t0 = clock.now()
+                    out = step(caches[label], engine, c + r)
+                    elapsed = clock.now() - t0
+                    if r > 0:
+                        times[label].append(elapsed)
+                        records.append(
+                            {"model": row.model, "batch_size": B, "context": c, "engine": label, "round": r,
+                             "latency_ms": 1e3 * elapsed}
+                        )  # fmt: skip
+                        logits[label].append(out[0].float())
         del caches
         kept.update({(c, label): torch.stack(v) for label, v in logits.items()})
-        base = log_probs(torch.stack(logits["kvlib static"]))
+        exact = kept[(c, "kvlib static")]
+        base = log_probs(exact)
         static_p50 = statistics.median(times["kvlib static"])
         for label, engine, cache, options in ENGINES:
             p50 = statistics.median(times[label])
             held = step_cache_bytes(RunSpec(engine, cache, row.model), cfg, B, c, lm.dtype, options)
             step_bytes = weight_bytes + held
-            kld, top1 = per_token(base, log_probs(torch.stack(logits[label])))
+            kld, top1 = per_token(base, log_probs(kept[(c, label)]))
             floor = step_bytes / bandwidth_bytes_per_s if bandwidth_bytes_per_s > 0 else math.nan
-            diff = (torch.stack(logits[label]) - torch.stack(logits["kvlib static"])).abs().max()
+            diff = (kept[(c, label)] - exact).abs().max()
             rows.append(
                 {
                     "model": row.model,
@@ -247,45 +226,26 @@ def measure_long(
                     "kld_vs_kvlib_static": float(kld.mean()),
                     "top1_vs_kvlib_static": float(top1.float().mean()),
                     "max_abs_logit_diff": float(diff),
-                    **{k: info.get(k) for k in ("device_name", "torch_version", "transformers_version", "git_commit")},
-                    "timestamp": info.get("timestamp"),
+                    **{k: info.get(k) for k in PROVENANCE},
                 }
             )
     return LongResult(rows, records, kept)
 
 
-@dataclass(frozen=True)
-class LongTarget:
-    name: str
-    column: str  # a key of `summary`
-    minimum: float
-    text: str
-    source: str
+SUMMARY_FIGURES = ("mbu", "vs_hf_best", "int8_vs_static")  # what `summary` gives the targets to judge
 
 
-SUMMARY_FIGURES = ("mbu", "vs_hf_best", "int8_vs_static")
-
-
-def load_long_targets(text: str | None = None) -> tuple[LongTarget, ...]:
-    """The long-context targets (`long_context` in kvlib/data/bench_targets.yaml, or `text`). Raises ValueError on
-    an entry it cannot read."""
+def load_long_targets(text: str | None = None) -> tuple[Target, ...]:
+    """The long-context targets (`long_context` in kvlib/data/bench_targets.yaml, or `text`), read as the bench's
+    other targets are (kvlib.measure.bench.table), each judging one of SUMMARY_FIGURES of every long row. Raises
+    ValueError on an entry it cannot read."""
     if text is None:
         text = resources.files("kvlib").joinpath("data", TARGETS_FILE).read_text(encoding="utf-8")
-    out = []
-    for e in yaml.safe_load(text)["long_context"]:
-        missing = {"name", "column", "minimum", "text", "source"} - set(e)
-        if missing:
-            lacks = ", ".join(sorted(missing))
-            raise ValueError(f"{TARGETS_FILE}: long_context target {e.get('name')!r} lacks {lacks}")
-        if e["column"] not in SUMMARY_FIGURES:
-            raise ValueError(
-                f"{TARGETS_FILE}: long_context target {e['name']!r} checks {e['column']!r}; choose one of "
-                f"{', '.join(SUMMARY_FIGURES)}"
-            )
-        minimum = float(e["minimum"])
-        source = " ".join(e["source"].split())
-        out.append(LongTarget(e["name"], e["column"], minimum, f"{e['text']} >= {minimum}", source))
-    return tuple(out)
+    every_row = {"long_context": lambda summary: True}
+    return tuple(
+        target_entry({"rows": "long_context", **e}, SUMMARY_FIGURES, every_row)
+        for e in yaml.safe_load(text)["long_context"]
+    )
 
 
 LONG_TARGETS = load_long_targets()

@@ -9,7 +9,7 @@ a step faster than the memory floor measured in the same run; the report then sa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -76,23 +76,31 @@ def load_targets(text: str | None = None) -> tuple[tuple[Target, ...], Target]:
     if text is None:
         text = resources.files("kvlib").joinpath("data", TARGETS_FILE).read_text(encoding="utf-8")
     data = yaml.safe_load(text)
-    return tuple(_target(entry) for entry in data["targets"]), _target(data["hybrid_cache"])
+    return tuple(target_entry(entry) for entry in data["targets"]), target_entry(data["hybrid_cache"])
 
 
-def _target(entry: dict[str, Any]) -> Target:
-    """One entry of TARGETS_FILE as a Target; its text gets " >= <minimum>" appended."""
+def target_entry(
+    entry: dict[str, Any],
+    columns: Sequence[str] = COLUMNS,
+    selectors: Mapping[str, Callable[[dict[str, Any]], bool]] | None = None,
+) -> Target:
+    """One entry of TARGETS_FILE as a Target; its text gets " >= <minimum>" appended. `columns`: the figures it may
+    check (the bench CSV's by default); `selectors`: the rows it may judge (ROW_SELECTORS by default)."""
+    selectors = ROW_SELECTORS if selectors is None else selectors
     missing = {"name", "column", "minimum", "rows", "text", "source"} - set(entry)
     if missing:
         raise ValueError(f"{TARGETS_FILE}: target {entry.get('name')!r} lacks {', '.join(sorted(missing))}")
-    if entry["rows"] not in ROW_SELECTORS:
+    if entry["rows"] not in selectors:
         raise ValueError(
             f"{TARGETS_FILE}: target {entry['name']!r} judges rows {entry['rows']!r}; "
-            f"choose one of {', '.join(ROW_SELECTORS)}"
+            f"choose one of {', '.join(selectors)}"
         )
-    if entry["column"] not in COLUMNS:
-        raise ValueError(f"{TARGETS_FILE}: target {entry['name']!r} checks {entry['column']!r}, not a bench column")
+    if entry["column"] not in columns:
+        raise ValueError(
+            f"{TARGETS_FILE}: target {entry['name']!r} checks {entry['column']!r}; choose one of {', '.join(columns)}"
+        )
     minimum = float(entry["minimum"])
-    applies = ROW_SELECTORS[entry["rows"]]
+    applies = selectors[entry["rows"]]
     text = f"{entry['text']} >= {minimum}"
     return Target(entry["name"], entry["column"], minimum, applies, text, " ".join(entry["source"].split()))
 
