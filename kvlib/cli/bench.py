@@ -14,7 +14,7 @@ of new tokens and the same torch threads (one process):
                (kvlib.models.fastpath), the path every other command takes: the same kernel choice, and the
                torch.compile'd one-row kernel as a batch-1 candidate only with --compile or KVLIB_COMPILE=1, as
                everywhere (compiled before any timing). Until 2026-12 the bench compiled by default and `run` did
-               not: the same step measured 35% apart between the two commands
+               not, so the two commands timed different paths
     hf-dynamic Hugging Face generate with its DynamicCache
     hf-static  Hugging Face generate with cache_implementation="static"
 
@@ -51,7 +51,7 @@ SmolLM2 at batch 4, context 4096, where the cache outweighs the weights; kvlib's
 two, all filled from one shared prefill and timed one decode step a round, interleaved, with the floor and MBU
 counting the cache's bytes and the int8 cache's KL divergence against the exact one. They are judged by the
 `long_context` targets and appended to --long-csv (its own columns). `--quick` measures SmolLM2 only, its short rows
-within QUICK_BUDGET_S and the long row within LONG_LIMIT_S: about 2 min 15 s on 2 cores.
+within QUICK_BUDGET_S and the long row within LONG_LIMIT_S: 124-140 s on 2 cores (docs/2026-12-07-speed-floor.md).
 
 Results follow the same contract as `run` (kvlib.measure.results): --csv is checked before anything is loaded (its
 folder must exist, the file must be writable, and an existing file must hold bench rows with this header; anything else
@@ -296,13 +296,13 @@ def run(args: argparse.Namespace) -> int:
     measured_long: list[dict[str, Any]] = []
     summaries = []
     for lrow in long_rows:
-        rounds, limit = long_rounds, LONG_LIMIT_S[mode]
+        limit = LONG_LIMIT_S[mode]
         t_row = time.perf_counter()
         try:
             with time_bound(limit):
                 bandwidth = probe.bandwidth_bytes_per_s if probe else math.nan
                 got = long.measure_long(
-                    lrow, pool, rounds, bandwidth, args.seed, args.device, weights=args.weights
+                    lrow, pool, long_rounds, bandwidth, args.seed, args.device, weights=args.weights
                 ).rows
         except RowTimeBound:
             print(
@@ -313,8 +313,8 @@ def run(args: argparse.Namespace) -> int:
         summaries.append(long.summary(got))
         append_rows(long_path, got, long.COLUMNS)
         print(
-            f"  {lrow.model} batch {lrow.batch_size} x context {lrow.context} (one shared prefill, {rounds} rounds "
-            f"interleaved): {time.perf_counter() - t_row:.0f} s",
+            f"  {lrow.model} batch {lrow.batch_size} x context {lrow.context} (one shared prefill, {long_rounds} "
+            f"rounds interleaved): {time.perf_counter() - t_row:.0f} s",
             flush=True,
         )
     print()
