@@ -87,6 +87,16 @@ def test_summary_ratios_and_target_verdicts():
     assert long.target_report([])[0].count("n/a") == len(long.LONG_TARGETS)
 
 
+def test_unmeasured_long_rows_miss_the_targets():
+    """Regression: every long row past its time bound once left `bench --strict` counting the long targets met."""
+    text, met = long.target_report([], planned=1)
+    assert not met and text.count("MISSED") == len(long.LONG_TARGETS) and "1 of 1 rows not measured" in text
+    s = long.summary(_engine_rows(100.0, 70.0, 200.0, 130.0))
+    text, met = long.target_report([s], planned=2)  # one measured and meeting every target, one not measured
+    assert not met and "1 of 2 rows not measured" in text
+    assert long.target_report([s], planned=1)[1]
+
+
 def test_long_targets_are_data_and_a_bad_entry_is_refused():
     assert [t.name for t in long.LONG_TARGETS] == ["long_mbu", "long_vs_hf_best", "int8_vs_static"]
     assert all(t.source and "issue" not in t.source.lower() for t in long.LONG_TARGETS)

@@ -355,12 +355,12 @@ def test_staged_files_must_carry_the_notebook_prefix(tmp_path):
 
 
 def test_full_profile_is_the_default_with_further_models():
-    """params/full extends the default profile: the same keys and values except the further models of 08 and 09
-    and 08's StreamingLLM text length."""
+    """params/full extends the default profile: the same keys and values except the further models of 08 and 09,
+    08's StreamingLLM text length and the models 10 times (speed_models)."""
     assert pipeline.base_profile(PARAMS, "full") == "default"
     for name in NAMES:
         full, default = (pipeline.profile_params(PARAMS, p, name) for p in ("full", "default"))
-        assert {k for k in full if full[k] != default[k]} <= {"more_models", "tokens"}, name
+        assert {k for k in full if full[k] != default[k]} <= {"more_models", "tokens", "speed_models"}, name
     assert pipeline.profile_params(PARAMS, "full", "08_quality")["more_models"][0]["model"] == "gemma3-270m"
     files = pipeline.profile_files(PARAMS, "full", "08_quality")
     assert [f.relative_to(PARAMS).as_posix() for f in files] == [

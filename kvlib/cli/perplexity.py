@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from kvlib.caches.base import CACHE_LAYOUTS, make_cache
+from kvlib.caches.base import CACHE_LAYOUTS, REFERENCE, make_cache
 from kvlib.cli.common import add_model_args, default_of, flag, non_negative_int, positive_int, rotate_flag
 from kvlib.core.config import PRESETS, get_preset
 from kvlib.core.errors import KvlibError
 from kvlib.measure.divergence import BLOCK, Divergence, divergence
+from kvlib.measure.llamacpp import BASELINE, FLOOR, CacheSetting, compare, score, token_ids
 from kvlib.measure.perplexity import (
     CSV_COLUMNS,
     FLAG_OPTIONS,
@@ -36,6 +37,7 @@ from kvlib.measure.perplexity import (
 )
 from kvlib.measure.provenance import provenance
 from kvlib.measure.results import append_rows, check_outputs
+from kvlib.models import llamacpp
 from kvlib.models.loading import load
 from kvlib.models.prompts import synthetic_prompts
 
@@ -49,10 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=2048, help="score the text's first N tokens [2048]")
     p.add_argument(
         "--cache",
-        default="static",
+        default=None,
         help=f"none, any layout ({', '.join(CACHE_LAYOUTS)}), {RECOMPUTE} or {HF_QUANTIZED} [static]",
     )
-    p.add_argument("--method", choices=METHODS, default="token", help="token by token, or one masked pass [token]")
+    p.add_argument("--method", choices=METHODS, default=None, help="token by token, or one masked pass [token]")
     p.add_argument(
         "--sink", type=non_negative_int, default=None, help=f"window: sink tokens kept {default_of('window', 'sink')}"
     )
@@ -85,8 +87,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compare with this exact layout's run of the same text (as llama.cpp's --kl-divergence): KL "
         "divergence with its 95%% interval, top-1 agreement, perplexity ratio; e.g. static [no comparison]",
     )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="kvlib",
+        help="kvlib: this study's decoder on the dequantized weights; llamacpp: llama.cpp on the GGUF itself [kvlib]",
+    )
+    flag(p, "cache_type_k", default=None, help=f"llamacpp: key cache type ({', '.join(llamacpp.CACHE_TYPES)}) [f16]")
+    flag(p, "cache_type_v", default=None, help="llamacpp: value cache type (quantized needs flash attention) [f16]")
+    flag(p, "flash_attn", choices=("on", "off"), default=None, help="llamacpp: flash attention [on]")
+    flag(
+        p,
+        "no_rotate",
+        action="store_true",
+        default=None,
+        help="llamacpp: turn off llama.cpp's Hadamard rotation of a quantized cache (LLAMA_ATTN_ROT_DISABLE=1) [on]",
+    )
     p.add_argument("--csv", default=None, help="append one row with provenance to this CSV [none]")
     p.set_defaults(func=run)
+
+
+ENGINES = ("kvlib", "llamacpp")
+LLAMACPP_FLAGS = ("cache_type_k", "cache_type_v", "flash_attn", "no_rotate")
+# kvlib's flags a llama.cpp run refuses (its cache is the cache types above); --cache and --method only when changed
+KVLIB_FLAGS = (*FLAG_OPTIONS, "budget")
 
 
 def _check_values(model: str, cache: str, options: dict[str, Any]) -> None:
@@ -119,6 +143,13 @@ def comparison_text(d: Divergence, baseline: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "llamacpp":
+        return run_llamacpp(args)
+    for name in LLAMACPP_FLAGS:
+        if getattr(args, name) is not None:
+            raise KvlibError(f"--{name.replace('_', '-')} applies to --engine llamacpp")
+    args.cache = REFERENCE if args.cache is None else args.cache
+    args.method = METHODS[0] if args.method is None else args.method
     given = {opt: getattr(args, flag) for flag, opt in FLAG_OPTIONS.items()}
     options = layout_options_from(args.cache, given)
     if args.budget is not None:
@@ -198,3 +229,87 @@ def _comparison_columns(d: Divergence | None) -> dict[str, float]:
         return dict.fromkeys(keys, float("nan"))
     s = d.summary()
     return {k: s[k] for k in keys}
+
+
+def _llamacpp_setting(args: argparse.Namespace) -> CacheSetting:
+    """The llama.cpp cache the flags ask for; KvlibError for a kvlib-only flag or a bad type, before any load."""
+    given = [f"--{n.replace('_', '-')}" for n in KVLIB_FLAGS if getattr(args, n, None) is not None]
+    if args.cache is not None:
+        given.append("--cache")
+    if args.method is not None:
+        given.append("--method")
+    if args.weights == "random":
+        given.append("--weights random")
+    if given:
+        raise KvlibError(f"{', '.join(given)} do not apply to --engine llamacpp (use --cache-type-k/--cache-type-v)")
+    if args.device != "cpu" or args.dtype not in ("float32", "fp32"):
+        raise KvlibError("--engine llamacpp runs the GGUF as stored on the CPU; --device and --dtype do not apply")
+    setting = CacheSetting(
+        args.cache_type_k or llamacpp.REFERENCE,
+        args.cache_type_v or args.cache_type_k or llamacpp.REFERENCE,
+        args.flash_attn != "off",
+        not args.no_rotate,
+    )
+    setting.check()
+    return setting
+
+
+def run_llamacpp(args: argparse.Namespace) -> int:
+    """`perplexity --engine llamacpp`: the text through llama.cpp's cache types on the GGUF itself; with --baseline
+    f16, KL divergence, top-1 agreement and perplexity ratio against llama.cpp's f16 cache, and the floor (f16
+    with flash attention off against on)."""
+    setting = _llamacpp_setting(args)
+    if args.baseline not in (None, llamacpp.REFERENCE):
+        raise KvlibError(f"--engine llamacpp compares with its own f16 cache: --baseline f16, not {args.baseline!r}")
+    if args.tokens < 2:
+        raise KvlibError(f"--tokens must be at least 2 (the first token is never scored), got {args.tokens}")
+    text, name = read_text(args.text)
+    check_outputs({"--csv": (args.csv, CSV_COLUMNS)})
+    path = llamacpp.gguf_file(args.model)
+    shape = llamacpp.read_shape(path)
+    opener = llamacpp.open_engine(path, args.tokens, logits_all=False)
+    try:
+        ids = token_ids(opener, text, args.tokens, name)
+    finally:
+        opener.close()
+    keep = args.baseline is not None
+    result = score(str(path), ids, setting, keep_logprobs=keep)
+    print(
+        f"{args.model} ({path.name}, {shape.file_type} weights as stored) on {llamacpp.build_info().split(' (')[0]}: "
+        f"{name}, first {args.tokens} tokens, cache {setting.label}: perplexity {result.perplexity:.4f} (mean NLL "
+        f"{result.nll_mean:.5f} nats over {result.scored} tokens scored), KV held {result.kv_bytes_held:,} bytes "
+        f"({result.kv_bytes_held / args.tokens:,.0f} per token), {result.time_s:.1f} s"
+    )
+    compared = None
+    if keep:
+        base = score(str(path), ids, BASELINE)
+        compared = compare(base, result)
+        print(comparison_text(compared, f"llama.cpp {BASELINE.label}"))
+        floor = compare(base, score(str(path), ids, FLOOR))
+        print("floor: " + comparison_text(floor, f"llama.cpp {BASELINE.label} (the same cache, {FLOOR.label})"))
+    if args.csv:
+        row = {
+            "model": args.model,
+            "weights": "pretrained",
+            "weights_source": f"{path.name} ({shape.file_type}, as stored)",
+            "text": name,
+            "tokens": args.tokens,
+            "scored": result.scored,
+            "cache": f"llama.cpp {setting.label}",
+            "options": f"type_k={setting.type_k} type_v={setting.type_v} flash_attn={int(setting.flash_attn)} "
+            f"rotate={int(setting.rotate)}",
+            "method": "llamacpp",
+            "nll_mean": result.nll_mean,
+            "perplexity": result.perplexity,
+            "baseline": f"llama.cpp {BASELINE.label}" if keep else "",
+            **_comparison_columns(compared),
+            "kv_bytes_held": result.kv_bytes_held,
+            "bytes_per_token": result.kv_bytes_held / args.tokens,
+            "time_s": result.time_s,
+            "device": "cpu",
+            **{k: v for k, v in provenance(torch.device("cpu"), shape.file_type).items() if k in PROVENANCE},
+            "dtype": shape.file_type,
+        }
+        append_rows(args.csv, [row], CSV_COLUMNS)
+        print(f"1 row appended to {args.csv}")
+    return 0

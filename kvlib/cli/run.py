@@ -60,12 +60,17 @@ def _common_args(p: argparse.ArgumentParser, engine_help: str) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="measure one configuration (the assignment's run_model.py)")
-    _common_args(p, "hf: transformers generate; kvlib: this project's decoder [hf]")
+    _common_args(
+        p,
+        "hf: transformers generate; kvlib: this project's decoder; llamacpp: llama.cpp on the model's GGUF as stored "
+        "(batch 1, --cache its cache type) [hf]",
+    )
     flag(p, "use_cache", type=zero_or_one, default=None, help="1: with a KV cache, 0: without [1]")
     p.add_argument(
         "--cache",
         default=None,
-        help="none, dynamic or static (kvlib: any layout) [by --use_cache: hf dynamic; kvlib static, hybrid on Gemma]",
+        help="none, dynamic or static (kvlib: any layout; llamacpp: f16, q8_0, q4_0, ... for keys and values) "
+        "[by --use_cache: hf dynamic; kvlib static, hybrid on Gemma; llamacpp f16]",
     )
     flag(p, "batch_size", type=positive_int, default=1, help="[1]")
     flag(p, "prompt_len", type=positive_int, default=256, help="[256]")

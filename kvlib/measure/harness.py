@@ -62,7 +62,8 @@ from kvlib.measure.memory import (
 )
 from kvlib.measure.provenance import provenance
 from kvlib.measure.roofline import decode_step_bytes, floor_s, machine_roofline, mbu
-from kvlib.models.decode import check_context, generate
+from kvlib.models import llamacpp
+from kvlib.models.decode import Generation, check_context, generate
 from kvlib.models.fastpath import prepare_for_inference
 from kvlib.models.hf import HF_CACHE_MODES, HF_DYNAMIC, hf_generate
 from kvlib.models.loading import (
@@ -76,7 +77,7 @@ from kvlib.models.loading import (
 )
 from kvlib.models.prompts import prompts_for
 
-ENGINES = ("kvlib", "hf")
+ENGINES = ("kvlib", "hf", "llamacpp")  # llamacpp: llama.cpp on the GGUF as stored (kvlib.models.llamacpp)
 
 # Every column of Measurement.runs (and of the CLI's CSV), in order, with its type. The assignment's first.
 RUN_COLUMNS: dict[str, type] = {
@@ -195,7 +196,7 @@ class RunSpec:
             raise KvlibError(f"n_kv_head must be a positive integer or None, got {self.n_kv_head!r}")
         if not isinstance(self.engine, str) or self.engine not in ENGINES:
             raise KvlibError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        modes = HF_CACHE_MODES if self.engine == "hf" else ("none", *CACHE_LAYOUTS)
+        modes = {"hf": HF_CACHE_MODES, "llamacpp": llamacpp.CACHE_TYPES}.get(self.engine, ("none", *CACHE_LAYOUTS))
         if not isinstance(self.cache, str) or self.cache not in modes:
             raise KvlibError(f"unknown cache {self.cache!r} for engine {self.engine}; choose one of {', '.join(modes)}")
         if not isinstance(self.weights, str) or self.weights not in WEIGHT_CHOICES:
@@ -219,8 +220,30 @@ class RunSpec:
                         f"engine hf has no grouped-query attention for GPT-2 (n_kv_head={self.n_kv_head}); use kvlib"
                     )
             check_context(cfg.n_positions, self.model, self.prompt_len, self.max_new_tokens)
+            if self.engine == "llamacpp":
+                self._validate_llamacpp(cfg)
+        elif self.engine == "llamacpp":
+            models = ", ".join(llamacpp_models())
+            raise KvlibError(f"engine llamacpp runs a preset's GGUF ({models}), not {self.model!r}")
         elif not (Path(self.model).is_dir() and (Path(self.model) / "config.json").exists()):
             raise KvlibError(f"unknown model {self.model!r}; choose one of {', '.join(PRESETS)} or a local folder")
+
+    def _validate_llamacpp(self, cfg: ModelConfig) -> None:
+        """llama.cpp here: one sequence, on the CPU, the GGUF its package ships (its weights as stored)."""
+        if not cfg.gguf_requirement:
+            raise KvlibError(f"engine llamacpp runs a GGUF; {self.model} has none ({', '.join(llamacpp_models())} do)")
+        if self.weights == "random" or self.n_kv_head is not None:
+            raise KvlibError("engine llamacpp runs the GGUF's own weights: not weights random or another n_kv_head")
+        if self.batch_size != 1:
+            raise KvlibError(f"engine llamacpp decodes one sequence here (batch_size 1), got {self.batch_size}")
+        if resolve_device(self.device).type != "cpu":
+            raise KvlibError("engine llamacpp runs on the CPU here (llama-cpp-python is built for it by make setup)")
+        llamacpp.binding()
+
+
+def llamacpp_models() -> list[str]:
+    """The presets whose GGUF llama.cpp can run."""
+    return [n for n, c in PRESETS.items() if c.gguf_requirement]
 
 
 class ModelPool:
@@ -229,6 +252,15 @@ class ModelPool:
 
     def __init__(self) -> None:
         self._models: dict[tuple, LoadedModel] = {}
+        self._engines: dict[tuple, llamacpp.Engine] = {}
+
+    def llamacpp(self, spec: RunSpec) -> llamacpp.Engine:
+        """The llama.cpp context of `spec` (its model's GGUF, cache type for keys and values, prompt + new tokens
+        of context), created once per pool and reused by every repeat."""
+        key = (spec.model, spec.cache, spec.prompt_len + spec.max_new_tokens)
+        if key not in self._engines:
+            self._engines[key] = llamacpp.open_engine(spec.model, key[2], spec.cache, spec.cache)
+        return self._engines[key]
 
     def get(self, key: tuple, need_kvlib: bool, need_hf: bool) -> LoadedModel:
         lm = self._models.get(key)
@@ -303,14 +335,18 @@ def paused_gc() -> Iterator[None]:
         gc.enable()
 
 
-def _one_run(spec: RunSpec, lm: LoadedModel, ids: torch.Tensor) -> tuple[Any, Any]:
-    """One generation, with the process's peak memory tracked; returns (Generation, PeakMemory)."""
+def _one_run(spec: RunSpec, lm: LoadedModel, ids: torch.Tensor, engine: Any = None) -> tuple[Any, Any]:
+    """One generation, with the process's peak memory tracked; returns (Generation, PeakMemory). `engine`: the
+    llama.cpp context of a llamacpp spec (ModelPool.llamacpp)."""
     if spec.engine == "kvlib":  # measuring and packing kernels (first call) borrows memory: not inside the peak
         prepare_for_inference(lm.model, spec.batch_size)
     try:
         with paused_gc(), PeakTracker(lm.device) as tracker:
             if spec.engine == "kvlib":
                 g = generate(lm.model, ids, spec.max_new_tokens, cache=spec.cache)
+            elif spec.engine == "llamacpp":
+                tokens, prefill_s, decode_s = engine.greedy(ids[0].tolist(), spec.max_new_tokens)
+                g = Generation(torch.tensor([tokens]), prefill_s, decode_s)
             else:
                 g = hf_generate(lm.hf, ids, spec.max_new_tokens, cache=spec.cache)
     except Exception as e:
@@ -345,6 +381,9 @@ def step_cache_bytes(
     alike). Regression: the bytes of every layout were once the dense float cache's, which overstated a quantized or
     evicting cache's MBU (int8 at batch 4 x 4096 on SmolLM2: 1.7x;
     tests/test_harness.py::test_step_cache_bytes_follow_the_layout)."""
+    if spec.engine == "llamacpp":
+        shape = llamacpp.read_shape(llamacpp.gguf_file(spec.model))
+        return batch_size * llamacpp.kv_cache_bytes(shape, tokens, spec.cache, spec.cache, read=True)
     dense = kv_cache_bytes_formula(cfg, batch_size, tokens, dtype, "hybrid")
     if spec.engine != "kvlib" or spec.cache not in CACHE_LAYOUTS:
         return dense
@@ -360,22 +399,27 @@ def _records(
     peak: Any,
     roof: dict[str, float],
     resident_weights: int,
+    engine: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     cfg, B, P, N = lm.cfg, spec.batch_size, spec.prompt_len, spec.max_new_tokens
     dtype = lm.dtype_name
+    weights_read = decode_step_bytes(cfg, B, 0, dtype)
+    weights_bytes = module_weight_bytes(lm.model if spec.engine == "kvlib" else lm.hf)
+    if engine is not None:  # llama.cpp: the GGUF's bytes as stored, its cache's bytes by type
+        dtype, weights_read = engine.shape.file_type, engine.shape.step_weight_bytes
+        weights_bytes = resident_weights = engine.shape.weight_bytes
     decode = list(g.decode_s)
     decode_time = float(sum(decode))
     total = g.prefill_s + decode_time
     tpot50 = _percentile(decode, 50)
     bw = roof["bandwidth_bytes_per_s"]
     kv_tokens = cache_tokens(spec.engine, spec.cache, P, N)
-    held = held_cache_bytes(g.cache)
+    held = held_cache_bytes(g.cache) if engine is None else engine.cache_bytes()
     cached = spec.cache != "none"
     # Decode step s (1 .. N - 1) reads the cache as it holds P + s tokens (`step_cache_bytes`), averaged over the
     # steps. Without a cache nothing is read from one (the step recomputes every key and value instead).
     kv_read = [step_cache_bytes(spec, cfg, B, P + s, lm.dtype) for s in range(1, N)] if cached else []
-    step_bytes = round(decode_step_bytes(cfg, B, 0, dtype) + (sum(kv_read) / len(kv_read) if kv_read else 0))
-    weights_bytes = module_weight_bytes(lm.model if spec.engine == "kvlib" else lm.hf)
+    step_bytes = round(weights_read + (sum(kv_read) / len(kv_read) if kv_read else 0))
     shared = {
         "spec_id": spec_id,
         "engine": spec.engine,
@@ -409,7 +453,9 @@ def _records(
         "decode_tokens_per_s": B * len(decode) / decode_time if decode else math.nan,
         "kv_cache_tokens": kv_tokens,
         "kv_cache_bytes": held,
-        "kv_cache_bytes_formula": kv_cache_bytes_formula(cfg, B, kv_tokens, lm.dtype, spec.cache, spec.engine),
+        "kv_cache_bytes_formula": kv_cache_bytes_formula(cfg, B, kv_tokens, lm.dtype, spec.cache, spec.engine)
+        if engine is None
+        else engine.cache_bytes(kv_tokens),
         "peak_mem_bytes": peak.peak_bytes,
         "peak_mem_mib": mib(peak.peak_bytes),
         "peak_mem_kind": peak.kind,
@@ -427,7 +473,6 @@ def _records(
         **provenance(lm.device),
     }
     steps = []
-    weights_read = decode_step_bytes(cfg, B, 0, dtype)
     for s, latency in enumerate(decode):
         kv_read = P + s + 1 if cached else 0
         steps.append(
@@ -475,7 +520,7 @@ def measure_grid(
     for spec in specs:
         key = spec.model_key()
         engines = {s.engine for s in specs if s.model_key() == key}
-        lm = pool.get(key, need_kvlib="kvlib" in engines, need_hf="hf" in engines)
+        lm = pool.get(key, need_kvlib="kvlib" in engines, need_hf="hf" in engines)  # llamacpp: the tokenizer
         check_context(lm.cfg.n_positions, spec.model, spec.prompt_len, spec.max_new_tokens)  # local folders
         loaded.append(lm)
     # Passages of the novel for pretrained models (they have a tokenizer), synthetic ids for random weights.
@@ -499,16 +544,18 @@ def measure_grid(
         for i, (spec, lm, ids) in enumerate(zip(specs, loaded, prompts, strict=True)):
             for _ in range(warmup):
                 bar.set_postfix_str(f"warm-up {i + 1}/{len(specs)}", refresh=False)
-                _one_run(spec, lm, ids)
+                _one_run(spec, lm, ids, pool.llamacpp(spec) if spec.engine == "llamacpp" else None)
                 bar.update()
         for r in range(repeats):
             order = range(len(specs)) if r % 2 == 0 else range(len(specs) - 1, -1, -1)
             for i in order:
                 spec, lm = specs[i], loaded[i]
                 bar.set_postfix_str(f"repeat {r + 1}/{repeats}, spec {i + 1}/{len(specs)}", refresh=False)
-                g, peak = _one_run(spec, lm, prompts[i])
+                engine = pool.llamacpp(spec) if spec.engine == "llamacpp" else None
+                g, peak = _one_run(spec, lm, prompts[i], engine)
                 resident = pool.resident_weight_bytes(lm.device)
-                row, step_rows = _records(spec, i, r, lm, g, peak, roofs[(str(lm.device), lm.dtype_name)], resident)
+                roof = roofs[(str(lm.device), lm.dtype_name)]
+                row, step_rows = _records(spec, i, r, lm, g, peak, roof, resident, engine)
                 del g
                 row = {c: row[c] for c in RUN_COLUMNS}
                 step_rows = [{c: st[c] for c in STEP_COLUMNS} for st in step_rows]
@@ -538,7 +585,8 @@ def measure(
 
 # ---- what --use_cache 1 means ---------------------------------------------------------------------------------------
 
-DEFAULT_CACHE = {"hf": HF_DYNAMIC, "kvlib": REFERENCE}  # what --use_cache 1 means for each engine (but see below)
+# what --use_cache 1 means for each engine (but see below)
+DEFAULT_CACHE = {"hf": HF_DYNAMIC, "kvlib": REFERENCE, "llamacpp": llamacpp.REFERENCE}
 
 
 def default_cache(engine: str, model: str | None = None) -> str:

@@ -137,13 +137,15 @@ def cache_tokens(engine: str, cache: str, prompt_len: int, max_new_tokens: int) 
     other layout (paged, quantized, windowed, ...) this is the logical length, prompt + new - 1: the formula is
     then the dense cache those tokens would need, and the bytes held may differ (block rounding, compression).
     """
-    checks.one_of("engine", engine, ("kvlib", "hf"), where="cache_tokens:")
+    checks.one_of("engine", engine, ("kvlib", "hf", "llamacpp"), where="cache_tokens:")
     if not isinstance(cache, str):
         raise checks.fail("cache", cache, 'a cache mode: "none" or a layout name', "cache_tokens:")
     checks.whole("prompt_len", prompt_len, where="cache_tokens:")
     checks.whole("max_new_tokens", max_new_tokens, where="cache_tokens:")
     if cache == "none":
         return 0
+    if engine == "llamacpp":
+        return prompt_len + max_new_tokens  # the context llama.cpp was created with (ModelPool.llamacpp)
     if engine == "kvlib" and cache in CACHE_LAYOUTS and CACHE_LAYOUTS[cache].reserves_run_length:
         return prompt_len + max_new_tokens  # decode.generate preallocates P + N slots (hybrid: on full layers)
     # Growing caches, and HF's static cache (sized max_length - 1 by generate), end with the last token unfed.

@@ -9,6 +9,9 @@ Columns, each from the notebook that measured it (blank where the run did not me
 - pass-key retrieval at the budget fraction `RETRIEVAL_AT` in both question settings, with how many of the successes
   were keys the policy had to select (outside its sinks and recent window) (09_accuracy.csv);
 - the decode step (TPOT) against the static cache's, measured on one short prompt (08_latency.csv).
+llama.cpp's cache types follow kvlib's layouts (10_quality.csv, 10_speed.csv, notebook 10): each against llama.cpp's
+own f16 cache and its own floor (f16 with flash attention off), its step against llama.cpp's f16 step at the longest
+context timed.
 A note per row says only what the row's numbers carry (within the floor; slower per step when the ranges are apart).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -70,6 +74,59 @@ def _step(lat: pd.DataFrame | None, variant: str, cache: str) -> tuple[float | N
     return float(r["tpot_vs_full"]), apart
 
 
+def _kld_text(r: Any) -> str:
+    """ "mean (lo–hi)", or the mean alone where too few tokens gave no interval."""
+    if r.kld_lo != r.kld_lo or r.kld_hi != r.kld_hi:  # NaN: fewer than two bootstrap blocks
+        return f"{r.kld_mean:.2g} (no interval)"
+    return f"{r.kld_mean:.2g} ({r.kld_lo:.2g}–{r.kld_hi:.2g})"
+
+
+def llamacpp_rows(out: Path, model: str) -> tuple[list[dict[str, str]], str]:
+    """llama.cpp's cache types on `model` as decision-table rows (notebook 10's CSVs; none when it did not run or
+    measured another model) and the sentence's addition naming their baseline and floor."""
+    quality = _csv(out, "10_quality.csv")
+    if quality is None:
+        return [], ""
+    q = quality[(quality["model"] == model) & (quality["engine"] == "llama.cpp")]
+    if q.empty:
+        return [], ""
+    floor = q[q["kind"] == "floor"]
+    hi = float(floor["kld_hi"].iloc[0]) if len(floor) else float("nan")
+    speed = _csv(out, "10_speed.csv")
+    steps: dict[str, float] = {}
+    if speed is not None and len(speed):
+        s = speed[(speed["model"] == model) & (speed["engine"] == "llama.cpp")]
+        s = s[s["context"] == s["context"].max()]
+        steps = s.groupby("variant")["step_ms"].median().to_dict()
+    base_step = steps.get("llama.cpp f16")
+    rows = []
+    for r in q[q["kind"].isin(["baseline", "lossy"])].itertuples():
+        notes = ["llama.cpp's f16 cache, the reference of its rows" if r.kind == "baseline" else ""]
+        if r.kind == "lossy" and within_floor(r.kld_mean, hi):
+            notes.append("indistinguishable from llama.cpp's f16 cache on this text (KLD within its floor)")
+        if r.variant.endswith("norot"):
+            notes.append("llama.cpp's Hadamard rotation turned off")
+        step = steps.get(f"llama.cpp {r.variant}")
+        rows.append({
+            "layout": f"llama.cpp {r.variant}",
+            "bytes vs 16-bit": f"{r.vs_16bit_pct:.0f}%",
+            "KLD (nats, 95% CI)": "0 (reference)" if r.kind == "baseline" else _kld_text(r),
+            "top-1": f"{r.top1_pct:.1f}%",
+            "perplexity": f"{r.ppl_change_pct:+.2f}%",
+            "retrieval, question after": "",
+            "retrieval, question seen": "",
+            "step vs static": "" if step is None or base_step is None else f"{step / base_step:.2f}x (vs f16)",
+            "note": "; ".join(n for n in notes if n),
+        })  # fmt: skip
+    context = f" at {int(speed['context'].max())} tokens" if speed is not None and len(speed) else ""
+    floor_text = f"KLD ≤ {hi:.2g} nats" if hi == hi else "no interval (too few tokens for two blocks)"
+    note = (
+        f" llama.cpp rows (notebook 10): the GGUF as stored, against llama.cpp's own f16 cache; its floor (f16 with "
+        f"flash attention off): {floor_text}; step against its f16 cache's{context}."
+    )
+    return rows, note
+
+
 def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
     """The table (COLUMNS, one row per layout, the exact baseline first) and the sentence under it (the floor and
     what the retrieval columns count); None when the run has no 08_agreement.csv (notebook 08 not run)."""
@@ -104,7 +161,8 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
             "step vs static": "" if step is None else f"{step:.2f}x",
             "note": "; ".join(notes),
         })  # fmt: skip
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    engine_rows, engine_note = llamacpp_rows(out, agree["model"].iloc[0])
+    table = pd.DataFrame(rows + engine_rows, columns=COLUMNS)
     first = agree.iloc[0]
     sentence = (
         f"{first['model']}, {int(first['passages'])} passages of {int(first['passage_tokens'])} tokens; evicting "
@@ -114,6 +172,7 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
         "policy keeps whatever it scores (sinks, recent window). Step: decode TPOT on one short prompt, against the "
         "static cache's."
     )
+    sentence += engine_note
     others = [m for m in every["model"].unique() if m != agree["model"].iloc[0]]
     if others:
         sentence += f" The same table for {', '.join(others)}: notebook 08."

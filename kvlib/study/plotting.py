@@ -114,6 +114,8 @@ SAME_AS = {"streaming": "window", "quantized": "int8", "cached": REFERENCE}  # n
 ENGINE_COLOURS: dict[str, tuple[str, str]] = {
     "kvlib": ("#000000", "the engine: kvlib's own decoder"),
     "hf": ("#8833ff", "the engine: Hugging Face transformers"),
+    # a dark green: the one colour found at least 20 (CIEDE2000) from every other and from the spare layout colours
+    "llama.cpp": ("#003311", "the engine: llama.cpp on the GGUF as stored; its cache types are shades of it"),
 }
 # The models (kvlib.core.config.PRESETS): one hue per family, the smaller models a shade of it
 MODEL_COLOURS: dict[str, tuple[str, str | None]] = {  # preset -> (colour, the preset it is a shade of)
@@ -269,6 +271,8 @@ def style_key(name: object) -> str | None:
     text = re.sub(r"\[.*?\]", "", str(name)).strip().lower()
     if text in _colours():
         return text
+    if text.startswith("llama.cpp"):  # llama.cpp's cache types: the engine's colour, a shade per type in a figure
+        return "llama.cpp"
     engine = "hf " if text.startswith(("hf ", "hf's", "hugging face")) else ""
     text = re.sub(r"^(kvlib|hf|hugging face)('s)?\s+", "", text)
     if text == "none":  # a cache mode: no cache
@@ -541,10 +545,10 @@ def extend_legend(ax: Any, handles: list[Any]) -> None:
     ax.legend([h for h, _ in entries] + handles, [t for _, t in entries] + [h.get_label() for h in handles])
 
 
-def legend_below(ax: Any) -> None:
-    """Move the legend under the panel, where it cannot hide data."""
+def legend_below(ax: Any, ncol: int = 1) -> None:
+    """Move the legend under the panel, where it cannot hide data (in `ncol` columns)."""
     if ax.get_legend() is not None:
-        sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, title=None)
+        sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, title=None, ncol=ncol)
 
 
 def figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0, title: str = "") -> tuple[Any, Any]:

@@ -65,6 +65,14 @@ def kv_divergence() -> tuple[str, pd.DataFrame]:
     return d["source"], pd.DataFrame(d["rows"], columns=["cache", "bits_per_element", "kld", "ppl_change"])
 
 
+def llamacpp_rotation() -> pd.DataFrame:
+    """llama.cpp's published effect of its Hadamard rotation on a quantized cache: rows of cache, bits_per_element,
+    ppl_change_pct (%), source."""
+    d = _data()["llamacpp_rotation"]
+    return pd.DataFrame([{**r, "source": d["source"]} for r in d["rows"]],
+                        columns=["cache", "bits_per_element", "ppl_change_pct", "source"])  # fmt: skip
+
+
 def paged_waste() -> dict[str, Any]:
     """PagedAttention's waste figures: source, contiguous_low_pct, contiguous_high_pct, paged_below_pct."""
     return dict(_data()["paged_waste"])

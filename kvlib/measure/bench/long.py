@@ -290,15 +290,20 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def target_report(summaries: list[dict[str, Any]]) -> tuple[str, bool]:
+def target_report(summaries: list[dict[str, Any]], planned: int | None = None) -> tuple[str, bool]:
     """One line per long-context target (met / MISSED with the figure of each row, the int8 cache's KL divergence
-    beside its speed), and whether all were met; "n/a" without a long row."""
+    beside its speed), and whether all were met; "n/a" when no long row was planned. A planned row that was not
+    measured (its time bound hit) fails every target, as a short row's unmeasured figure does (`planned`: the rows
+    planned; None: as many as measured). Regression: with every long row past its time bound, `bench --strict`
+    once counted the long targets met (tests/test_bench_long.py::test_unmeasured_long_rows_miss_the_targets)."""
+    planned = len(summaries) if planned is None else planned
     lines, all_met = [], True
+    missing = planned - len(summaries)
     for t in LONG_TARGETS:
-        if not summaries:
+        if not planned:
             lines.append(f"  n/a    {t.text} (no long-context row)")
             continue
-        met = all(math.isfinite(s[t.column]) and s[t.column] >= t.minimum for s in summaries)
+        met = not missing and all(math.isfinite(s[t.column]) and s[t.column] >= t.minimum for s in summaries)
         all_met &= met
         figures = ", ".join(
             f"{s['model']} b{s['batch_size']} x {s['context']}: {s[t.column]:.2f}"
@@ -309,5 +314,7 @@ def target_report(summaries: list[dict[str, Any]]) -> tuple[str, bool]:
             )
             for s in summaries
         )
+        if missing:
+            figures += f"{', ' if figures else ''}{missing} of {planned} rows not measured (time bound)"
         lines.append(f"  {'met' if met else 'MISSED':<6} {t.text} ({figures})")
     return "\n".join(lines), all_met

@@ -2,7 +2,8 @@
 this machine computes natively, and each row's repeats and time bound.
 
 A row is one (model, device, dtype, batch size). Each row runs three engines on the same prompts (ENGINES):
-kvlib's cached decode, and Hugging Face's generate with its dynamic and its static cache.
+kvlib's cached decode, and Hugging Face's generate with its dynamic and its static cache; a batch-1 CPU row of a
+model with GGUF weights runs llama.cpp beside them (LLAMACPP), on the GGUF as stored.
 """
 
 from __future__ import annotations
@@ -18,17 +19,31 @@ from kvlib.core.config import PRESETS
 from kvlib.core.errors import KvlibError
 from kvlib.measure.bench.cpu import DtypeSupport, dtype_note, dtype_support
 from kvlib.measure.harness import RunSpec, default_cache
+from kvlib.models import llamacpp
 
 ENGINES: tuple[tuple[str, str, str], ...] = (  # (label, harness engine, cache)
     ("kvlib", "kvlib", "static"),
     ("hf-dynamic", "hf", "dynamic"),
     ("hf-static", "hf", "static"),
 )
+LLAMACPP = ("llamacpp", "llamacpp", "f16")  # a fourth engine on batch-1 rows of GGUF models (`llamacpp_applies`)
+# A row with llama.cpp takes this much more of the quick budget: its context's creation and prefill, and a step of
+# about a quarter of kvlib's (SmolLM2 Q4_1 against float32), with the first repeat (measured: one repeat in 9 s
+# left a 14 s bound no room for a second)
+LLAMACPP_COST = 0.4
+
+
+def row_has_llamacpp(specs: Sequence[RunSpec]) -> bool:
+    return any(s.engine == LLAMACPP[1] for s in specs)
+
+
 QUICK = {"max_new_tokens": 16, "repeats": 3, "warmup": 0}  # TPOT is a median of steps: the first run's cold start
 # barely moves it, and a warm-up of batch 8 on 2 cores costs as much as a repeat. Three repeats, not two: the median
 # of two is their mean, so one repeat caught in a slow spell of the machine moved a row by tens of percent.
 FULL = {"max_new_tokens": 64, "repeats": 3, "warmup": 1}
-QUICK_BUDGET_S = 90.0  # --quick: seconds of measuring for the short rows together (loading adds ~30 s, the long-context
+QUICK_BUDGET_S = (
+    110.0  # --quick: seconds of measuring for the short rows together (loading adds ~30 s, the long-context
+)
 # row about 35 s: kvlib.cli.bench.LONG_LIMIT_S bounds it): under 3 minutes,
 # shared in proportion to each row's work (a batch-8 row prefills 8 prompts): 1 + batch / 2
 QUICK_MIN_ROW_S = 5.0  # ... but no row gets less than this
@@ -79,10 +94,28 @@ def kvlib_cache(model: str) -> str:
 def row_specs(
     model: str, weights: str, device: str, dtype: str, batch_size: int, prompt_len: int, max_new_tokens: int, seed: int
 ) -> list[RunSpec]:
-    """The three engines' specs of one row; kvlib's cache is `kvlib_cache(model)` (hybrid on Gemma 3)."""
+    """The three engines' specs of one row; kvlib's cache is `kvlib_cache(model)` (hybrid on Gemma 3). A batch-1
+    row of a model with GGUF weights on the CPU gets llama.cpp too (LLAMACPP: its f16 cache, the GGUF as stored)
+    when llama.cpp is installed."""
     mine = kvlib_cache(model)
     common = (model, weights, batch_size, prompt_len, max_new_tokens, device, dtype, seed)
-    return [RunSpec(engine, mine if engine == "kvlib" else cache, *common) for _, engine, cache in ENGINES]
+    specs = [RunSpec(engine, mine if engine == "kvlib" else cache, *common) for _, engine, cache in ENGINES]
+    if llamacpp_applies(model, weights, device, batch_size):
+        specs.append(RunSpec(LLAMACPP[1], LLAMACPP[2], *common))  # the same model key: its tokenizer, loaded once
+    return specs
+
+
+def llamacpp_applies(model: str, weights: str, device: str, batch_size: int) -> bool:
+    """Whether a row gets a llama.cpp column: batch 1, on the CPU, a preset with GGUF weights used pretrained."""
+    cfg = PRESETS.get(model)
+    return (
+        cfg is not None
+        and bool(cfg.gguf_requirement)
+        and weights != "random"
+        and batch_size == 1
+        and str(device).startswith("cpu")
+        and llamacpp.available()
+    )
 
 
 def plan_rows(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -> tuple[list[PlannedRow], list[str]]:

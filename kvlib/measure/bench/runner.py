@@ -21,7 +21,7 @@ import torch
 from kvlib.caches.base import make_cache
 from kvlib.core.errors import KvlibError
 from kvlib.core.hardware import DtypeSupport
-from kvlib.measure.bench.plan import ENGINES
+from kvlib.measure.bench.plan import ENGINES, LLAMACPP
 from kvlib.measure.bench.table import COLUMNS, check_targets
 from kvlib.measure.harness import Measurement, ModelPool, RunSpec, measure_grid
 from kvlib.measure.machine_load import LoadMonitor, LoadReading
@@ -63,7 +63,9 @@ def time_bound(seconds: float) -> Iterator[None]:
 
 def unmeasured_row(spec: RunSpec) -> dict[str, Any]:
     """The row of a spec none of whose repeats completed within the time bound: its settings, every figure NaN."""
-    figures = [c for c in COLUMNS if c.endswith(("_ms", "_s", "_per_s", "_bytes")) or c.startswith(("ratio_", "mbu"))]
+    figures = [
+        c for c in COLUMNS if c.endswith(("_ms", "_s", "_per_s", "_bytes", "_mbu")) or c.startswith(("ratio_", "mbu"))
+    ]
     row: dict[str, Any] = dict.fromkeys(figures, math.nan)
     device = resolve_device(spec.device)
     row.update(
@@ -94,7 +96,8 @@ def summarize(m: Measurement) -> dict[str, Any]:
             "ttft_ms": 1e3 * float(r["ttft_s"].median()),
             "mbu": float(r["mbu"].median()),
         }
-    first = runs.iloc[0]
+    cpp = runs[runs["engine"] == LLAMACPP[1]]
+    first = runs[runs["engine"] == "kvlib"].iloc[0]
     kv, dyn, sta = med["kvlib"], med["hf-dynamic"], med["hf-static"]
     best = dyn if dyn["tpot_ms"] <= sta["tpot_ms"] else sta
     bw = float(first["bandwidth_bytes_per_s"])
@@ -124,6 +127,8 @@ def summarize(m: Measurement) -> dict[str, Any]:
         "hf_dynamic_ttft_ms": dyn["ttft_ms"],
         "hf_static_ttft_ms": sta["ttft_ms"],
         "ratio_ttft_hf_dynamic": dyn["ttft_ms"] / kv["ttft_ms"],
+        "llamacpp_tpot_p50_ms": 1e3 * float(cpp["tpot_p50_s"].median()) if len(cpp) else math.nan,
+        "llamacpp_mbu": float(cpp["mbu"].median()) if len(cpp) else math.nan,
         "decode_step_bytes": step_bytes,
         "bandwidth_gb_per_s": bw / 1e9,
         "floor_step_ms": 1e3 * step_bytes / bw if bw and not math.isnan(bw) else math.nan,

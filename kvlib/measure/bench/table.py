@@ -23,7 +23,8 @@ COLUMNS = (
     "kvlib_tpot_p50_ms", "hf_dynamic_tpot_p50_ms", "hf_static_tpot_p50_ms",
     "kvlib_tpot_range_ms", "hf_dynamic_tpot_range_ms", "hf_static_tpot_range_ms",
     "ratio_hf_dynamic", "ratio_hf_best", "kvlib_tokens_per_s", "hf_best_tokens_per_s",
-    "kvlib_ttft_ms", "hf_dynamic_ttft_ms", "hf_static_ttft_ms", "ratio_ttft_hf_dynamic",
+    "kvlib_ttft_ms", "hf_dynamic_ttft_ms", "hf_static_ttft_ms", "ratio_ttft_hf_dynamic", "llamacpp_tpot_p50_ms",
+    "llamacpp_mbu",
     "decode_step_bytes", "bandwidth_gb_per_s", "floor_step_ms", "mbu",
     "agreement_vs_fp32", "first_divergence_step",
     "target_b1_fp32_vs_hf_best", "target_vs_hf_best", "target_b1_mbu", "target_b1_bf16_mbu",
@@ -136,7 +137,7 @@ def fmt(value: float, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'model':<13} {'dtype':<8} {'batch':>5} {'kvlib ms':>9} {'HF dyn ms':>9} {'HF stat ms':>10} "
+        f"{'model':<13} {'dtype':<8} {'batch':>5} {'kvlib ms':>9} {'HF dyn ms':>9} {'HF stat ms':>10} {'llama.cpp':>9} "
         f"{'dyn/kvlib':>9} {'best/kvlib':>10} {'kvlib tok/s':>11} {'MBU':>5} {'TTFT dyn/kvlib':>14} "
         f"{'agree':>6}  targets"
     )
@@ -159,6 +160,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"{str(r['model'])[:13]:<13} {r['dtype']:<8} {r['batch_size']:>5} {fmt(r['kvlib_tpot_p50_ms'], '.2f'):>9} "
             f"{fmt(r['hf_dynamic_tpot_p50_ms'], '.2f'):>9} {fmt(r['hf_static_tpot_p50_ms'], '.2f'):>10} "
+            f"{fmt(r.get('llamacpp_tpot_p50_ms', math.nan), '.2f'):>9} "
             f"{fmt(r['ratio_hf_dynamic'], '.2f'):>8}x {fmt(r['ratio_hf_best'], '.2f'):>9}x "
             f"{fmt(r['kvlib_tokens_per_s'], '.1f'):>11} {fmt(r['mbu'], '.2f'):>5} "
             f"{fmt(r.get('ratio_ttft_hf_dynamic', math.nan), '.2f'):>13}x "
