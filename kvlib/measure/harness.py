@@ -416,9 +416,17 @@ def _records(
     kv_tokens = cache_tokens(spec.engine, spec.cache, P, N)
     held = held_cache_bytes(g.cache) if engine is None else engine.cache_bytes()
     cached = spec.cache != "none"
+
     # Decode step s (1 .. N - 1) reads the cache as it holds P + s tokens (`step_cache_bytes`), averaged over the
     # steps. Without a cache nothing is read from one (the step recomputes every key and value instead).
-    kv_read = [step_cache_bytes(spec, cfg, B, P + s, lm.dtype) for s in range(1, N)] if cached else []
+    # Computed once per run, for the row's mean and each step's floor (a kvlib layout builds a one-slot cache to
+    # count its bytes; llama.cpp's come from its context's shape, not from the GGUF read again).
+    def read(tokens: int) -> int:
+        if engine is not None:
+            return engine.read_bytes(tokens)
+        return step_cache_bytes(spec, cfg, B, tokens, lm.dtype)
+
+    kv_read = [read(P + s) for s in range(1, N)] if cached else []
     step_bytes = round(weights_read + (sum(kv_read) / len(kv_read) if kv_read else 0))
     shared = {
         "spec_id": spec_id,
@@ -473,17 +481,14 @@ def _records(
         **provenance(lm.device),
     }
     steps = []
-    for s, latency in enumerate(decode):
-        kv_read = P + s + 1 if cached else 0
+    for s, latency in enumerate(decode):  # step s attends over P + s + 1 positions: kv_read[s]
         steps.append(
             {
                 **shared,
                 "step": s,
                 "position": P + s,
                 "latency_s": latency,
-                "floor_s": floor_s(
-                    weights_read + (step_cache_bytes(spec, cfg, B, kv_read, lm.dtype) if cached else 0), bw
-                ),
+                "floor_s": floor_s(weights_read + (kv_read[s] if cached else 0), bw),
             }
         )
     return row, steps

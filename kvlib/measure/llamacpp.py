@@ -36,7 +36,6 @@ class CacheSetting:
 
     def check(self) -> None:
         llamacpp.check_types(self.type_k, self.type_v, self.flash_attn)
-        llamacpp.check_cache_type(self.type_v)
 
 
 BASELINE = CacheSetting()  # f16 keys and values, flash attention: llama.cpp's default cache

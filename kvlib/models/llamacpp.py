@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -97,6 +96,7 @@ def element_bytes(name: str) -> float:
 def check_types(type_k: str, type_v: str, flash_attn: bool) -> None:
     """Both types known, and a quantized value cache only with flash attention (llama.cpp's own rule)."""
     check_cache_type(type_k)
+    check_cache_type(type_v)
     if is_quantized(type_v) and not flash_attn:
         raise KvlibError(f"llama.cpp needs flash attention for a quantized value cache (--cache-type-v {type_v})")
 
@@ -264,19 +264,6 @@ class Engine:
     logits_all: bool
 
     @property
-    def label(self) -> str:
-        """e.g. "llama.cpp q8_0/q8_0 fa" (keys/values, flash attention, "norot" when rotation was turned off)."""
-        rot = " norot" if self.rotated_types and not self.rotate else ""
-        return f"llama.cpp {self.type_k}/{self.type_v}{' fa' if self.flash_attn else ''}{rot}"
-
-    @property
-    def rotated_types(self) -> bool:
-        """Whether llama.cpp would rotate this cache (a quantized type, head size a multiple of 64)."""
-        k = is_quantized(self.type_k) and self.shape.head_dim_k % ROTATION_HEAD_MULTIPLE == 0
-        v = is_quantized(self.type_v) and self.shape.head_dim_v % ROTATION_HEAD_MULTIPLE == 0
-        return k or v
-
-    @property
     def n_vocab(self) -> int:
         return int(self.llm.n_vocab())
 
@@ -286,6 +273,16 @@ class Engine:
         n = self.n_ctx if tokens is None else tokens
         cells = swa_cells(self.shape, min(UBATCH, self.n_ctx))
         return kv_cache_bytes(self.shape, n, self.type_k, self.type_v, sliding_cells=cells)
+
+    def read_bytes(self, tokens: int) -> int:
+        """Bytes of keys and values one decode step reads with `tokens` positions cached (a sliding-window layer
+        its window)."""
+        return kv_cache_bytes(self.shape, tokens, self.type_k, self.type_v, read=True)
+
+    def reset(self) -> None:
+        """An empty cache: the next `eval` starts at position 0."""
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
 
     def _check_fits(self, n: int) -> None:
         if n > self.n_ctx:
@@ -298,35 +295,34 @@ class Engine:
             raise KvlibError("this llama.cpp engine was opened without logits_all; it keeps only the last logits")
         ids = [int(i) for i in ids]
         self._check_fits(len(ids))
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        self.reset()
         t0 = time.perf_counter()
         self.llm.eval(ids)
         seconds = time.perf_counter() - t0
         logits = torch.from_numpy(np.array(self.llm.scores[: len(ids) - 1], dtype=np.float32, copy=True))
         return torch.log_softmax(logits, dim=-1), seconds
 
-    def last_logits(self) -> np.ndarray:
-        """The logits of the last token evaluated, (V,) float32 (a copy)."""
+    def next_token(self) -> int:
+        """The greedy choice after the last token evaluated: the argmax of its logits, read in place (no copy of
+        the vocabulary's floats inside a timed step)."""
         ptr = self.llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], float, list[float]]:
         """Greedy decoding of one sequence: (the new tokens, seconds to the first token: prefill and argmax, seconds
         of each of the max_new_tokens - 1 decode steps: one token's evaluation and argmax)."""
         ids = [int(i) for i in ids]
         self._check_fits(len(ids) + max_new_tokens)
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        self.reset()
         t0 = time.perf_counter()
         self.llm.eval(ids)
-        tok = int(np.argmax(self.last_logits()))
+        tok = self.next_token()
         prefill = time.perf_counter() - t0
         tokens, steps = [tok], []
         for _ in range(max_new_tokens - 1):
             t0 = time.perf_counter()
             self.llm.eval([tok])
-            tok = int(np.argmax(self.last_logits()))
+            tok = self.next_token()
             steps.append(time.perf_counter() - t0)
             tokens.append(tok)
         return tokens, prefill, steps
@@ -469,7 +465,3 @@ def mean_nll(logprobs: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
     if logprobs.shape[0] != target.numel():
         raise KvlibError(f"{logprobs.shape[0]} log-probability rows for {target.numel()} scored tokens")
     return -logprobs.gather(1, target[:, None])[:, 0].double()
-
-
-def perplexity_of(nll: torch.Tensor) -> float:
-    return math.exp(float(nll.mean()))

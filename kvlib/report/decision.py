@@ -152,8 +152,7 @@ def decision_table(out: str | Path) -> tuple[pd.DataFrame, str] | None:
         rows.append({
             "layout": r.variant,
             "bytes vs 16-bit": f"{r.vs_16bit_pct:.0f}%",
-            "KLD (nats, 95% CI)": "0 (reference)" if r.kind == "baseline"
-            else f"{r.kld_mean:.2g} ({r.kld_lo:.2g}–{r.kld_hi:.2g})",
+            "KLD (nats, 95% CI)": "0 (reference)" if r.kind == "baseline" else _kld_text(r),
             "top-1": f"{r.top1_pct:.1f}%",
             "perplexity": f"{r.ppl_change_pct:+.2f}%",
             "retrieval, question after": _retrieval(acc, r.model, r.cache, "question-after"),

@@ -31,7 +31,7 @@ from kvlib.core.config import PRESETS
 from kvlib.core.errors import KvlibError
 from kvlib.core.stats import Spread
 from kvlib.measure.bench.long import LongRow, measure_long
-from kvlib.measure.divergence import Divergence, divergence
+from kvlib.measure.divergence import Divergence, divergence, within_floor
 from kvlib.measure.harness import ModelPool
 from kvlib.measure.llamacpp import BASELINE, FLOOR, CacheSetting, compare, score, token_ids
 from kvlib.measure.perplexity import fast_applies, perplexity
@@ -231,7 +231,7 @@ def speed(lm: LoadedModel, page: EnginePage, pool: ModelPool, bandwidth: float =
                     tok = ids[e.llm.n_tokens]
                     t0 = time.perf_counter()
                     e.llm.eval([tok])
-                    e.last_logits().argmax()
+                    e.next_token()
                     ms = (time.perf_counter() - t0) * 1e3
                     if r:  # round 0: the warm-up
                         rows.append({"model": model, "engine": "llama.cpp", "variant": f"llama.cpp {t}",
@@ -315,7 +315,14 @@ QUALITY_CAPTION = (
 
 
 def _fmt_kld(r: Any) -> str:
+    if math.isnan(r["kld_lo"]) or math.isnan(r["kld_hi"]):
+        return f"{r['kld_mean']:.2g} nats (no interval: too few tokens)"
     return f"{r['kld_mean']:.2g} nats (95% CI {r['kld_lo']:.2g}–{r['kld_hi']:.2g})"
+
+
+def _apart(a: Any, b: Any) -> bool:
+    """Whether two rows' 95% KL-divergence intervals do not overlap (False when either has none)."""
+    return bool(a["kld_hi"] < b["kld_lo"] or b["kld_hi"] < a["kld_lo"])
 
 
 def quality_sentence(q: pd.DataFrame, model: str, meaningful: bool = True) -> str:
@@ -334,15 +341,19 @@ def quality_sentence(q: pd.DataFrame, model: str, meaningful: bool = True) -> st
                    f"{_fmt_kld(floor.iloc[0])}.")  # fmt: skip
     lossy = rows[(rows["engine"] == "llama.cpp") & (rows["kind"] == "lossy")]
     for _, r in lossy.iterrows():
-        verdict = ("within the floor: indistinguishable from f16 on this text" if r["kld_mean"] <= hi
-                   else f"{r['kld_mean'] / hi:.3g}x the floor's upper end")  # fmt: skip
+        if math.isnan(hi):
+            verdict = "no floor to judge it by (too few tokens for an interval)"
+        elif within_floor(r["kld_mean"], hi):
+            verdict = "within the floor: indistinguishable from f16 on this text"
+        else:
+            verdict = f"{r['kld_mean'] / hi:.3g}x the floor's upper end"
         out.append(f"{r['variant']}: {_fmt_kld(r)}, {verdict}; top-1 agreement {r['top1_pct']:.1f}%, perplexity "
                    f"{r['ppl_change_pct']:+.2f}%.")  # fmt: skip
     for _, r in lossy[lossy["variant"].str.endswith(" norot")].iterrows():
         rot = lossy[lossy["variant"] == r["variant"].removesuffix(" norot")]
         if len(rot):
             a = rot.iloc[0]
-            apart = a["kld_hi"] < r["kld_lo"] or r["kld_hi"] < a["kld_lo"]
+            apart = _apart(a, r)
             change = r["kld_mean"] / a["kld_mean"] if a["kld_mean"] > 0 else math.inf
             how = (f"the rotation divides the KL divergence by {change:.3g}" if change > 1
                    else f"the rotation multiplies the KL divergence by {1 / change:.3g}")  # fmt: skip
@@ -354,7 +365,7 @@ def quality_sentence(q: pd.DataFrame, model: str, meaningful: bool = True) -> st
                    "Llama-architecture models only (not through sliding-window layers).")  # fmt: skip
     if {"int4", "int4 rotated"} <= set(ours.index):
         plain, rot = ours.loc["int4"], ours.loc["int4 rotated"]
-        apart = rot["kld_hi"] < plain["kld_lo"] or plain["kld_hi"] < rot["kld_lo"]
+        apart = _apart(plain, rot)
         out.append(f"kvlib's int4 cache: {_fmt_kld(plain)} plain, {_fmt_kld(rot)} rotated ("
                    f"{'intervals apart' if apart else 'intervals overlap'}).")  # fmt: skip
     cross = rows[rows["kind"] == "cross"]
