@@ -312,6 +312,25 @@ def test_gemma_row_shape_and_hybrid_cache(native_bf16):
     assert [(r.specs[0].batch_size, r.specs[0].prompt_len) for r in rows] == [(2, 600)]
 
 
+def test_quick_judges_bfloat16_where_the_cpu_has_it(native_bf16, monkeypatch):
+    """Regression: --quick measured float32 only, so on a CPU with native bfloat16 the bfloat16 batch-1 target
+    printed "n/a (no such row)". Now its batch-1 row is measured there (and only that row), and not elsewhere."""
+    from kvlib.cli import bench as cli_bench
+
+    cpu = torch.device("cpu")
+    assert cli_bench.default_dtypes(cpu, quick=True) == ["float32", "bfloat16"]
+    rows, _ = bench.plan_rows(_plan_args(model=["smollm2-135m"], quick=True), cpu, ["float32", "bfloat16"])
+    shapes = [(r.specs[0].dtype, r.specs[0].batch_size) for r in rows]
+    assert shapes == [("float32", 1), ("float32", 4), ("float32", 8), ("bfloat16", 1)]
+    rows, _ = bench.plan_rows(_plan_args(model=["smollm2-135m"], quick=False), cpu, ["bfloat16"])
+    assert [r.specs[0].batch_size for r in rows] == [1, 4, 8]  # the full bench: every batch size
+    monkeypatch.setattr(bench.plan, "dtype_support", lambda dt, dev: hardware.DtypeSupport(dt, True, "a GPU"))
+    rows, _ = bench.plan_rows(_plan_args(model=["smollm2-135m"], quick=True), torch.device("cuda"), ["bfloat16"])
+    assert [r.specs[0].batch_size for r in rows] == [1, 4, 8]  # on CUDA --quick keeps every batch size
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert cli_bench.default_dtypes(cpu, quick=True) == ["float32"]
+
+
 def test_quick_leaves_gemma_out_of_its_default_models():
     assert "gemma3-270m" in bench.DEFAULT_MODELS and "gemma3-270m" not in bench.QUICK_MODELS
     assert set(bench.QUICK_MODELS) < set(bench.DEFAULT_MODELS)

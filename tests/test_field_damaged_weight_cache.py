@@ -264,3 +264,18 @@ def test_a_process_reads_its_weights_again_when_the_files_change(standin, saved_
     assert third.hf is not first.hf and third.converted and len(calls) == 2
     for (name, p), (_, q) in zip(third.hf.named_parameters(), hf.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_loading_in_a_second_dtype_leaves_the_first_loads_model_alone(standin):
+    """Regression: `load` converted the process's cached Hugging Face model in place (Module.to), so loading a
+    GGUF preset in bfloat16 turned every earlier float32 load's HF model into bfloat16 (the bench's long-context
+    rows after its bfloat16 rows then failed in SDPA, on a CPU with native bfloat16)."""
+    cfg, calls = standin
+    f32 = load(cfg.name, weights="pretrained")
+    bf16 = load(cfg.name, weights="pretrained", dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in f32.hf.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in bf16.hf.parameters()) and bf16.hf is not f32.hf
+    again = load(cfg.name, weights="pretrained")
+    assert again.hf is f32.hf and len(calls) == 1  # float32 on the CPU: the cached model itself, converted once
+    for (name, p), (_, q) in zip(f32.hf.named_parameters(), bf16.hf.named_parameters(), strict=True):
+        assert torch.equal(p.bfloat16(), q), name

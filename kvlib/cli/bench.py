@@ -54,7 +54,8 @@ SmolLM2 at batch 4, context 4096, where the cache outweighs the weights; kvlib's
 two, all filled from one shared prefill and timed one decode step a round, interleaved, with the floor and MBU
 counting the cache's bytes and the int8 cache's KL divergence against the exact one. They are judged by the
 `long_context` targets and appended to --long-csv (its own columns). `--quick` measures SmolLM2 only, its short rows
-within QUICK_BUDGET_S and the long row within LONG_LIMIT_S: 124-140 s on 2 cores (docs/2026-12-07-speed-floor.md).
+within QUICK_BUDGET_S and the long row within LONG_LIMIT_S: 124-140 s on a 2-core Zen 3
+(docs/2026-12-07-speed-floor.md), 131 s on a 2-core Zen 4 with its bfloat16 batch-1 row (docs/2026-12-08-matvec.md).
 
 Results follow the same contract as `run` (kvlib.measure.results): --csv is checked before anything is loaded (its
 folder must exist, the file must be writable, and an existing file must hold bench rows with this header; anything else
@@ -77,7 +78,7 @@ import torch
 from kvlib.cli.common import flag, non_negative_int, positive_int
 from kvlib.core.errors import KvlibError
 from kvlib.measure.bench import long
-from kvlib.measure.bench.cpu import set_threads
+from kvlib.measure.bench.cpu import dtype_support, set_threads
 from kvlib.measure.bench.plan import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_MODELS,
@@ -145,7 +146,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dtypes",
         type=csv_list(str),
         default=None,
-        help="comma-separated [float32,bfloat16 on CPU (--quick: float32); float16,bfloat16 on CUDA]",
+        help="comma-separated [float32,bfloat16 on CPU (--quick: float32, and bfloat16 at batch 1 where the CPU has "
+        "it natively); float16,bfloat16 on CUDA]",
     )
     flag(
         p,
@@ -213,16 +215,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def default_dtypes(device: torch.device, quick: bool) -> list[str]:
+    """The dtypes measured where --dtypes is not given: float16 and bfloat16 on CUDA; on CPU float32 and bfloat16,
+    with --quick float32 and bfloat16 only where this CPU computes it natively (its batch-1 row carries a target:
+    `plan.QUICK_HALF_BATCH_SIZES`). Regression: --quick measured float32 only, so on a CPU with native bfloat16 the
+    bfloat16 target printed "n/a (no such row)"."""
+    if device.type == "cuda":
+        return ["float16", "bfloat16"]
+    if not quick:
+        return ["float32", "bfloat16"]
+    return ["float32"] + (["bfloat16"] if dtype_support("bfloat16", device).native else [])
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.compile is None:  # the path `run`, `generate`, `perplexity` and the notebooks take (one fast path)
         args.compile = compile_default()
     if args.model is None:
         args.model = QUICK_MODELS if args.quick else DEFAULT_MODELS
-    # --quick on CPU: float32 only (half-precision rows on request with --dtypes), so that the rows that carry the
-    # targets get enough of the 2-3 minutes to measure
-    cpu_default = ["float32"] if args.quick else ["float32", "bfloat16"]
-    names = args.dtypes or (["float16", "bfloat16"] if device.type == "cuda" else cpu_default)
+    names = args.dtypes or default_dtypes(device, args.quick)
     unknown = [d for d in names if d not in DTYPES]
     if unknown:
         raise KvlibError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")

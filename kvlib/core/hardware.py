@@ -58,6 +58,8 @@ class DtypeSupport:
             if self.onednn
             else f"plain kernels (F.linear; oneDNN's need {ONEDNN_NEEDS[self.dtype]} for {self.dtype})"
         )
+        if self.dtype == "bfloat16":  # kvlib.models.matvec widens bfloat16 itself, on any CPU
+            kernels += " or kvlib's C kernel for decode steps"
         return f"{self.why}: it runs on {kernels}, through float32; timings do not show its native speed"
 
 

@@ -16,6 +16,13 @@ PyTorch does for these shapes on CPU, and what this module does instead (measure
   one on an AMD EPYC): `prepare_for_inference` times both on the model's own matrices once per process
   (`ONE_ROW_KERNEL = "auto"`), and when plain wins, batch-1 decoding holds no packed copy at all (the copies are
   released; the prompt's many rows go through F.linear, as fast for many rows).
+- kvlib's C kernel (`kvlib.models.matvec`, "kvlib C"): a few rows times a weight matrix, each weight row read once
+  while every input row multiplies it, compiled for this CPU by the system's C compiler on first use. On a 2-core
+  AMD EPYC Zen 4 (2026-12-08) it streamed SmolLM2's matrices as fast as a plain read of them, where oneDNN's and
+  MKL's kernels reached a third to a half of that, and took the batch-1 step from 35.9 to 25.9 ms (interleaved,
+  docs/2026-12-08-matvec.md). It is one more measured candidate, for one row (`one_row_kernel`) and for a
+  decode batch of up to `matvec.MAX_ROWS` rows (`batch_kernel`); where it wins, no packed copy is held. Where
+  there is no C compiler it is left out, with one note.
 - `one_row_matvec`: for a single row (batch 1 decoding) a matrix-vector product written as one float32 dot
   product per output, compiled by torch.compile into one vectorised loop over the weight: faster than either
   library's kernel here. Optional (`prepare_for_inference(..., compile_one_row=True)`; its default is the
@@ -51,12 +58,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.core.hardware import dtype_support
+from kvlib.models import matvec
 
 # Module-level switches, so that the tests can compare with and without each part (nothing sets them at run time).
-PACK_CPU_WEIGHTS = True  # Linear multiplies with packed weights, oneDNN's or MKL's (False: plain F.linear)
-# one-row inputs: "packed", "plain" (F.linear), "compiled" (needs compile_one_row, prepare_for_inference) or "auto"
+PACK_CPU_WEIGHTS = True  # Linear multiplies with packed weights, oneDNN's or MKL's, or kvlib's C kernel (False: plain
+# F.linear, the reference the tests compare the fast kernels with)
+# one-row inputs: "packed", "plain" (F.linear), "cmatvec" (kvlib's C kernel, kvlib.models.matvec), "compiled" (needs
+# compile_one_row, prepare_for_inference) or "auto"
 ONE_ROW_KERNEL = "auto"
-# several rows (batch > 1 decoding): "packed" (oneDNN), "mkl" (MKL's packed sgemm), "plain" (F.linear) or "auto"
+# several rows (batch > 1 decoding): "packed" (oneDNN), "mkl" (MKL's packed sgemm), "cmatvec" (kvlib's C kernel, up
+# to matvec.MAX_ROWS rows), "plain" (F.linear) or "auto"
 BATCH_KERNEL = "auto"
 
 
@@ -76,7 +87,8 @@ class _PackedWeight:
         self.version = -1  # its version counter then: an in-place write (copy_, init_random) means a new packing
         self.packed_as: tuple[str, int] | None = None  # ("onednn", 0) or ("mkl", rows) of `tensor`
         # What prepare_for_inference chose: "onednn" (every row count), "mkl" (for `rows` rows; any other count
-        # goes through F.linear) or None (nothing held: F.linear, or the compiled one-row kernel).
+        # goes through F.linear), "cmatvec" (kvlib's C kernel for `rows` rows, nothing held) or None (nothing held:
+        # F.linear, or a one-row kernel that needs no copy: compiled, kvlib's C kernel).
         self.kind: str | None = "onednn"
         self.rows = 0
         # Whether one-row inputs may take the compiled kernel, as prepare_for_inference was told (None: not
@@ -121,6 +133,10 @@ class Linear(nn.Linear):
                 if y is not None:
                     return y.view(*x.shape[:-1], -1)
                 kernel = self.kernel_for(rows)  # compiling failed (warned once): the next kernel in line
+            if kernel == "cmatvec":  # kernel_for checked what matvec.linear needs: it returns None only if unloaded
+                y = matvec.linear(x.reshape(rows, -1), self.weight, self.bias)
+                if y is not None:
+                    return y.view(*x.shape[:-1], -1)
             packed = self.packed_weight() if kernel in ("packed", "mkl") else None
             if packed is not None and kernel == "mkl":  # packed for exactly this many rows
                 return torch.ops.mkl._mkl_linear(x, packed, self.weight, self.bias, rows)
@@ -130,13 +146,21 @@ class Linear(nn.Linear):
 
     def kernel_for(self, rows: int) -> str:
         """The kernel `forward` uses for an input of `rows` rows on CPU without autograd: "compiled" (the one-row
-        kernel, where this Linear was prepared with `compile_one_row`), "mkl" (MKL's packing, made for exactly this
-        many rows), "packed" (oneDNN's) or "plain" (F.linear: no packing chosen, another row count than MKL's, or a
-        weight no library can pack)."""
+        kernel, where this Linear was prepared with `compile_one_row`), "cmatvec" (kvlib's C kernel, where it was
+        chosen or forced for this row count and can read this weight), "mkl" (MKL's packing, made for exactly this
+        many rows), "packed" (oneDNN's) or "plain" (F.linear: PACK_CPU_WEIGHTS off, no packing chosen, another row
+        count than MKL's, or a weight no library can pack)."""
         w, pk = self.weight, self._packed
         if rows == 1 and pk.compiles_one_row() and not _compile_failed and _one_row_compiled(w.dtype):
             return "compiled"
-        if not PACK_CPU_WEIGHTS or not w.is_cpu or w.is_inference():  # no version counter: see packed_weight
+        if not PACK_CPU_WEIGHTS or not w.is_cpu:
+            return "plain"
+        c_kernel = (rows == 1 and _one_row_cmatvec(w.dtype, pk.compiles_one_row())) or (
+            pk.kind == "cmatvec" and rows == pk.rows and matvec.available(w.dtype)
+        )
+        if c_kernel and matvec.reads(w, self.bias):
+            return "cmatvec"
+        if w.is_inference():  # no version counter: see packed_weight
             return "plain"
         if pk.kind == "mkl":
             return "mkl" if rows == pk.rows and _mkl_packable(w.dtype) else "plain"
@@ -269,10 +293,16 @@ def one_query_attention(
 
 
 _matvec_ready: set[tuple] = set()  # (dtype, out, in, has bias) already run through the compiled kernel
-_ONE_ROW_CHOICE: dict[torch.dtype, str] = {}  # dtype -> "packed" or "plain": the measured one-row winner
+_ONE_ROW_CHOICE: dict[torch.dtype, str] = {}  # dtype -> "packed", "plain" or "cmatvec": the measured one-row winner
 _COMPILED_CHOICE: dict[torch.dtype, str] = {}  # dtype -> the winner with the compiled kernel among the candidates
-_BATCH_CHOICE: dict[tuple, str] = {}  # (dtype, rows, the model's matrix shapes) -> "packed", "mkl" or "plain"
-KERNEL_NAMES = {"plain": "F.linear", "packed": "oneDNN packed", "mkl": "MKL packed", "compiled": "compiled"}
+_BATCH_CHOICE: dict[tuple, str] = {}  # (dtype, rows, the model's matrix shapes) -> "packed", "mkl", "cmatvec", "plain"
+KERNEL_NAMES = {
+    "plain": "F.linear",
+    "packed": "oneDNN packed",
+    "mkl": "MKL packed",
+    "compiled": "compiled",
+    "cmatvec": "kvlib C",
+}
 
 
 def _shapes(model: nn.Module, dtype: torch.dtype) -> dict[tuple[int, int], int]:
@@ -318,6 +348,7 @@ def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[s
         "packed": lambda x, w, pk: torch.ops.mkldnn._linear_pointwise(x, pk["packed"], None, "none", [], ""),
         "mkl": lambda x, w, pk: torch.ops.mkl._mkl_linear(x, pk["mkl"], w, None, rows),
         "compiled": lambda x, w, pk: one_row_matvec(x.reshape(-1), w, None),
+        "cmatvec": lambda x, w, pk: matvec.linear(x, w, None),
     }
     kernels = {k: v for k, v in kernels.items() if k in candidates}
     rounds: list[dict[str, float]] = [dict.fromkeys(kernels, 0.0) for _ in range(6)]
@@ -347,8 +378,9 @@ def _fastest(model: nn.Module, dtype: torch.dtype, rows: int, candidates: list[s
 
 
 def one_row_kernel(model: nn.Module, dtype: torch.dtype, with_compiled: bool = False) -> str:
-    """The fastest kernel for one row on this CPU, "packed" or "plain" (or "compiled" when `with_compiled`: the
-    torch.compile'd `one_row_matvec`, compiled by then), for `model`'s matrices in `dtype`.
+    """The fastest kernel for one row on this CPU, "packed", "plain" or "cmatvec" (kvlib's C kernel, where it
+    could be built), or "compiled" when `with_compiled` (the torch.compile'd `one_row_matvec`, compiled by then),
+    for `model`'s matrices in `dtype`.
 
     ONE_ROW_KERNEL when set; else measured once per process and dtype (`_fastest`). (Measured on a 2-core Intel
     Xeon with AVX-512, 2026-11-30: the compiled kernel made SmolLM2's batch-1 step 64 ms against 42 ms with
@@ -356,10 +388,13 @@ def one_row_kernel(model: nn.Module, dtype: torch.dtype, with_compiled: bool = F
     for one row it held 1.31x the weights' bytes on smollm2, for 2-20% off the step, README "Speed".)"""
     if ONE_ROW_KERNEL in ("packed", "plain") or (ONE_ROW_KERNEL == "compiled" and with_compiled):
         return ONE_ROW_KERNEL
-    _check_switch("ONE_ROW_KERNEL", ONE_ROW_KERNEL, ("auto", "plain", "packed", "compiled"))
+    if ONE_ROW_KERNEL == "cmatvec" and matvec.available(dtype):
+        return ONE_ROW_KERNEL
+    _check_switch("ONE_ROW_KERNEL", ONE_ROW_KERNEL, ("auto", "plain", "packed", "compiled", "cmatvec"))
     choices = _COMPILED_CHOICE if with_compiled else _ONE_ROW_CHOICE
     if dtype not in choices:
         candidates = ["plain"] + (["packed"] if _onednn(dtype) else [])
+        candidates += ["cmatvec"] if matvec.available(dtype) else []
         linears = (m for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu and m.weight.dtype == dtype)
         first = next(linears, None) if with_compiled else None
         if first is not None:  # compiled by then (prepare_for_inference): this only checks it
@@ -372,15 +407,17 @@ def one_row_kernel(model: nn.Module, dtype: torch.dtype, with_compiled: bool = F
 
 def batch_kernel(model: nn.Module, dtype: torch.dtype, rows: int) -> str:
     """The fastest kernel for `rows` > 1 rows (batch > 1 decoding) on this CPU: "packed" (oneDNN), "mkl" (MKL's
-    packed sgemm, packed for exactly `rows` rows; float32) or "plain" (F.linear), for `model`'s matrices in `dtype`.
+    packed sgemm, packed for exactly `rows` rows; float32), "cmatvec" (kvlib's C kernel, up to `matvec.MAX_ROWS`
+    rows, where it could be built) or "plain" (F.linear), for `model`'s matrices in `dtype`.
 
     BATCH_KERNEL when set (a kernel this build or dtype lacks gives way to "packed", else "plain"); else measured
     once per process, dtype, row count and set of matrix shapes (`_fastest`). Raises ValueError for an unknown
     BATCH_KERNEL. Measured on a 2-core Intel Xeon with AVX-512, 2026-11-30, smollm2-135m's 121 matrices
     streamed from memory: 4 rows MKL packed 36.1 ms, oneDNN packed 40.1, F.linear 53.1; 8 rows 38.0, 43.3, 61.0
     (README "Speed")."""
-    _check_switch("BATCH_KERNEL", BATCH_KERNEL, ("auto", "plain", "packed", "mkl"))
+    _check_switch("BATCH_KERNEL", BATCH_KERNEL, ("auto", "plain", "packed", "mkl", "cmatvec"))
     available = ["plain"] + (["packed"] if _onednn(dtype) else []) + (["mkl"] if _mkl_packable(dtype) else [])
+    available += ["cmatvec"] if rows <= matvec.MAX_ROWS and matvec.available(dtype) else []
     if BATCH_KERNEL != "auto":
         return BATCH_KERNEL if BATCH_KERNEL in available else ("packed" if "packed" in available else "plain")
     key = _batch_key(model, dtype, rows)
@@ -400,7 +437,7 @@ def _check_switch(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def model_kernel(model: nn.Module, rows: int) -> str:
     """What `model`'s CPU Linears use for inputs of `rows` rows now (after `prepare_for_inference`), by name:
-    "F.linear", "oneDNN packed", "MKL packed" or "compiled", or several joined by " + " when they differ;
+    "F.linear", "oneDNN packed", "MKL packed", "kvlib C" or "compiled", or several joined by " + " when they differ;
     "-" when the model has no CPU Linear."""
     kernels = sorted({m.kernel_for(rows) for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu})
     return " + ".join(KERNEL_NAMES[k] for k in kernels) or "-"
@@ -410,10 +447,19 @@ def _one_row_plain(dtype: torch.dtype) -> bool:
     return ONE_ROW_KERNEL == "plain" or (ONE_ROW_KERNEL == "auto" and _ONE_ROW_CHOICE.get(dtype) == "plain")
 
 
+def _one_row_cmatvec(dtype: torch.dtype, compiling: bool) -> bool:
+    """Whether one-row inputs take kvlib's C kernel: forced (where it is available), or measured the fastest by
+    `one_row_kernel` (with the compiled kernel among the candidates when `compiling`)."""
+    if ONE_ROW_KERNEL not in ("auto", "cmatvec"):
+        return False
+    chosen = ONE_ROW_KERNEL == "cmatvec" or (_COMPILED_CHOICE if compiling else _ONE_ROW_CHOICE).get(dtype) == "cmatvec"
+    return chosen and matvec.available(dtype)
+
+
 def _one_row_compiled(dtype: torch.dtype) -> bool:
     """Whether one-row inputs take the compiled kernel (`compile_one_row` on): forced, or measured the fastest by
     `one_row_kernel(..., with_compiled=True)`, or not measured yet (then compiled, as asked)."""
-    if ONE_ROW_KERNEL in ("packed", "plain"):
+    if ONE_ROW_KERNEL in ("packed", "plain", "cmatvec"):
         return False
     return ONE_ROW_KERNEL == "compiled" or _COMPILED_CHOICE.get(dtype, "compiled") == "compiled"
 
@@ -478,11 +524,11 @@ def prepare_for_inference(model: nn.Module, batch_size: int = 1, *, compile_one_
             choice = one_row_kernel(model, dt, with_compiled=compiling)
         else:
             choice = batch_kernel(model, dt, batch_size)
-        kinds[dt] = {"packed": "onednn", "mkl": "mkl"}.get(choice)
+        kinds[dt] = {"packed": "onednn", "mkl": "mkl", "cmatvec": "cmatvec"}.get(choice)
     for m in linears:
         kind = kinds[m.weight.dtype]
-        m._packed.kind, m._packed.rows = kind, batch_size if kind == "mkl" else 0
-        if kind is None or not PACK_CPU_WEIGHTS:
+        m._packed.kind, m._packed.rows = kind, max(batch_size, 1) if kind in ("mkl", "cmatvec") else 0
+        if kind in (None, "cmatvec") or not PACK_CPU_WEIGHTS:  # the C kernel reads the parameter itself
             m._packed.clear()
         else:
             m.packed_weight()  # packs now (or re-packs for another row count), freeing the copy it replaces

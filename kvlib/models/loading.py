@@ -19,6 +19,7 @@ function; a GPT-2 with grouped-query attention exists only in kvlib, with its ow
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import socket
@@ -258,9 +259,11 @@ def load(
         weights = "random"
 
     hf, warning, tokenizer = None, None, None
+    shared = False  # whether `hf` is the process's cached model (kvlib.models.gguf_cache), handed to every load
     if weights in ("pretrained", "auto"):
         if preset is not None and preset.gguf_file:
             hf, tokenizer, source, why = _try_gguf(preset)
+            shared = hf is not None
         else:
             hf, why = _try_pretrained(source, allow_network=True)
         if hf is None and weights == "pretrained":
@@ -293,6 +296,11 @@ def load(
     # measured (compiling the batch-1 kernel, when enabled, waits for generate: batch_size 0 asks for none).
     prepare_for_inference(kv_model, batch_size=0)
     if hf is not None and with_hf:
+        if shared and (dt != torch.float32 or dev.type != "cpu"):
+            # Module.to converts in place: converting the cached model would change the model of every earlier
+            # load in this process (regression: a bfloat16 load turned the bench's float32 Hugging Face model into
+            # bfloat16 under it). A copy is converted instead; the cached model stays float32 on the CPU.
+            hf = copy.deepcopy(hf)
         hf = hf.to(device=dev, dtype=dt).eval()
         if cfg.arch in ("llama", "gemma3"):
             _rope_in_float32(hf, cfg)

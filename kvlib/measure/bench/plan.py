@@ -75,6 +75,8 @@ MODEL_ROWS = {
     ),
 }
 DEFAULT_BATCH_SIZES = [1, 4, 8]
+QUICK_HALF_BATCH_SIZES = [1]  # --quick on CPU, a half-precision dtype, --batch-sizes at its default: the row with a
+# target (the bfloat16 batch-1 MBU) only, so that the quick run stays under 3 minutes (on CUDA every batch size)
 DEFAULT_PROMPT_LEN = 256
 
 
@@ -133,6 +135,9 @@ def plan_rows(args: argparse.Namespace, device: torch.device, dtypes: list[str])
             batch_sizes, prompt_len, shape = model_row_shape(args, model)
             if shape is not None and dt not in shape.dtypes:
                 continue  # a model with its own row shape runs in its own dtypes only
+            cpu_half = device.type == "cpu" and dt != "float32"
+            if args.quick and cpu_half and shape is None and list(args.batch_sizes) == DEFAULT_BATCH_SIZES:
+                batch_sizes = QUICK_HALF_BATCH_SIZES
             if support.native:
                 for b in batch_sizes:
                     specs = row_specs(model, args.weights, args.device, dt, b, prompt_len, max_new_tokens, args.seed)
