@@ -20,9 +20,10 @@ PyTorch does for these shapes on CPU, and what this module does instead (measure
   while every input row multiplies it, compiled for this CPU by the system's C compiler on first use. On a 2-core
   AMD EPYC Zen 4 (2026-12-08) it streamed SmolLM2's matrices as fast as a plain read of them, where oneDNN's and
   MKL's kernels reached a third to a half of that, and took the batch-1 step from 35.9 to 25.9 ms (interleaved,
-  docs/2026-12-08-matvec.md). It is one more measured candidate, for one row (`one_row_kernel`) and for a
-  decode batch of up to `matvec.MAX_ROWS` rows (`batch_kernel`); where it wins, no packed copy is held. Where
-  there is no C compiler it is left out, with one note.
+  6 rounds each, ranges 34.9-38.6 and 25.5-26.3 ms: docs/2026-12-08-matvec.md). It is one more measured
+  candidate, for one row (`one_row_kernel`) and for a decode batch of up to `matvec.MAX_ROWS` rows
+  (`batch_kernel`); where it wins, no packed copy is held. Where there is no C compiler it is left out, with one
+  note.
 - `one_row_matvec`: for a single row (batch 1 decoding) a matrix-vector product written as one float32 dot
   product per output, compiled by torch.compile into one vectorised loop over the weight: faster than either
   library's kernel here. Optional (`prepare_for_inference(..., compile_one_row=True)`; its default is the
@@ -133,8 +134,8 @@ class Linear(nn.Linear):
                 if y is not None:
                     return y.view(*x.shape[:-1], -1)
                 kernel = self.kernel_for(rows)  # compiling failed (warned once): the next kernel in line
-            if kernel == "cmatvec":  # kernel_for checked what matvec.linear needs: it returns None only if unloaded
-                y = matvec.linear(x.reshape(rows, -1), self.weight, self.bias)
+            if kernel == "cmatvec":  # kernel_for made matvec.linear's checks: run it without them
+                y = matvec.run(x.reshape(rows, -1), self.weight, self.bias)
                 if y is not None:
                     return y.view(*x.shape[:-1], -1)
             packed = self.packed_weight() if kernel in ("packed", "mkl") else None
@@ -151,11 +152,12 @@ class Linear(nn.Linear):
         many rows), "packed" (oneDNN's) or "plain" (F.linear: PACK_CPU_WEIGHTS off, no packing chosen, another row
         count than MKL's, or a weight no library can pack)."""
         w, pk = self.weight, self._packed
-        if rows == 1 and pk.compiles_one_row() and not _compile_failed and _one_row_compiled(w.dtype):
+        compiling = rows == 1 and pk.compiles_one_row()  # asked once: it reads the environment
+        if compiling and not _compile_failed and _one_row_compiled(w.dtype):
             return "compiled"
         if not PACK_CPU_WEIGHTS or not w.is_cpu:
             return "plain"
-        c_kernel = (rows == 1 and _one_row_cmatvec(w.dtype, pk.compiles_one_row())) or (
+        c_kernel = (rows == 1 and _one_row_cmatvec(w.dtype, compiling)) or (
             pk.kind == "cmatvec" and rows == pk.rows and matvec.available(w.dtype)
         )
         if c_kernel and matvec.reads(w, self.bias):

@@ -165,11 +165,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     another shape: `reads`): the caller then uses another kernel. Inference only: the result has no gradient."""
     if not reads(w, b) or x.dtype != w.dtype or not x.is_cpu or x.dim() != 2 or x.shape[1] != w.shape[1]:
         return None
-    rows = x.shape[0]
-    if not 1 <= rows <= MAX_ROWS or not available(w.dtype):
+    if not 1 <= x.shape[0] <= MAX_ROWS or not available(w.dtype):
         return None
+    return run(x, w, b)
+
+
+def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """`linear` without its checks, for a caller that made them once (kvlib.models.fastpath.Linear.kernel_for:
+    `reads`, `available`, the dtype, the row count), so that a decode step does not pay for them twice per matrix.
+    None only if the kernel is not loaded."""
     lib = _lib
-    assert lib is not None
+    if lib is None:
+        return None
+    rows = x.shape[0]
     x = x.contiguous()
     b = None if b is None else b.contiguous()
     out, inp = w.shape

@@ -277,7 +277,7 @@ def floor_hi(q: pd.DataFrame, model: str) -> float:
 def quality_figure(q: pd.DataFrame, condition: str) -> Figure:
     """Mean KL divergence (log axis, 95% block-bootstrap interval) of every lossy row and the floor, one panel per
     model; llama.cpp's rows against its f16 cache, kvlib's against its exact float32 cache, the cross-engine row
-    against kvlib's; bars coloured by engine."""
+    against kvlib's; llama.cpp's bars in its engine colour, kvlib's in its layouts' colours (as on every page)."""
     models = list(dict.fromkeys(q["model"]))
     fig, axes = plotting.figure(nrows=len(models), width=8.5, height=3.6,
                                 title=f"What each cache costs in KL divergence ({condition})")  # fmt: skip
@@ -285,10 +285,14 @@ def quality_figure(q: pd.DataFrame, condition: str) -> Figure:
     for ax, model in zip(axes, models, strict=True):
         rows = q[(q["model"] == model) & (q["kind"] != "baseline")].copy()
         rows["path"] = [label_of(r) for _, r in rows.iterrows()]
-        rows["engine_colour"] = ["llama.cpp" if e != "kvlib" else "kvlib" for e in rows["engine"]]
         y = range(len(rows))
         for i, (_, r) in enumerate(rows.iterrows()):
-            colour = plotting.NEUTRAL if r["kind"] == "cross" else plotting.colour_of("engine", r["engine_colour"])
+            if r["kind"] == "cross":
+                colour = plotting.NEUTRAL
+            elif r["engine"] == "kvlib":  # int8 orange, int4 pink, in this figure as in notebooks 06-08
+                colour = plotting.color(r["path"])
+            else:
+                colour = plotting.colour_of("engine", "llama.cpp")
             lo, hi = r["kld_lo"], r["kld_hi"]
             ax.barh(i, r["kld_mean"], color=colour, alpha=0.55 if r["kind"] == "floor" else 1.0)
             if math.isfinite(lo) and math.isfinite(hi):
@@ -308,8 +312,9 @@ def quality_figure(q: pd.DataFrame, condition: str) -> Figure:
 QUALITY_CAPTION = (
     "Mean KL divergence of the next-token distribution per cache, 95% block-bootstrap interval. Green bars: llama.cpp "
     "on the GGUF as stored, against its own f16 cache ('norot': llama.cpp's Hadamard rotation turned off; 'f16 "
-    "no-fa', pale: the floor, the same exact cache through the other attention path). Black bars: kvlib on the "
-    "dequantized weights, against its own float32 cache. The grey last bar compares the engines (llama.cpp's f16 "
+    "no-fa', pale: the floor, the same exact cache through the other attention path). kvlib's bars, in its "
+    "layouts' colours as on every page (int8, int4, int4 rotated: int4's colour): kvlib on the dequantized weights, "
+    "against its own float32 cache. The grey last bar compares the engines (llama.cpp's f16 "
     "cache against kvlib's exact one, the same token ids): their weights differ in precision."
 )
 
